@@ -1,0 +1,222 @@
+"""The ``hapsms-relay`` command: serve, check-config, send, queue, version.
+
+Exit codes: 0 success; 1 failure (delivery refused, storage error); 2 usage; 75 temporary
+failure (``send`` failed transiently: try again); 78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import aiohttp
+import orjson
+
+from hapsms_relay import __version__, config, log
+from hapsms_relay.config import Config
+from hapsms_relay.dispatcher import make_message
+from hapsms_relay.errors import ConfigError, PermanentError, StorageError, TransientError
+from hapsms_relay.numbers import InvalidNumber, normalise
+from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, Entry, State
+from hapsms_relay.outbox_sqlite import SQLiteOutbox
+from hapsms_relay.webhook import strip_signature
+
+EX_OK, EX_FAIL, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH",
+        help=f"config file (default: ${config.ENV_VAR} or {config.DEFAULT_PATH})",
+    )
+    p = argparse.ArgumentParser(
+        prog="hapsms-relay", description="Webhook target for HAP's SMS self-integration.",
+        parents=[common],
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", parents=[common], help="run the relay (what systemd runs)")
+    serve.add_argument("--pause-delivery", action="store_true",
+                       help="accept and store, but deliver nothing (benchmarks, maintenance)")
+    sub.add_parser("check-config", parents=[common], help="validate the config and summarise it")
+    send = sub.add_parser("send", parents=[common],
+                          help="send one message now through the configured route")
+    send.add_argument("--to", required=True, metavar="NUMBER")
+    what = send.add_mutually_exclusive_group(required=True)
+    what.add_argument("--message", metavar="TEXT", help="an SMS text")
+    what.add_argument("--code", metavar="DIGITS", help="a voice verification code")
+    send.add_argument("--signature", default="", help="the SMS signature, as HAP sends it")
+    queue = sub.add_parser("queue", parents=[common], help="inspect and manage the outbox")
+    qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    qsub.add_parser("stats", parents=[common], help="counts by state")
+    ql = qsub.add_parser("list", parents=[common], help="the newest entries")
+    ql.add_argument("--dead", action="store_true", help="only dead entries, with reasons")
+    ql.add_argument("--limit", type=int, default=50)
+    ql.add_argument("--json", action="store_true", help="one JSON object per line")
+    qr = qsub.add_parser("retry", parents=[common], help="send dead entries again")
+    target = qr.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?", type=int, help="the entry id")
+    target.add_argument("--all-dead", action="store_true")
+    qp = qsub.add_parser("purge", parents=[common], help="delete dead entries")
+    qp.add_argument("--dead", action="store_true", required=True)
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"hapsms-relay {__version__}")
+        return EX_OK
+    path = config.config_path(args.config)
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        print(f"hapsms-relay: config error in {path}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        if args.command == "serve":
+            return serve(cfg, path, paused=args.pause_delivery)
+        if args.command == "check-config":
+            return check_config(cfg)
+        if args.command == "send":
+            return asyncio.run(send(cfg, args.to, args.message, args.code, args.signature))
+        return asyncio.run(queue_command(cfg, args))
+    except StorageError as exc:
+        print(f"hapsms-relay: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return EX_FAIL
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+def serve(cfg: Config, path: str, *, paused: bool = False) -> int:
+    import uvloop
+
+    log.setup(cfg.log_level)
+    return uvloop.run(_serve(cfg, path, paused))
+
+
+async def _serve(cfg: Config, path: str, paused: bool) -> int:
+    from hapsms_relay.relay import Relay
+
+    relay = Relay(cfg, paused=paused)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    reloading: set[asyncio.Task[str | None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(relay.reload(path))
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await relay.start()
+    except (StorageError, OSError) as exc:
+        log.error("start_failed", error=str(exc))
+        await relay.stop()
+        return EX_FAIL
+    await stop.wait()
+    log.info("stopping")
+    await relay.stop()
+    return EX_OK
+
+
+# -- check-config ----------------------------------------------------------------------------
+
+def check_config(cfg: Config) -> int:
+    s, q, r = cfg.server, cfg.queue, cfg.routes
+    print(f"config {cfg.source}: ok")
+    print(f"  listen {s.listen}  path {s.path}  tokens {len(s.tokens)}"
+          + ("  (unauthenticated!)" if not s.tokens else ""))
+    print(f"  outbox {q.path}  ttl {q.ttl:g}s  retry {q.retry_base:g}s..{q.retry_max:g}s")
+    for name, p in cfg.providers.items():
+        print(f"  provider {name}: {p.common.type}  concurrency {p.common.concurrency}"
+              f"  voice {'yes' if p.supports_voice else 'no (SMS fallback)'}")
+    print(f"  routes ({r.strategy}): sms {' > '.join(r.sms)}; voice {' > '.join(r.voice)}")
+    for rule in r.rules:
+        print(f"    {rule.prefix}: sms {' > '.join(rule.sms)}; voice {' > '.join(rule.voice)}")
+    return EX_OK
+
+
+# -- send ------------------------------------------------------------------------------------
+
+async def send(cfg: Config, to: str, message: str | None, code: str | None, signature: str) -> int:
+    log.setup(cfg.log_level, stream=sys.stderr)
+    try:
+        n = normalise(to, cfg.default_region)
+    except InvalidNumber:
+        print(f"hapsms-relay: {to!r} is not a valid phone number", file=sys.stderr)
+        return EX_USAGE
+    if code is not None and not (code.isdigit() and 4 <= len(code) <= 10):
+        print("hapsms-relay: --code must be 4 to 10 digits", file=sys.stderr)
+        return EX_USAGE
+    kind = KIND_VOICE if code is not None else KIND_SMS
+    now = time.time()
+    entry = Entry(0, 0, kind, n.e164, n.region, n.national, message or "",
+                  strip_signature(signature), code or "", now, now + cfg.queue.ttl, 1)
+    route = cfg.routes.route("voice" if kind == KIND_VOICE else "sms", n.e164)
+    result = EX_FAIL
+    async with aiohttp.ClientSession() as session:
+        for name in route:
+            provider = cfg.providers[name]
+            await provider.open(session)
+            try:
+                msg = make_message(entry, provider, cfg.routes.voice_fallback_text)
+                (outcome,) = await provider.send([msg])
+            finally:
+                await provider.close()
+            if outcome is None:
+                print(f"{name}: delivered ({msg.kind} to {n.e164})")
+                return EX_OK
+            print(f"{name}: {type(outcome).__name__}: {outcome.reason()}")
+            if isinstance(outcome, PermanentError):
+                return EX_FAIL
+            result = EX_TEMPFAIL if isinstance(outcome, TransientError) else result
+    return result
+
+
+# -- queue -----------------------------------------------------------------------------------
+
+async def queue_command(cfg: Config, args: argparse.Namespace) -> int:
+    outbox = SQLiteOutbox(cfg.queue.path, exclusive=False)
+    await outbox.open()
+    try:
+        action = args.queue_command
+        if action == "stats":
+            st = await outbox.stats()
+            oldest = f"{time.time() - st.oldest_pending:.0f}s" if st.oldest_pending else "-"
+            print(f"pending {st.pending}\ninflight {st.inflight}\ndelivered {st.delivered}\n"
+                  f"dead {st.dead}\noldest_undelivered_age {oldest}")
+        elif action == "list":
+            rows = await outbox.list(State.DEAD if args.dead else None, args.limit)
+            for r in rows:
+                record = {
+                    "id": str(r.id), "type": "voice" if r.kind == KIND_VOICE else "sms",
+                    "to": log.mask(r.recipient), "state": r.state.name.lower(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(r.created)),
+                    "attempts": r.attempts, "provider": r.provider, "error": r.error,
+                }
+                if args.json:
+                    print(orjson.dumps(record).decode())
+                else:
+                    print("  ".join(f"{k}={v}" for k, v in record.items() if v != ""))
+        elif action == "retry":
+            n = await outbox.requeue(None if args.all_dead else [args.id], cfg.queue.ttl)
+            print(f"requeued {n}")
+            if n == 0 and not args.all_dead:
+                print(f"hapsms-relay: no dead entry with id {args.id}", file=sys.stderr)
+                return EX_FAIL
+        elif action == "purge":
+            print(f"purged {await outbox.purge_dead()}")
+    finally:
+        await outbox.close()
+    return EX_OK

@@ -1,0 +1,315 @@
+"""The dispatcher: claims due outbox entries and delivers them through their route.
+
+Transient failures fail over to the next provider of the route at once; when every provider
+failed transiently the entry is retried later with exponential backoff and full jitter
+(honouring ``Retry-After``) until its TTL. Permanent failures are dead at once. A provider
+that cannot carry a message (no template, no voice) hands it on without counting a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from hapsms_relay import log
+from hapsms_relay.config import Config
+from hapsms_relay.errors import DeliveryError, StorageError, TransientError, UnsupportedError
+from hapsms_relay.metrics import Metrics
+from hapsms_relay.outbox import KIND_VOICE, Entry, Outbox
+from hapsms_relay.providers import Message, Outcome, Provider
+from hapsms_relay.providers.base import Kind
+
+CLAIM_BATCH = 256
+IDLE_POLL = 1.0  # seconds between looks at the outbox when nothing wakes the dispatcher
+
+
+@dataclass
+class Activity:
+    """What the status line and ``/readyz`` report."""
+
+    delivered: int = 0
+    dead: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0
+
+
+@dataclass
+class Attempt:
+    """What one entry went through in one delivery round."""
+
+    transient: TransientError | None = None
+    unsupported: UnsupportedError | None = None
+
+
+@dataclass
+class Dispatcher:
+    outbox: Outbox
+    config: Config
+    metrics: Metrics
+    activity: Activity = field(default_factory=Activity)
+    paused: bool = False
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _inflight: dict[asyncio.Task[None], list[int]] = field(default_factory=dict)
+    _inflight_entries: int = 0
+    _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    _stopping: bool = False
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def providers(self) -> dict[str, Provider]:
+        return dict(self.config.providers)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatcher")
+
+    def notify(self) -> None:
+        """Something was enqueued: look now rather than at the next poll."""
+        if not self.paused:
+            self._wakeup.set()
+
+    def set_config(self, config: Config) -> None:
+        """Use a new config from the next claim on; deliveries in flight finish as they were."""
+        self.config = config
+
+    async def stop(self, timeout: float) -> None:
+        """Claim nothing more; give deliveries in flight ``timeout`` seconds, then stop them."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        tasks = list(self._inflight)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for t in late:
+                t.cancel()
+            if late:
+                await asyncio.wait(late)
+                ids = [i for t in late for i in self._inflight.get(t, [])]
+                log.warning("shutdown_cut_deliveries", count=len(ids))
+                with contextlib.suppress(StorageError):
+                    await self.outbox.release(ids)
+
+    async def drain_current(self) -> None:
+        """Wait for the deliveries in flight now (not those started later) to finish."""
+        tasks = list(self._inflight)
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # -- the claim loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        workers = self.config.queue.workers
+        while not self._stopping:
+            if self.paused or self._inflight_entries >= workers:
+                await self._sleep(IDLE_POLL)
+                workers = self.config.queue.workers
+                continue
+            now = time.time()
+            try:
+                entries = await self.outbox.claim(min(CLAIM_BATCH, workers - self._inflight_entries), now)
+            except StorageError as exc:
+                log.error("outbox_claim_failed", error=str(exc))
+                await self._sleep(IDLE_POLL)
+                continue
+            if not entries:
+                try:
+                    due = await self.outbox.next_due()
+                except StorageError:
+                    due = None
+                wait = IDLE_POLL if due is None else min(max(due - time.time(), 0.0), IDLE_POLL)
+                await self._sleep(wait)
+                continue
+            live = []
+            for e in entries:
+                if e.expires <= now:
+                    await self._dead(e, "", "expired: ttl passed before delivery", "")
+                else:
+                    live.append(e)
+            for group in self._groups(live):
+                task = asyncio.create_task(self._deliver(group))
+                self._inflight[task] = [e.id for e in group]
+                self._inflight_entries += len(group)
+                task.add_done_callback(self._done)
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), seconds)
+        self._wakeup.clear()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        ids = self._inflight.pop(task, [])
+        self._inflight_entries -= len(ids)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery_task_failed", error=repr(task.exception()))
+        self._wakeup.set()
+
+    def _groups(self, entries: Sequence[Entry]) -> list[list[Entry]]:
+        """Entries of one body, kind and route travel together (batching providers)."""
+        groups: dict[tuple[int, int, tuple[str, ...]], list[Entry]] = {}
+        for e in entries:
+            route = self.config.routes.route(_kind(e), e.recipient)
+            groups.setdefault((e.batch, e.kind, route), []).append(e)
+        return list(groups.values())
+
+    # -- one delivery round --------------------------------------------------------------------
+
+    async def _deliver(self, entries: list[Entry]) -> None:
+        config = self.config
+        route = list(config.routes.route(_kind(entries[0]), entries[0].recipient))
+        if config.routes.strategy == "random":
+            random.shuffle(route)
+        attempts = {e.id: Attempt() for e in entries}
+        pending = entries
+        for name in route:
+            if not pending:
+                break
+            provider = config.providers[name]
+            pending = await self._try_provider(provider, pending, attempts)
+        for e in pending:
+            a = attempts[e.id]
+            if a.transient is not None:
+                await self._retry(e, a.transient)
+            else:
+                assert a.unsupported is not None
+                await self._dead(e, a.unsupported.provider, a.unsupported.reason(), a.unsupported.code)
+
+    async def _try_provider(
+        self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt]
+    ) -> list[Entry]:
+        """Send through one provider; return the entries the next provider should try."""
+        size = max(1, provider.max_batch)
+        chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
+        results = await asyncio.gather(*(self._send(provider, c) for c in chunks))
+        carried: list[Entry] = []
+        delivered: list[tuple[Entry, float]] = []
+        for chunk, (outcomes, elapsed) in zip(chunks, results, strict=True):
+            for e, outcome in zip(chunk, outcomes, strict=True):
+                if outcome is None:
+                    delivered.append((e, elapsed))
+                elif isinstance(outcome, UnsupportedError):
+                    attempts[e.id].unsupported = outcome
+                    carried.append(e)
+                elif isinstance(outcome, TransientError):
+                    attempts[e.id].transient = outcome
+                    self._note_error(outcome)
+                    self.metrics.retried.labels(provider.common.name, _kind(e)).inc()
+                    log.warning(
+                        "attempt_failed", id=e.id, to=log.mask(e.recipient),
+                        provider=provider.common.name, code=outcome.code, error=outcome.text,
+                        attempt=e.attempts,
+                    )
+                    carried.append(e)
+                else:
+                    self._note_error(outcome)
+                    await self._dead(e, provider.common.name, outcome.reason(), outcome.code)
+        if delivered:
+            await self._delivered(provider, delivered)
+        return carried
+
+    async def _send(
+        self, provider: Provider, entries: list[Entry]
+    ) -> tuple[Sequence[Outcome], float]:
+        """One call to the provider: its outcomes, and how long it took."""
+        name = provider.common.name
+        sem = self._semaphores.get(name)
+        if sem is None:
+            sem = self._semaphores[name] = asyncio.Semaphore(provider.common.concurrency)
+        messages = [self._message(e, provider) for e in entries]
+        async with sem:
+            started = time.monotonic()
+            try:
+                # a guard above the provider's own timeout: a provider bug must not hang a slot
+                outcomes = await asyncio.wait_for(
+                    provider.send(messages), provider.common.timeout + 5.0
+                )
+            except TimeoutError:
+                outcomes = [TransientError(name, "timeout", "provider did not answer")] * len(entries)
+            except Exception as exc:  # a provider bug: keep the message, say so loudly
+                log.LOGGER.exception("provider_crashed provider=%s", name)
+                outcomes = [TransientError(name, "internal_error", type(exc).__name__)] * len(entries)
+            elapsed = time.monotonic() - started
+        self.metrics.latency.labels(name).observe(elapsed)
+        if len(outcomes) != len(entries):
+            err = TransientError(name, "internal_error", "provider returned a wrong outcome count")
+            outcomes = [err] * len(entries)
+        return outcomes, elapsed
+
+    def _message(self, e: Entry, provider: Provider) -> Message:
+        return make_message(e, provider, self.config.routes.voice_fallback_text)
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    async def _delivered(self, provider: Provider, entries: list[tuple[Entry, float]]) -> None:
+        name = provider.common.name
+        try:
+            await self.outbox.delivered([e.id for e, _ in entries], name)
+        except StorageError as exc:
+            # Sent, but not recorded: it will be sent again after a restart (at least once).
+            log.error("outbox_update_failed", error=str(exc), count=len(entries))
+        self.activity.delivered += len(entries)
+        for e, elapsed in entries:
+            self.metrics.delivered.labels(name, _kind(e)).inc()
+            log.info(
+                "delivered", id=e.id, to=log.mask(e.recipient), provider=name,
+                type=_kind(e), attempt=e.attempts, latency_ms=round(elapsed * 1000, 1),
+            )
+
+    async def _retry(self, e: Entry, err: TransientError) -> None:
+        q = self.config.queue
+        now = time.time()
+        ceiling = min(q.retry_max, q.retry_base * 2 ** max(e.attempts - 1, 0))
+        delay = random.uniform(q.retry_base, max(q.retry_base, ceiling))
+        if err.retry_after is not None:
+            delay = max(delay, min(err.retry_after, q.retry_max))
+        due = now + delay
+        if due >= e.expires:
+            await self._dead(
+                e, err.provider, f"expired after {e.attempts} attempts; last: {err.reason()}",
+                err.code,
+            )
+            return
+        try:
+            await self.outbox.retry(e.id, due, err.provider, err.reason())
+        except StorageError as exc:
+            log.error("outbox_update_failed", error=str(exc), id=e.id)
+            return
+        log.info("retry_scheduled", id=e.id, to=log.mask(e.recipient), in_s=round(delay, 2),
+                 attempt=e.attempts)
+
+    async def _dead(self, e: Entry, provider: str, reason: str, code: str) -> None:
+        try:
+            await self.outbox.dead(e.id, provider, reason)
+        except StorageError as exc:
+            log.error("outbox_update_failed", error=str(exc), id=e.id)
+            return
+        self.activity.dead += 1
+        self.metrics.dead.labels(provider or "none", _kind(e)).inc()
+        log.warning("dead", id=e.id, to=log.mask(e.recipient), provider=provider or None,
+                    code=code or None, reason=reason, attempt=e.attempts)
+
+    def _note_error(self, err: DeliveryError) -> None:
+        self.activity.last_error = f"{err.provider} {err.code}"
+        self.activity.last_error_at = time.time()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight_entries
+
+
+def make_message(e: Entry, provider: Provider, voice_fallback_text: str) -> Message:
+    """What ``provider`` is handed for entry ``e``: a voice code goes as an SMS with the
+    fallback text to a provider that cannot place calls."""
+    if e.kind == KIND_VOICE:
+        text = voice_fallback_text.format(code=e.code)
+        kind: Kind = "voice" if provider.supports_voice else "sms"
+        return Message(e.id, kind, e.recipient, e.region, e.national, text, "", e.code)
+    return Message(e.id, "sms", e.recipient, e.region, e.national, e.text, e.signature, "")
+
+
+def _kind(e: Entry) -> str:
+    return "voice" if e.kind == KIND_VOICE else "sms"

@@ -1,0 +1,96 @@
+"""One line per event on stdout, ``event key=value ...``, with a syslog level prefix.
+
+journald reads the ``<N>`` prefix as the line's priority (``journalctl -p warning`` works);
+on a terminal the prefix is left out. Phone numbers go through ``mask()``; message text and
+codes are logged only at debug level; secrets never (``Secret`` masks itself anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO
+
+LOGGER = logging.getLogger("hapsms_relay")
+
+_PREFIX = {
+    logging.DEBUG: "<7>",
+    logging.INFO: "<6>",
+    logging.WARNING: "<4>",
+    logging.ERROR: "<3>",
+    logging.CRITICAL: "<2>",
+}
+
+
+def mask(number: str) -> str:
+    """``+8613800138000`` -> ``+86138****8000``: enough to tell numbers apart, not to dial."""
+    if len(number) >= 11:
+        return number[:6] + "****" + number[-4:]
+    if len(number) >= 6:
+        return number[:3] + "****" + number[-2:]
+    return "****"
+
+
+def _value(v: object) -> str:
+    s = str(v)
+    if not s or any(c in s for c in ' "=\\') or not s.isprintable():
+        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        s = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
+    return s
+
+
+def _line(event: str, fields: dict[str, object]) -> str:
+    return " ".join([event, *(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)])
+
+
+def debug(event: str, **fields: object) -> None:
+    if LOGGER.isEnabledFor(logging.DEBUG):
+        LOGGER.debug(_line(event, fields))
+
+
+def info(event: str, **fields: object) -> None:
+    if LOGGER.isEnabledFor(logging.INFO):
+        LOGGER.info(_line(event, fields))
+
+
+def warning(event: str, **fields: object) -> None:
+    LOGGER.warning(_line(event, fields))
+
+
+def error(event: str, **fields: object) -> None:
+    LOGGER.error(_line(event, fields))
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, prefix: bool) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.name != LOGGER.name:  # aiohttp, asyncio: keep their words, tag the source
+            text = f"{record.name} {_value(text)}"
+        if record.exc_info and LOGGER.isEnabledFor(logging.DEBUG):
+            text += " " + _value(self.formatException(record.exc_info))
+        elif record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f" exc={_value(type(exc).__name__ + ': ' + str(exc))}"
+        if self.prefix:
+            return _PREFIX.get(record.levelno, "<6>") + text
+        return text
+
+
+def setup(level: str = "info", stream: IO[str] | None = None) -> None:
+    """Send the relay's and its libraries' log records to stdout, one line each."""
+    stream = stream or sys.stdout
+    handler = logging.StreamHandler(stream)
+    is_tty = hasattr(stream, "isatty") and stream.isatty()
+    handler.setFormatter(_Formatter(prefix=not is_tty))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    LOGGER.setLevel(level.upper())
+    # aiohttp's access log would print every request; the relay logs its own events instead.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

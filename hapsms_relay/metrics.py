@@ -1,0 +1,54 @@
+"""Prometheus metrics, on a registry of the relay's own (several relays can share a process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "hapsms_relay"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Webhook requests answered, by HTTP status", ["status"],
+            registry=r,
+        )
+        self.accepted = Counter(
+            f"{PREFIX}_messages_accepted", "Messages accepted into the outbox", ["type"],
+            registry=r,
+        )
+        self.delivered = Counter(
+            f"{PREFIX}_messages_delivered", "Messages a provider accepted", ["provider", "type"],
+            registry=r,
+        )
+        self.retried = Counter(
+            f"{PREFIX}_messages_retried", "Delivery attempts that failed transiently",
+            ["provider", "type"], registry=r,
+        )
+        self.dead = Counter(
+            f"{PREFIX}_messages_dead", "Messages given up on (permanent failure or TTL)",
+            ["provider", "type"], registry=r,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_provider_latency_seconds", "Time a provider took to answer a send",
+            ["provider"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth", "Messages in the outbox not yet delivered or dead",
+            registry=r,
+        )
+        self._status_children: dict[int, Counter] = {}
+
+    def request(self, status: int) -> None:
+        child = self._status_children.get(status)
+        if child is None:
+            child = self._status_children[status] = self.requests.labels(str(status))
+        child.inc()
+
+    def track_queue(self, depth: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)

@@ -1,0 +1,16 @@
+"""Providers, one module each, and the explicit registry keyed by the config's ``type``."""
+
+from __future__ import annotations
+
+from hapsms_relay.providers.base import Common, Message, Outcome, Provider, ProviderFactory
+from hapsms_relay.providers.file import FileProvider
+from hapsms_relay.providers.http import HttpProvider
+from hapsms_relay.providers.log import LogProvider
+
+REGISTRY: dict[str, ProviderFactory] = {
+    "file": FileProvider.from_config,
+    "log": LogProvider.from_config,
+    "http": HttpProvider.from_config,
+}
+
+__all__ = ["REGISTRY", "Common", "Message", "Outcome", "Provider"]

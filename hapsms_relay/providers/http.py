@@ -1,0 +1,162 @@
+"""The generic ``http`` provider: any SMS HTTP API, described in the config.
+
+Method, URL, headers (secrets allowed), a JSON or form body built from a template, and a
+success rule in the manner of Kannel's generic HTTP SMSC: the status code, and optionally a
+JSON field's value or a regex on the response body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import aiohttp
+import orjson
+
+from hapsms_relay.errors import ConfigError, PermanentError
+from hapsms_relay.providers.base import (
+    BaseProvider,
+    Common,
+    Message,
+    check_template,
+    classify_http_status,
+)
+from hapsms_relay.secret import Secret, reveal
+from hapsms_relay.table import Table
+
+PLACEHOLDERS = ("to", "to_national", "message", "signature", "code", "id")
+_TEXT_LIMIT = 300
+
+
+@dataclass
+class HttpProvider(BaseProvider):
+    url: str = ""
+    method: str = "POST"
+    headers: Mapping[str, str | Secret] = field(default_factory=dict)
+    body_format: str = "json"
+    body: object = None
+    query: Mapping[str, str] = field(default_factory=dict)
+    success_status: frozenset[int] = frozenset({200, 201, 202, 204})
+    success_field: tuple[str, ...] = ()
+    success_value: str | None = None
+    success_regex: re.Pattern[str] | None = None
+    voice: bool = False
+    supports_voice: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        # an instance attribute shadows the ClassVar: voice support is a setting here
+        self.supports_voice = self.voice  # type: ignore[misc]
+
+    @classmethod
+    def from_config(cls, common: Common, t: Table) -> HttpProvider:
+        url = t.string("url")
+        if not url.startswith(("http://", "https://")):
+            raise t.error("url", "must start with http:// or https://")
+        method = t.choice("method", ("POST", "PUT", "GET"), "POST")
+        headers: dict[str, str | Secret] = {}
+        if t.has("headers"):
+            ht = t.table("headers")
+            for name, value in ht.data.items():
+                headers[name] = value if isinstance(value, str) else ht.secret(name)
+                ht.raw(name)
+            ht.done()
+        body_format = t.choice("body_format", ("json", "form", "none"), "json")
+        body = t.raw("body", None)
+        if body_format != "none" and body is None:
+            raise t.error("body", "required unless body_format = \"none\"")
+        if body_format == "form" and not (
+            isinstance(body, Mapping) and all(isinstance(v, str) for v in body.values())
+        ):
+            raise t.error("body", "a form body is a table of string templates")
+        _check_body(body, t.path("body"))
+        query: dict[str, str] = {}
+        if t.has("query"):
+            qt = t.table("query")
+            for name in list(qt.data):
+                query[name] = check_template(qt.string(name, nonempty=False), qt.path(name),
+                                             PLACEHOLDERS)
+            qt.done()
+        regex = t.optional_str("success_regex")
+        try:
+            compiled = re.compile(regex) if regex else None
+        except re.error as exc:
+            raise t.error("success_regex", f"bad regex: {exc}") from None
+        field_path = t.optional_str("success_field")
+        value = t.optional_str("success_value")
+        if (field_path is None) != (value is None):
+            raise t.error("success_value" if field_path else "success_field",
+                          "success_field and success_value go together")
+        statuses = t.int_list("success_status", [200, 201, 202, 204])
+        if not statuses:
+            raise t.error("success_status", "must not be empty")
+        return cls(
+            common, url=url, method=method, headers=headers, body_format=body_format, body=body,
+            query=query, success_status=frozenset(statuses),
+            success_field=tuple(field_path.split(".")) if field_path else (),
+            success_value=value, success_regex=compiled, voice=t.boolean("voice", False),
+        )
+
+    def _values(self, m: Message) -> dict[str, str]:
+        return {
+            "to": m.to, "to_national": m.national, "message": self.sms_text(m),
+            "signature": m.signature, "code": m.code, "id": str(m.id),
+        }
+
+    async def send_one(self, message: Message) -> None:
+        values = self._values(message)
+        kwargs: dict[str, object] = {
+            "headers": {k: reveal(v) for k, v in self.headers.items()},
+            "timeout": aiohttp.ClientTimeout(total=self.common.timeout),
+        }
+        if self.query:
+            kwargs["params"] = {k: v.format_map(values) for k, v in self.query.items()}
+        if self.body_format == "json":
+            kwargs["data"] = orjson.dumps(_fill(self.body, values))
+            kwargs["headers"] = {"Content-Type": "application/json", **kwargs["headers"]}  # type: ignore[dict-item]
+        elif self.body_format == "form":
+            kwargs["data"] = _fill(self.body, values)
+        async with self.http().request(self.method, self.url, **kwargs) as resp:  # type: ignore[arg-type]
+            text = await resp.text(errors="replace")
+            if resp.status not in self.success_status:
+                raise classify_http_status(self.name, resp.status, text[:_TEXT_LIMIT], resp.headers)
+            self._check_success_body(text)
+
+    def _check_success_body(self, text: str) -> None:
+        if self.success_regex is not None and not self.success_regex.search(text):
+            raise PermanentError(self.name, "rejected", text[:_TEXT_LIMIT])
+        if self.success_field:
+            try:
+                node: object = orjson.loads(text)
+                for part in self.success_field:
+                    node = node[part] if isinstance(node, dict) else None
+            except orjson.JSONDecodeError:
+                node = None
+            if node is None or (str(node) != self.success_value and not (
+                isinstance(node, bool) and str(node).lower() == self.success_value
+            )):
+                raise PermanentError(self.name, "rejected", text[:_TEXT_LIMIT])
+
+
+def _check_body(body: object, key: str) -> None:
+    if isinstance(body, str):
+        check_template(body, key, PLACEHOLDERS)
+    elif isinstance(body, Mapping):
+        for k, v in body.items():
+            _check_body(v, f"{key}.{k}")
+    elif isinstance(body, list):
+        for i, v in enumerate(body):
+            _check_body(v, f"{key}[{i}]")
+    elif not isinstance(body, int | float | bool) and body is not None:
+        raise ConfigError(key, "unsupported value in body template")
+
+
+def _fill(body: object, values: Mapping[str, str]) -> object:
+    if isinstance(body, str):
+        return body.format_map(values)
+    if isinstance(body, Mapping):
+        return {k: _fill(v, values) for k, v in body.items()}
+    if isinstance(body, list):
+        return [_fill(v, values) for v in body]
+    return body

@@ -1,0 +1,254 @@
+"""The hot path: HAP's webhook in, validation, durable enqueue, JSON response out.
+
+Served by aiohttp's low-level server: one handler dispatches on the path itself, so every
+answer, 404 and 405 included, is the relay's JSON and nothing is routed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from hapsms_relay import log
+from hapsms_relay.config import Config
+from hapsms_relay.errors import QueueFullError, StorageError
+from hapsms_relay.metrics import Metrics
+from hapsms_relay.numbers import InvalidNumber, normalise
+from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
+
+JSON = "application/json"
+_SIGNATURE_BRACKETS = (("【", "】"), ("[", "]"))
+
+
+class BadRequest(Exception):
+    """A request the relay refuses; becomes ``{"ok": false, "error": code, "detail": ...}``."""
+
+    def __init__(self, status: int, code: str, detail: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+def error_response(status: int, code: str, detail: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body = orjson.dumps({"ok": False, "error": code, "detail": detail})
+    return web.Response(status=status, body=body, content_type=JSON, headers=headers)
+
+
+class Webhook:
+    """The request handler of the relay's HTTP server."""
+
+    def __init__(
+        self, config: Config, outbox: Outbox, metrics: Metrics, notify: Callable[[], None],
+        ready: Callable[[], tuple[bool, dict[str, Any]]],
+    ) -> None:
+        self.outbox = outbox
+        self.metrics = metrics
+        self.notify = notify
+        self.ready = ready
+        self.accepting = True
+        self.set_config(config)
+
+    def set_config(self, config: Config) -> None:
+        """Swap tokens, limits and paths in one assignment each (used by reload)."""
+        s = config.server
+        self.config = config
+        self.path = s.path
+        self.token_header = s.token_header
+        self.bearer = s.token_header.lower() == "authorization"
+        # Compare digests: constant time whatever the length of what the client sent.
+        self.token_digests = tuple(hashlib.sha256(t.reveal().encode()).digest() for t in s.tokens)
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            if request.path == self.path:
+                response: web.StreamResponse = await self.webhook(request)
+            elif request.path in ("/healthz", "/readyz", "/metrics"):
+                response = self.probe(request)
+            else:
+                raise BadRequest(404, "not_found", f"no endpoint at {request.path}; "
+                                 f"HAP's webhook is POST {self.path}")
+        except BadRequest as exc:
+            response = error_response(exc.status, exc.code, exc.detail, exc.headers)
+        except Exception:  # a bug: answer in JSON, keep serving, log the traceback
+            log.LOGGER.exception("internal_error path=%s", request.path)
+            response = error_response(500, "internal_error", "the relay failed; see its log")
+        self.metrics.request(response.status)
+        return response
+
+    # -- POST {path} -----------------------------------------------------------------------
+
+    async def webhook(self, request: web.BaseRequest) -> web.Response:
+        if request.method != "POST":
+            raise BadRequest(405, "method_not_allowed", f"use POST for {self.path}",
+                             {"Allow": "POST"})
+        if self.token_digests:
+            self.authenticate(request)
+        if request.content_type != JSON or (request.charset or "utf-8").lower() not in (
+            "utf-8", "utf8"
+        ):
+            raise BadRequest(415, "unsupported_media_type",
+                             "send Content-Type: application/json (UTF-8)")
+        if not self.accepting:
+            raise BadRequest(503, "shutting_down", "the relay is shutting down; retry shortly",
+                             {"Retry-After": "5"})
+        body = await self.read_body(request)
+        entries = self.parse(body)
+        if self.outbox.undelivered + len(entries) > self.config.queue.max_pending:
+            raise BadRequest(503, "queue_full", "the outbox is full; retry later",
+                             {"Retry-After": "30"})
+        try:
+            ids = await self.outbox.enqueue(entries, self.config.queue.ttl)
+        except QueueFullError:
+            raise BadRequest(503, "queue_full", "the outbox is full; retry later",
+                             {"Retry-After": "30"}) from None
+        except StorageError as exc:
+            log.error("enqueue_failed", error=str(exc), count=len(entries))
+            raise BadRequest(503, "storage_unavailable",
+                             "the relay cannot write its outbox; retry later",
+                             {"Retry-After": "10"}) from None
+        self.notify()
+        kind = "voice" if entries[0].kind == KIND_VOICE else "sms"
+        self.metrics.accepted.labels(kind).inc(len(ids))
+        if log.LOGGER.isEnabledFor(logging.INFO):
+            log.info("accepted", ids=",".join(map(str, ids)), type=kind, count=len(ids),
+                     client=request.remote)
+        return web.Response(body=orjson.dumps({"ok": True, "ids": [str(i) for i in ids]}),
+                            content_type=JSON)
+
+    def authenticate(self, request: web.BaseRequest) -> None:
+        value = request.headers.get(self.token_header, "")
+        if self.bearer:
+            scheme, _, value = value.partition(" ")
+            if scheme.lower() != "bearer":
+                value = ""
+        digest = hashlib.sha256(value.strip().encode()).digest()
+        ok = False
+        for known in self.token_digests:  # no early exit: every token is compared
+            ok |= hmac.compare_digest(digest, known)
+        if not ok or not value:
+            log.warning("auth_failed", client=request.remote, header=self.token_header)
+            how = "Authorization: Bearer <token>" if self.bearer else f"{self.token_header}: <token>"
+            raise BadRequest(401, "unauthorized", f"missing or wrong token; send {how}",
+                             {"WWW-Authenticate": "Bearer"} if self.bearer else None)
+
+    async def read_body(self, request: web.BaseRequest) -> bytes:
+        limit = self.config.server.max_body_bytes
+        length = request.content_length
+        too_large = BadRequest(413, "body_too_large", f"the body exceeds {limit} bytes")
+        if length is not None and length > limit:
+            raise too_large
+        chunks = bytearray()
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            chunks += chunk
+            if len(chunks) > limit:
+                raise too_large
+        return bytes(chunks)
+
+    def parse(self, body: bytes) -> list[NewEntry]:
+        """HAP's body to outbox entries, or ``BadRequest``; nothing half-accepted."""
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(400, "invalid_json", f"the body is not valid UTF-8 JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise BadRequest(400, "invalid_body", "expected a JSON object with Type and Data")
+        kind = doc.get("Type")
+        data = doc.get("Data")
+        if type(kind) is not int:
+            raise BadRequest(400, "invalid_body", "Type must be the number 1 (SMS) or 2 (voice code)")
+        if not isinstance(data, dict):
+            raise BadRequest(400, "invalid_body", "Data must be a JSON object")
+        if kind == 1:
+            return self.parse_sms(data)
+        if kind == 2:
+            return self.parse_voice(data)
+        raise BadRequest(400, "unknown_type", f"Type {kind} is not 1 (SMS) or 2 (voice code)")
+
+    def parse_sms(self, data: dict[str, Any]) -> list[NewEntry]:
+        s = self.config.server
+        mobiles = data.get("Mobiles")
+        message = data.get("Message")
+        signature = data.get("Signature", "")
+        if not isinstance(mobiles, list) or not mobiles:
+            raise BadRequest(400, "invalid_body", "Data.Mobiles must be a non-empty list of strings")
+        if len(mobiles) > s.max_recipients:
+            raise BadRequest(400, "too_many_recipients",
+                             f"Data.Mobiles has {len(mobiles)} numbers; at most {s.max_recipients}")
+        if not isinstance(message, str) or not message.strip():
+            raise BadRequest(400, "invalid_body", "Data.Message must be a non-empty string")
+        if len(message) > s.max_message_chars:
+            raise BadRequest(400, "message_too_long",
+                             f"Data.Message has {len(message)} characters; at most {s.max_message_chars}")
+        if signature is None:
+            signature = ""
+        if not isinstance(signature, str):
+            raise BadRequest(400, "invalid_body", "Data.Signature must be a string")
+        if "\x00" in message or "\x00" in signature:
+            raise BadRequest(400, "invalid_body", "Data.Message and Data.Signature cannot contain NUL")
+        signature = strip_signature(signature)
+        numbers = self.numbers(mobiles, "Data.Mobiles")
+        return [NewEntry(KIND_SMS, n[0], n[1], n[2], message, signature) for n in numbers]
+
+    def parse_voice(self, data: dict[str, Any]) -> list[NewEntry]:
+        mobile = data.get("Mobile")
+        code = data.get("Code")
+        if not isinstance(mobile, str):
+            raise BadRequest(400, "invalid_body", "Data.Mobile must be a string")
+        if not isinstance(code, str) or not (4 <= len(code) <= 10) or not code.isascii() \
+                or not code.isdigit():
+            raise BadRequest(400, "invalid_code", "Data.Code must be a string of 4 to 10 digits")
+        (n,) = self.numbers([mobile], "Data.Mobile")
+        return [NewEntry(KIND_VOICE, n[0], n[1], n[2], "", "", code)]
+
+    def numbers(self, raw: Sequence[object], key: str) -> list[tuple[str, str, str]]:
+        region = self.config.default_region
+        seen: dict[str, tuple[str, str, str]] = {}
+        for i, value in enumerate(raw):
+            if not isinstance(value, str):
+                raise BadRequest(400, "invalid_body", f"{key}[{i}] must be a string")
+            try:
+                n = normalise(value, region)
+            except InvalidNumber:
+                shown = value if value.isprintable() and len(value) <= 40 else repr(value[:40])
+                raise BadRequest(400, "invalid_number",
+                                 f"{key}: {shown} is not a valid phone number") from None
+            seen.setdefault(n.e164, (n.e164, n.region, n.national))
+        return list(seen.values())
+
+    # -- probes ----------------------------------------------------------------------------
+
+    def probe(self, request: web.BaseRequest) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            raise BadRequest(405, "method_not_allowed", f"use GET for {request.path}",
+                             {"Allow": "GET, HEAD"})
+        if request.path == "/healthz":
+            return web.Response(body=b'{"ok":true}', content_type=JSON)
+        if request.path == "/readyz":
+            ok, detail = self.ready()
+            return web.Response(status=200 if ok else 503,
+                                body=orjson.dumps({"ok": ok, **detail}), content_type=JSON)
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def strip_signature(sig: str) -> str:
+    """HAP may send ``【Acme】`` or ``[Acme]``; the relay keeps ``Acme``."""
+    sig = sig.strip()
+    for left, right in _SIGNATURE_BRACKETS:
+        if sig.startswith(left) and sig.endswith(right):
+            return sig[len(left) : -len(right)].strip()
+    return sig

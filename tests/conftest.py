@@ -1,0 +1,59 @@
+"""Shared fixtures: uvloop as in production, fake provider APIs, relays on real sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+
+from hapsms_relay import log
+from tests.fakes import FakeAPI
+from tests.helpers import RunningRelay, start_relay
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Every async test runs on uvloop, as the relay does in production."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def _relay_logging(capsys: pytest.CaptureFixture[str]) -> None:
+    """The relay logs to stdout as in production; tests read it through capsys."""
+    log.setup("debug")
+
+
+@pytest.fixture
+async def fake_api() -> AsyncIterator[FakeAPI]:
+    api = FakeAPI()
+    await api.start()
+    yield api
+    await api.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+async def relay_factory() -> AsyncIterator[Callable[..., Awaitable[RunningRelay]]]:
+    started: list[RunningRelay] = []
+
+    async def factory(doc: dict[str, Any], **kwargs: Any) -> RunningRelay:
+        r = await start_relay(doc, **kwargs)
+        started.append(r)
+        return r
+
+    yield factory
+    for r in started:
+        await r.stop()
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,127 @@
+"""Test helpers: a TOML writer for configs, polling with a deadline, a relay on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from hapsms_relay import config
+from hapsms_relay.relay import Relay
+
+TOKEN = "test-token-5f2c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SMS_BODY = {"Type": 1, "Data": {"Mobiles": ["13800138000"], "Message": "您的验证码是123456，感谢您的使用！",
+                                "Signature": "明道云"}}
+VOICE_BODY = {"Type": 2, "Data": {"Mobile": "13800138000", "Code": "123456"}}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() and k.isascii() else _toml_value(k)
+
+
+def to_toml(doc: Mapping[str, Any]) -> str:
+    """Top-level tables and arrays of tables become sections; anything deeper is inline."""
+    lines: list[str] = []
+    for k, v in doc.items():
+        if not isinstance(v, Mapping | list) or (isinstance(v, list) and not all(
+                isinstance(x, Mapping) for x in v)) or v == []:
+            lines.append(f"{_key(k)} = {_toml_value(v)}")
+    for k, v in doc.items():
+        if isinstance(v, Mapping):
+            lines.append(f"\n[{k}]")
+            lines += [f"{_key(a)} = {_toml_value(b)}" for a, b in v.items()]
+        elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
+            for item in v:
+                lines.append(f"\n[[{k}]]")
+                lines += [f"{_key(a)} = {_toml_value(b)}" for a, b in item.items()]
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)  # the writer must produce what the loader reads
+    return text
+
+
+def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A valid config: loopback, TOKEN, an outbox in tmp_path, the file provider; override freely."""
+    doc: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0", "tokens": [TOKEN]},
+        "queue": {"path": str(tmp_path / "outbox.db"), "retry_base": "50ms", "retry_max": "200ms"},
+        "providers": [{"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}],
+        "routes": {"sms": ["dev"]},
+    }
+    for name, value in sections.items():
+        if isinstance(value, Mapping) and isinstance(doc.get(name), Mapping):
+            doc[name] = {**doc[name], **value}
+        else:
+            doc[name] = value
+    return doc
+
+
+def write_config(tmp_path: Path, doc: Mapping[str, Any], name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(to_toml(doc), encoding="utf-8")
+    return path
+
+
+async def eventually(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class RunningRelay:
+    """A Relay started in this process on a real loopback socket."""
+
+    def __init__(self, relay: Relay, url: str) -> None:
+        self.relay = relay
+        self.url = url
+        self.webhook_url = url + relay.config.server.path
+
+    async def post(
+        self, session: aiohttp.ClientSession, body: Any, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any]:
+        async with session.post(self.webhook_url, json=body, headers=dict(headers or AUTH)) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def stop(self) -> None:
+        await self.relay.stop()
+
+
+async def start_relay(doc: Mapping[str, Any], *, paused: bool = False) -> RunningRelay:
+    cfg = config.parse(tomllib.loads(to_toml(doc)))
+    relay = Relay(cfg, paused=paused)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    await relay.start(sock)
+    host, port = sock.getsockname()[:2]
+    return RunningRelay(relay, f"http://{host}:{port}")
