@@ -265,7 +265,8 @@ class Dispatcher:
         ceiling = min(q.retry_max, q.retry_base * 2 ** max(e.attempts - 1, 0))
         delay = random.uniform(q.retry_base, max(q.retry_base, ceiling))
         if err.retry_after is not None:
-            delay = max(delay, min(err.retry_after, q.retry_max))
+            # The provider's own word wins over retry_max; the TTL below still bounds it.
+            delay = max(delay, err.retry_after)
         due = now + delay
         if due >= e.expires:
             await self._dead(
