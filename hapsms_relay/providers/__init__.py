@@ -6,11 +6,15 @@ from hapsms_relay.providers.base import Common, Message, Outcome, Provider, Prov
 from hapsms_relay.providers.file import FileProvider
 from hapsms_relay.providers.http import HttpProvider
 from hapsms_relay.providers.log import LogProvider
+from hapsms_relay.providers.twilio import TwilioProvider
+from hapsms_relay.providers.vonage import VonageProvider
 
 REGISTRY: dict[str, ProviderFactory] = {
     "file": FileProvider.from_config,
     "log": LogProvider.from_config,
     "http": HttpProvider.from_config,
+    "twilio": TwilioProvider.from_config,
+    "vonage": VonageProvider.from_config,
 }
 
 __all__ = ["REGISTRY", "Common", "Message", "Outcome", "Provider"]

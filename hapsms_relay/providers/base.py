@@ -17,6 +17,7 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import aiohttp
 
+from hapsms_relay import log
 from hapsms_relay.errors import (
     ConfigError,
     DeliveryError,
@@ -24,7 +25,7 @@ from hapsms_relay.errors import (
     TransientError,
     UnsupportedError,
 )
-from hapsms_relay.table import Table
+from hapsms_relay.table import REQUIRED, Table
 
 Kind = Literal["sms", "voice"]
 
@@ -192,3 +193,17 @@ def classify_http_status(
 
 def _exc_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def url_setting(t: Table, name: str, default: object = REQUIRED) -> str:
+    """An http(s) URL setting (an API endpoint, a callback), without its trailing slash."""
+    value = t.string(name, default)
+    if not value.startswith(("http://", "https://")):
+        raise t.error(name, "must start with http:// or https://")
+    return value.rstrip("/")
+
+
+def mask_number(text: str, message: Message) -> str:
+    """A provider's error text with the recipient's number masked, as in every log line:
+    vendors quote the number back ("The 'To' number +1500... is not valid")."""
+    return text.replace(message.to, log.mask(message.to)) if message.to else text

@@ -1,0 +1,170 @@
+"""The ``twilio`` provider: SMS through the Messages resource, voice codes as a call that
+reads the code with inline TwiML ``<Say>``.
+
+API docs: https://www.twilio.com/docs/messaging/api/message-resource (SMS),
+https://www.twilio.com/docs/voice/api/call-resource (calls, ``Twiml``),
+https://www.twilio.com/docs/voice/twiml/say (``<Say>``),
+https://www.twilio.com/docs/usage/requests-to-twilio (Basic auth, API keys),
+https://www.twilio.com/docs/api/errors (error codes).
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import aiohttp
+import orjson
+
+from hapsms_relay.errors import DeliveryError, PermanentError, TransientError
+from hapsms_relay.providers.base import (
+    BaseProvider,
+    Common,
+    Message,
+    check_template,
+    classify_http_status,
+    mask_number,
+    retry_after,
+    url_setting,
+)
+from hapsms_relay.secret import Secret
+from hapsms_relay.table import Table
+
+DEFAULT_ENDPOINT = "https://api.twilio.com"
+DEFAULT_VOICE_TEXT = "Your verification code is {digits}."
+VOICE_PLACEHOLDERS = ("digits", "code")
+_TEXT_LIMIT = 300
+
+#: Error codes whose class the HTTP status alone does not tell. Everything else follows the
+#: status: 429 and 5xx transient, other 4xx permanent (21211 invalid 'To', 21614 not a
+#: mobile number, 21610 unsubscribed recipient, 20003 authentication failed...).
+_TRANSIENT_CODES = frozenset({
+    20429,  # too many requests
+    21611,  # the 'From' number's queue is full: another provider may still deliver in time
+})
+_PERMANENT_CODES = frozenset({21211, 21614, 21610, 20003})
+
+
+@dataclass
+class TwilioProvider(BaseProvider):
+    account_sid: str = ""
+    # Basic auth: the Account SID with its Auth Token, or an API Key SID with its secret
+    username: str = ""
+    password: Secret | None = None
+    sender: str | None = None  # "From": a Twilio number or alphanumeric sender ID
+    messaging_service_sid: str | None = None
+    status_callback: str | None = None
+    endpoint: str = DEFAULT_ENDPOINT
+    voice: bool = True
+    voice_language: str = "en-US"
+    voice_name: str = "woman"
+    voice_text: str = DEFAULT_VOICE_TEXT
+    repeat: int = 2
+    supports_voice: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        # an instance attribute shadows the ClassVar: calls need a 'From' number
+        self.supports_voice = self.voice  # type: ignore[misc]
+
+    @classmethod
+    def from_config(cls, common: Common, t: Table) -> TwilioProvider:
+        account_sid = _sid(t, "account_sid", "AC")
+        assert account_sid is not None
+        auth_token = t.optional_secret("auth_token")
+        api_key = _sid(t, "api_key", "SK", required=False)
+        api_secret = t.optional_secret("api_secret")
+        if auth_token is not None and (api_key or api_secret):
+            raise t.error("api_key" if api_key else "api_secret",
+                          "use either auth_token or api_key with api_secret, not both")
+        if auth_token is None and not (api_key and api_secret):
+            missing = "api_secret" if api_key else "api_key" if api_secret else "auth_token"
+            raise t.error(missing, "required (auth_token, or api_key with api_secret)")
+        sender = t.optional_str("from")
+        service = _sid(t, "messaging_service_sid", "MG", required=False)
+        if sender is None and service is None:
+            raise t.error("from", "required unless messaging_service_sid is set")
+        voice = t.boolean("voice", sender is not None)
+        if voice and sender is None:
+            raise t.error("from", "voice calls need a Twilio number to call from; "
+                          "or set voice = false to send voice codes as SMS")
+        return cls(
+            common, account_sid=account_sid,
+            username=api_key or account_sid, password=auth_token or api_secret,
+            sender=sender, messaging_service_sid=service,
+            status_callback=url_setting(t, "status_callback") if t.has("status_callback") else None,
+            endpoint=url_setting(t, "endpoint", DEFAULT_ENDPOINT), voice=voice,
+            voice_language=t.string("voice_language", "en-US"),
+            voice_name=t.string("voice_name", "woman"),
+            voice_text=check_template(t.string("voice_text", DEFAULT_VOICE_TEXT),
+                                      t.path("voice_text"), VOICE_PLACEHOLDERS),
+            repeat=t.integer("repeat", 2, min=1, max=10),
+        )
+
+    def twiml(self, code: str) -> str:
+        """The call's TwiML: the code read digit by digit, ``repeat`` times. ElementTree
+        escapes the text and the attributes, so no template or code can break the XML."""
+        response = ET.Element("Response")
+        say = ET.SubElement(response, "Say", {
+            "language": self.voice_language, "voice": self.voice_name, "loop": str(self.repeat),
+        })
+        say.text = self.voice_text.format(digits=", ".join(code), code=code)
+        return ET.tostring(response, encoding="unicode")
+
+    def _form(self, message: Message) -> tuple[str, dict[str, str]]:
+        if message.kind == "voice":
+            assert self.sender is not None  # from_config: voice needs 'from'
+            form = {"To": message.to, "From": self.sender, "Twiml": self.twiml(message.code)}
+            resource = "Calls.json"
+        else:
+            form = {"To": message.to, "Body": self.sms_text(message)}
+            # a Messaging Service picks the sender from its pool; else our 'From'
+            if self.messaging_service_sid:
+                form["MessagingServiceSid"] = self.messaging_service_sid
+            else:
+                assert self.sender is not None
+                form["From"] = self.sender
+            resource = "Messages.json"
+        if self.status_callback:
+            form["StatusCallback"] = self.status_callback
+        return f"{self.endpoint}/2010-04-01/Accounts/{self.account_sid}/{resource}", form
+
+    async def send_one(self, message: Message) -> None:
+        url, form = self._form(message)
+        assert self.password is not None
+        async with self.http().post(
+            url, data=form, auth=aiohttp.BasicAuth(self.username, self.password.reveal()),
+            headers={"Accept": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=self.common.timeout),
+        ) as resp:
+            if 200 <= resp.status < 300:
+                return
+            text = await resp.text(errors="replace")
+            raise self.classify(resp.status, mask_number(text, message), resp.headers)
+
+    def classify(self, status: int, body: str, headers: Mapping[str, str]) -> DeliveryError:
+        """Twilio's JSON error ``code`` decides, keeping its code and message; without one,
+        the HTTP status does."""
+        try:
+            error = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            error = None
+        code = error.get("code") if isinstance(error, dict) else None
+        if not isinstance(code, int) or isinstance(code, bool):
+            return classify_http_status(self.name, status, body[:_TEXT_LIMIT], headers)
+        assert isinstance(error, dict)
+        text = str(error.get("message") or "")[:_TEXT_LIMIT]
+        if code in _PERMANENT_CODES:
+            return PermanentError(self.name, str(code), text)
+        if code in _TRANSIENT_CODES or status in (408, 429) or status >= 500:
+            return TransientError(self.name, str(code), text, retry_after=retry_after(headers))
+        return PermanentError(self.name, str(code), text)
+
+
+def _sid(t: Table, name: str, prefix: str, *, required: bool = True) -> str | None:
+    """A Twilio SID setting; its two-letter prefix catches a key pasted into the wrong slot."""
+    value = t.string(name) if required else t.optional_str(name)
+    if value is not None and not value.startswith(prefix):
+        raise t.error(name, f"a Twilio {name.replace('_', ' ')} starts with {prefix!r}")
+    return value

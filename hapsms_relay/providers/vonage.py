@@ -1,0 +1,140 @@
+"""The ``vonage`` provider: SMS through the Vonage (formerly Nexmo) SMS API.
+
+API docs: https://developer.vonage.com/en/api/sms (``POST /sms/json``),
+https://developer.vonage.com/en/messaging/sms/guides/troubleshooting-sms (``status`` codes),
+https://developer.vonage.com/en/api-errors/sms (what each status means).
+No voice calls here: the dispatcher hands Type 2 codes to it as the voice fallback SMS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import aiohttp
+import orjson
+
+from hapsms_relay.errors import DeliveryError, PermanentError, TransientError
+from hapsms_relay.providers.base import (
+    BaseProvider,
+    Common,
+    Message,
+    classify_http_status,
+    mask_number,
+    url_setting,
+)
+from hapsms_relay.secret import Secret
+from hapsms_relay.table import Table
+
+DEFAULT_ENDPOINT = "https://rest.nexmo.com"
+_TEXT_LIMIT = 300
+
+# GSM 03.38: the default alphabet (ESC left out) and the extension table reached through ESC.
+_GSM7_BASIC = (
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+).replace("\x1b", "")
+_GSM7_EXTENSION = "\f^{}\\[~]|€"
+GSM7 = frozenset(_GSM7_BASIC + _GSM7_EXTENSION)
+
+#: Per-message ``status`` values (Vonage's troubleshooting table) and whether another
+#: attempt can help. Any other non-zero status is permanent.
+STATUS: dict[str, tuple[str, bool]] = {
+    "1": ("Throttled", True),
+    "2": ("Missing Parameters", False),
+    "3": ("Invalid Parameters", False),
+    "4": ("Invalid Credentials", False),
+    "5": ("Internal Error", True),
+    "6": ("Invalid Message", False),
+    "7": ("Number Barred", False),
+    "8": ("Partner Account Barred", False),
+    "9": ("Partner Quota Violation", False),  # out of credit: not within a code's lifetime
+    "10": ("Too Many Existing Binds", True),
+    "11": ("Account Not Enabled For HTTP", False),
+    "12": ("Message Too Long", False),
+    "14": ("Invalid Signature", False),
+    "15": ("Invalid Sender Address", False),
+    "22": ("Invalid Network Code", False),
+    "23": ("Invalid Callback Url", False),
+    "29": ("Non-Whitelisted Destination", False),
+    "32": ("Signature And API Secret Disallowed", False),
+    "33": ("Number De-activated", False),
+}
+
+
+def is_gsm7(text: str) -> bool:
+    """Whether ``text`` fits the GSM-7 alphabet; otherwise it must go as ``type=unicode``."""
+    return all(c in GSM7 for c in text)
+
+
+@dataclass
+class VonageProvider(BaseProvider):
+    api_key: str = ""
+    api_secret: Secret | None = None
+    sender: str = ""  # "from": an alphanumeric sender ID or a Vonage number
+    callback: str | None = None
+    endpoint: str = DEFAULT_ENDPOINT
+    supports_voice: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, common: Common, t: Table) -> VonageProvider:
+        sender = t.string("from")
+        if sender.startswith("+") and sender[1:].isdigit():
+            sender = sender[1:]  # Vonage writes numbers without '+'
+        if not sender.isdigit() and len(sender) > 11:
+            raise t.error("from", "an alphanumeric sender ID has at most 11 characters")
+        return cls(
+            common, api_key=t.string("api_key"), api_secret=t.secret("api_secret"),
+            sender=sender,
+            callback=url_setting(t, "callback") if t.has("callback") else None,
+            endpoint=url_setting(t, "endpoint", DEFAULT_ENDPOINT),
+        )
+
+    def form(self, message: Message) -> dict[str, str]:
+        assert self.api_secret is not None
+        text = self.sms_text(message)
+        form = {
+            "api_key": self.api_key, "api_secret": self.api_secret.reveal(),
+            "from": self.sender, "to": message.to.lstrip("+"), "text": text,
+            "client-ref": str(message.id),  # ties delivery receipts to the outbox entry
+        }
+        if not is_gsm7(text):
+            form["type"] = "unicode"
+        if self.callback:
+            form["callback"] = self.callback
+        return form
+
+    async def send_one(self, message: Message) -> None:
+        async with self.http().post(
+            f"{self.endpoint}/sms/json", data=self.form(message),
+            timeout=aiohttp.ClientTimeout(total=self.common.timeout),
+        ) as resp:
+            text = mask_number(await resp.text(errors="replace"), message)
+            if resp.status != 200:
+                raise classify_http_status(self.name, resp.status, text[:_TEXT_LIMIT], resp.headers)
+        error = self.check(text)
+        if error is not None:
+            raise error
+
+    def check(self, body: str) -> DeliveryError | None:
+        """A 200 answer lists one entry per message part (long texts are split); the text
+        is sent only if every part has status 0."""
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            answer = None
+        parts = answer.get("messages") if isinstance(answer, dict) else None
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+            # unknown whether anything went out: sending again beats losing a code
+            return TransientError(self.name, "bad_response", body[:_TEXT_LIMIT])
+        for i, part in enumerate(parts, 1):
+            status = str(part.get("status", ""))
+            if status == "0":
+                continue
+            meaning, transient = STATUS.get(status, ("", False))
+            text = str(part.get("error-text") or meaning)
+            if len(parts) > 1:
+                text = f"part {i} of {len(parts)}: {text}"
+            error = TransientError if transient else PermanentError
+            return error(self.name, status or "bad_response", text[:_TEXT_LIMIT])
+        return None
