@@ -10,6 +10,7 @@ https://www.twilio.com/docs/api/errors (error codes).
 
 from __future__ import annotations
 
+import base64
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class TwilioProvider(BaseProvider):
         if voice and sender is None:
             raise t.error("from", "voice calls need a Twilio number to call from; "
                           "or set voice = false to send voice codes as SMS")
-        return cls(
+        provider = cls(
             common, account_sid=account_sid,
             username=api_key or account_sid, password=auth_token or api_secret,
             sender=sender, messaging_service_sid=service,
@@ -101,6 +102,12 @@ class TwilioProvider(BaseProvider):
                                       t.path("voice_text"), VOICE_PLACEHOLDERS),
             repeat=t.integer("repeat", 2, min=1, max=10),
         )
+        try:  # characters XML 1.0 cannot carry (control codes) would break every call
+            ET.fromstring(provider.twiml("1234"))  # noqa: S314 - our own document
+        except ET.ParseError as exc:
+            raise t.error("voice_text", f"cannot be carried in TwiML ({exc}); check "
+                          "voice_text, voice_name and voice_language") from None
+        return provider
 
     def twiml(self, code: str) -> str:
         """The call's TwiML: the code read digit by digit, ``repeat`` times. ElementTree
@@ -132,16 +139,22 @@ class TwilioProvider(BaseProvider):
 
     async def send_one(self, message: Message) -> None:
         url, form = self._form(message)
-        assert self.password is not None
         async with self.http().post(
-            url, data=form, auth=aiohttp.BasicAuth(self.username, self.password.reveal()),
-            headers={"Accept": "application/json"},
+            url, data=form,
+            headers={"Accept": "application/json", "Authorization": self._basic_auth()},
             timeout=aiohttp.ClientTimeout(total=self.common.timeout),
         ) as resp:
             if 200 <= resp.status < 300:
                 return
             text = await resp.text(errors="replace")
             raise self.classify(resp.status, mask_number(text, message), resp.headers)
+
+    def _basic_auth(self) -> str:
+        # built per request and never stored, so no object holding the secret lingers
+        # (aiohttp.BasicAuth is deprecated, and its repr shows the password)
+        assert self.password is not None
+        pair = f"{self.username}:{self.password.reveal()}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
 
     def classify(self, status: int, body: str, headers: Mapping[str, str]) -> DeliveryError:
         """Twilio's JSON error ``code`` decides, keeping its code and message; without one,
