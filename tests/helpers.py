@@ -112,6 +112,15 @@ class RunningRelay:
         async with session.post(self.webhook_url, json=body, headers=dict(headers or AUTH)) as r:
             return r.status, await r.json(content_type=None)
 
+    async def settled(self, *, delivered: int = 0, dead: int = 0) -> None:
+        """Wait until the outbox holds this many delivered and this many dead entries."""
+
+        async def reached() -> bool:
+            s = await self.relay.outbox.stats()
+            return (s.delivered, s.dead) == (delivered, dead)
+
+        await eventually(reached, what=f"{delivered} delivered and {dead} dead entries")
+
     async def stop(self) -> None:
         await self.relay.stop()
 

@@ -143,7 +143,7 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory: Any, session: Any, 
     assert basic(rec) == (SID, TOKEN)
     assert form(rec) == {"To": "+8613800138000", "From": FROM, "StatusCallback": cb,
                          "Body": "【明道云】您的验证码是123456，感谢您的使用！"}
-    await eventually(lambda: relay.relay.dispatcher.activity.delivered == 1, what="delivered")
+    await relay.settled(delivered=1)
 
 
 async def test_api_key_and_messaging_service(
@@ -306,11 +306,7 @@ async def test_bad_credentials_are_permanent_and_secret(
     doc = base_config(tmp_path, providers=[provider_table(api.url)], routes={"sms": ["tw"]})
     relay = await relay_factory(doc)
     assert (await relay.post(session, SMS_BODY))[0] == 200
-
-    async def dead() -> bool:
-        return (await relay.relay.outbox.stats()).dead == 1
-
-    await eventually(dead, what="the dead entry")
+    await relay.settled(dead=1)
     (row,) = await relay.relay.outbox.list(State.DEAD, 10)
     assert row.error == "tw 20003: Authenticate"
     assert len(api.requests) == 1  # permanent: never retried
@@ -332,12 +328,7 @@ async def test_permanent_stops_transient_fails_over(
     body = {"Type": 1, "Data": {"Mobiles": ["13800138000", "13800138001", "13800138002"],
                                 "Message": "hi", "Signature": ""}}
     assert (await relay.post(session, body))[0] == 200
-
-    async def settled() -> bool:
-        s = await relay.relay.outbox.stats()
-        return s.delivered == 2 and s.dead == 1
-
-    await eventually(settled, what="two delivered, one dead")
+    await relay.settled(delivered=2, dead=1)
     (row,) = await relay.relay.outbox.list(State.DEAD, 10)
     assert row.recipient == "+8613800138001" and row.error == "tw 21211: invalid"
     assert (tmp_path / "sent.jsonl").read_text().count("+8613800138002") == 1

@@ -105,7 +105,7 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory: Any, session: Any, 
         "text": "【明道云】您的验证码是123456，感谢您的使用！", "type": "unicode",
         "client-ref": answer["ids"][0], "callback": cb,
     }
-    await eventually(lambda: relay.relay.dispatcher.activity.delivered == 1, what="delivered")
+    await relay.settled(delivered=1)
 
 
 async def test_voice_code_goes_as_fallback_sms(
@@ -209,11 +209,7 @@ async def test_bad_secret_is_dead_and_never_logged(
     relay = await relay_factory(base_config(
         tmp_path, providers=[provider_table(api.url, api_secret=wrong)], routes={"sms": ["vg"]}))
     assert (await relay.post(session, SMS_BODY))[0] == 200
-
-    async def dead() -> bool:
-        return (await relay.relay.outbox.stats()).dead == 1
-
-    await eventually(dead, what="the dead entry")
+    await relay.settled(dead=1)
     (row,) = await relay.relay.outbox.list(State.DEAD, 10)
     assert row.error == "vg 4: Bad Credentials"
     assert len(api.requests) == 1
@@ -231,11 +227,7 @@ async def test_throttled_fails_over(
     relay = await relay_factory(base_config(
         tmp_path, providers=[provider_table(api.url), dev], routes={"sms": ["vg", "dev"]}))
     assert (await relay.post(session, SMS_BODY))[0] == 200
-
-    async def delivered() -> bool:
-        return (await relay.relay.outbox.stats()).delivered == 1
-
-    await eventually(delivered, what="the failover delivery")
+    await relay.settled(delivered=1)
     assert len(api.requests) == 1
     assert "+8613800138000" in (tmp_path / "sent.jsonl").read_text()
 
