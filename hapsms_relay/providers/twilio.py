@@ -103,8 +103,8 @@ class TwilioProvider(BaseProvider):
             repeat=t.integer("repeat", 2, min=1, max=10),
         )
         try:  # characters XML 1.0 cannot carry (control codes) would break every call
-            ET.fromstring(provider.twiml("1234"))  # noqa: S314 - our own document
-        except ET.ParseError as exc:
+            ET.fromstring(provider.twiml("1234").encode())  # noqa: S314 - our own document
+        except (ET.ParseError, UnicodeEncodeError) as exc:
             raise t.error("voice_text", f"cannot be carried in TwiML ({exc}); check "
                           "voice_text, voice_name and voice_language") from None
         return provider
