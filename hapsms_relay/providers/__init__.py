@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from hapsms_relay.providers.aliyun import AliyunProvider
 from hapsms_relay.providers.base import Common, Message, Outcome, Provider, ProviderFactory
 from hapsms_relay.providers.file import FileProvider
 from hapsms_relay.providers.http import HttpProvider
 from hapsms_relay.providers.log import LogProvider
+from hapsms_relay.providers.tencent import TencentProvider
 
 REGISTRY: dict[str, ProviderFactory] = {
     "file": FileProvider.from_config,
     "log": LogProvider.from_config,
     "http": HttpProvider.from_config,
+    "tencent": TencentProvider.from_config,
+    "aliyun": AliyunProvider.from_config,
 }
 
 __all__ = ["REGISTRY", "Common", "Message", "Outcome", "Provider"]
