@@ -21,7 +21,8 @@ MAPPINGS: list[dict[str, Any]] = [
      "params": {"code": "{code}"}},
     {"match": "(?P<name>\\S+)邀请您加入(?P<org>\\S+?)[，,]", "template": "SMS_INVITE",
      "params": {"user": "{name}", "org": "{org}"}},
-    {"match": "(?i)(?:code|verification code)\\D{0,20}(?P<code>\\d{4,8})(?:.*valid for (?P<minutes>\\d+) min)?",
+    {"match": "(?i)(?:code|verification code)\\D{0,20}(?P<code>\\d{4,8})"
+              "(?:.*valid for (?P<minutes>\\d+) min)?",
      "template": "SMS_EN_CODE", "params": {"code": "{code}", "ttl": "{minutes}"}},
     {"match": "^Your order (?P<order>[A-Z0-9-]+) has shipped$", "template": "SMS_SHIPPED",
      "params": {"order": "{order}", "literal": "{{fixed}}"}},
