@@ -252,3 +252,15 @@ def aliyun_table(url: str, **over: Any) -> dict[str, Any]:
     }
     table.update(over)
     return {k: v for k, v in table.items() if v is not None}
+
+
+def build_provider(table: dict[str, Any]) -> Any:
+    """The provider a config with just this provider table makes (no I/O)."""
+    from pathlib import Path
+
+    from hapsms_relay import config
+    from tests.helpers import base_config
+
+    cfg = config.parse(base_config(Path("/nonexistent"), providers=[table],
+                                   routes={"sms": [table["name"]]}))
+    return cfg.providers[table["name"]]

@@ -143,3 +143,12 @@ async def settled(relay: RunningRelay, ids: list[str], timeout: float = 15.0) ->
 
     await eventually(done, timeout, what=f"entries {sorted(wanted)} delivered or dead")
     return found
+
+
+async def post_settled(relay: RunningRelay, session: aiohttp.ClientSession, body: Any) -> list[Any]:
+    """POST a HAP body (it must be accepted) and wait for its entries to be delivered or
+    dead; their outbox rows, in the order of the answer's ids."""
+    status, answer = await relay.post(session, body)
+    assert status == 200, answer
+    rows = await settled(relay, answer["ids"])
+    return [rows[i] for i in answer["ids"]]

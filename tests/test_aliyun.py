@@ -13,14 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from Tea.request import TeaRequest
 
-from hapsms_relay import config
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError, UnsupportedError
 from hapsms_relay.outbox import State
 from hapsms_relay.providers.aliyun import AliyunProvider, acs3_authorization, canonical_query
 from hapsms_relay.providers.base import Message
-from tests.fake_clouds import ALI_KEY_ID, ALI_KEY_SECRET, AliyunFake, aliyun_table
+from tests.fake_clouds import ALI_KEY_ID, ALI_KEY_SECRET, AliyunFake, aliyun_table, build_provider
 from tests.fakes import FakeAPI, Reply
-from tests.helpers import SMS_BODY, VOICE_BODY, base_config, settled
+from tests.helpers import SMS_BODY, VOICE_BODY, base_config, post_settled
 
 CODE_TEXT = "您的验证码是123456，感谢您的使用！"
 
@@ -39,9 +38,7 @@ async def provider(fake_api: FakeAPI, session: aiohttp.ClientSession) -> AsyncIt
 
 
 def build(table: dict[str, Any]) -> AliyunProvider:
-    cfg = config.parse(base_config(Path("/nonexistent"), providers=[table],
-                                   routes={"sms": [table["name"]]}))
-    p = cfg.providers[table["name"]]
+    p = build_provider(table)
     assert isinstance(p, AliyunProvider)
     return p
 
@@ -57,10 +54,8 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory, session, aliyun: Al
     """HAP's SMS body becomes one signed SendSms with TemplateCode and a JSON TemplateParam."""
     relay = await relay_factory(base_config(
         tmp_path, providers=[aliyun_table(aliyun.api.url)], routes={"sms": ["aliyun"]}))
-    status, body = await relay.post(session, SMS_BODY)
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    assert rows[body["ids"][0]].state == State.DELIVERED
+    rows = await post_settled(relay, session, SMS_BODY)
+    assert rows[0].state == State.DELIVERED
     (call,) = aliyun.calls
     assert call.action == "SendSms"
     assert call.params == {"PhoneNumbers": "13800138000", "SignName": "阿里云短信测试",
@@ -73,10 +68,8 @@ async def test_voice_end_to_end(tmp_path: Path, relay_factory, session, aliyun: 
     table = aliyun_table(aliyun.api.url, voice_params={"num": "{code}", "app": "HAP"}, play_times=1)
     relay = await relay_factory(base_config(
         tmp_path, providers=[table], routes={"sms": ["aliyun"], "voice": ["aliyun"]}))
-    status, body = await relay.post(session, VOICE_BODY)
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    assert rows[body["ids"][0]].state == State.DELIVERED
+    rows = await post_settled(relay, session, VOICE_BODY)
+    assert rows[0].state == State.DELIVERED
     (call,) = aliyun.calls
     assert call.action == "SingleCallByTts"
     assert call.params == {"CalledNumber": "13800138000", "TtsCode": "TTS_100001",
@@ -91,9 +84,7 @@ async def test_voice_without_voice_template_goes_as_templated_sms(
     table = aliyun_table(aliyun.api.url, voice_template=None, voice_show_number=None)
     relay = await relay_factory(base_config(
         tmp_path, providers=[table], routes={"sms": ["aliyun"], "voice": ["aliyun"]}))
-    status, body = await relay.post(session, VOICE_BODY)
-    assert status == 200
-    await settled(relay, body["ids"])
+    await post_settled(relay, session, VOICE_BODY)
     (call,) = aliyun.calls
     assert (call.action, call.params["TemplateCode"]) == ("SendSms", "SMS_154950910")
 
@@ -105,12 +96,10 @@ async def test_one_call_per_recipient_and_failures_stay_apart(
     aliyun.number_codes["13800138001"] = "isv.MOBILE_NUMBER_ILLEGAL"
     relay = await relay_factory(base_config(
         tmp_path, providers=[aliyun_table(aliyun.api.url)], routes={"sms": ["aliyun"]}))
-    status, body = await relay.post(session, {"Type": 1, "Data": {
+    rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["13800138000", "13800138001", "+85291234567"], "Message": CODE_TEXT}})
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    assert [rows[i].state for i in body["ids"]] == [State.DELIVERED, State.DEAD, State.DELIVERED]
-    assert "isv.MOBILE_NUMBER_ILLEGAL" in rows[body["ids"][1]].error
+    assert [r.state for r in rows] == [State.DELIVERED, State.DEAD, State.DELIVERED]
+    assert "isv.MOBILE_NUMBER_ILLEGAL" in rows[1].error
     assert sorted(c.params["PhoneNumbers"] for c in aliyun.calls) == [
         "13800138000", "13800138001", "85291234567"]
 
@@ -122,9 +111,7 @@ async def test_throttling_fails_over(tmp_path: Path, relay_factory, session, ali
         tmp_path, providers=[aliyun_table(aliyun.api.url),
                              {"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}],
         routes={"sms": ["aliyun", "dev"]}))
-    status, body = await relay.post(session, SMS_BODY)
-    assert status == 200
-    row = (await settled(relay, body["ids"]))[body["ids"][0]]
+    (row,) = await post_settled(relay, session, SMS_BODY)
     assert (row.state, row.provider) == (State.DELIVERED, "dev")
 
 

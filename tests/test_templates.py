@@ -14,7 +14,7 @@ from hapsms_relay.providers.templates import Shape, TemplateMap, load_templates
 from hapsms_relay.table import Table
 from tests.fake_clouds import AliyunFake, TencentFake, aliyun_table, tencent_table
 from tests.fakes import FakeAPI
-from tests.helpers import base_config, settled, write_config
+from tests.helpers import base_config, post_settled, write_config
 
 MAPPINGS: list[dict[str, Any]] = [
     {"match": "验证码[^0-9]*(?P<code>[0-9]{4,8})", "template": "SMS_CODE",
@@ -137,10 +137,8 @@ async def test_no_match_fails_over_to_free_text_provider(
         tmp_path, providers=[aliyun_table(fake_api.url),
                              {"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}],
         routes={"sms": ["aliyun", "dev"]}))
-    status, body = await relay.post(session, {"Type": 1, "Data": {
+    (row,) = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["13800138000"], "Message": "会议将于明天上午十点开始", "Signature": "明道云"}})
-    assert status == 200
-    row = (await settled(relay, body["ids"]))[body["ids"][0]]
     assert (row.state, row.provider, row.attempts) == (State.DELIVERED, "dev", 1)
     assert aliyun.calls == [] and fake_api.requests == []
 
@@ -153,11 +151,9 @@ async def test_no_match_anywhere_is_dead_no_template(
     relay = await relay_factory(base_config(
         tmp_path, providers=[tencent_table(fake_api.url), aliyun_table(fake_api.url)],
         routes={"sms": ["tencent", "aliyun"]}))
-    status, body = await relay.post(session, {"Type": 1, "Data": {
+    rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["13800138000", "13800138001"], "Message": "Hello from HAP"}})
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    for i in body["ids"]:
-        assert rows[i].state == State.DEAD and "no_template" in rows[i].error
+    for row in rows:
+        assert row.state == State.DEAD and "no_template" in row.error
     assert tencent.calls == [] and fake_api.requests == []
 

@@ -16,14 +16,13 @@ from tencentcloud.common import credential
 from tencentcloud.common.common_client import CommonClient
 from tencentcloud.common.http.request import RequestInternal
 
-from hapsms_relay import config
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError, UnsupportedError
 from hapsms_relay.outbox import State
 from hapsms_relay.providers.base import Message
 from hapsms_relay.providers.tencent import TencentProvider, tc3_authorization
-from tests.fake_clouds import TC_SECRET_ID, TC_SECRET_KEY, TencentFake, tencent_table
+from tests.fake_clouds import TC_SECRET_ID, TC_SECRET_KEY, TencentFake, build_provider, tencent_table
 from tests.fakes import FakeAPI, Reply
-from tests.helpers import SMS_BODY, VOICE_BODY, base_config, settled
+from tests.helpers import SMS_BODY, VOICE_BODY, base_config, post_settled
 
 CODE_TEXT = "您的验证码是123456，感谢您的使用！"
 
@@ -42,9 +41,7 @@ async def provider(fake_api: FakeAPI, session: aiohttp.ClientSession) -> AsyncIt
 
 
 def build(table: dict[str, Any]) -> TencentProvider:
-    cfg = config.parse(base_config(Path("/nonexistent"), providers=[table],
-                                   routes={"sms": [table["name"]]}))
-    p = cfg.providers[table["name"]]
+    p = build_provider(table)
     assert isinstance(p, TencentProvider)
     return p
 
@@ -61,10 +58,8 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory, session, tencent: T
     """HAP's SMS body becomes one signed SendSms with the mapped template and its params."""
     relay = await relay_factory(base_config(
         tmp_path, providers=[tencent_table(tencent.api.url)], routes={"sms": ["tencent"]}))
-    status, body = await relay.post(session, SMS_BODY)
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    assert rows[body["ids"][0]].state == State.DELIVERED
+    rows = await post_settled(relay, session, SMS_BODY)
+    assert rows[0].state == State.DELIVERED
     (call,) = tencent.calls
     assert call.action == "SendSms" and call.region == "ap-beijing"
     assert call.body == {
@@ -79,10 +74,8 @@ async def test_voice_end_to_end(tmp_path: Path, relay_factory, session, tencent:
     relay = await relay_factory(base_config(
         tmp_path, providers=[tencent_table(tencent.api.url, play_times=3, voice_region="ap-guangzhou")],
         routes={"sms": ["tencent"], "voice": ["tencent"]}))
-    status, body = await relay.post(session, VOICE_BODY)
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    assert rows[body["ids"][0]].state == State.DELIVERED
+    rows = await post_settled(relay, session, VOICE_BODY)
+    assert rows[0].state == State.DELIVERED
     (call,) = tencent.calls
     assert call.action == "SendCodeVoice" and call.region == "ap-guangzhou"
     assert call.body == {"CodeMessage": "123456", "CalledNumber": "+8613800138000",
@@ -96,9 +89,7 @@ async def test_voice_without_voice_app_goes_as_templated_sms(
     table = tencent_table(tencent.api.url, voice_sdk_app_id=None)
     relay = await relay_factory(base_config(
         tmp_path, providers=[table], routes={"sms": ["tencent"], "voice": ["tencent"]}))
-    status, body = await relay.post(session, VOICE_BODY)
-    assert status == 200
-    await settled(relay, body["ids"])
+    await post_settled(relay, session, VOICE_BODY)
     (call,) = tencent.calls
     assert call.action == "SendSms"
     assert (call.body["TemplateId"], call.body["TemplateParamSet"]) == ("1111", ["123456"])
@@ -111,11 +102,9 @@ async def test_recipients_of_one_body_share_one_call(
     relay = await relay_factory(base_config(
         tmp_path, providers=[tencent_table(tencent.api.url)], routes={"sms": ["tencent"]}))
     numbers = ["13800138000", "13800138001", "13800138002"]
-    status, body = await relay.post(session, {"Type": 1, "Data": {
+    rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": numbers, "Message": CODE_TEXT, "Signature": "明道云"}})
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    assert {r.state for r in rows.values()} == {State.DELIVERED}
+    assert {r.state for r in rows} == {State.DELIVERED}
     (call,) = tencent.calls
     assert call.body["PhoneNumberSet"] == ["+86" + n for n in numbers]
 
@@ -127,13 +116,11 @@ async def test_partial_failure_in_a_batch(
     tencent.number_codes["+8613800138001"] = "InvalidParameterValue.IncorrectPhoneNumber"
     relay = await relay_factory(base_config(
         tmp_path, providers=[tencent_table(tencent.api.url)], routes={"sms": ["tencent"]}))
-    status, body = await relay.post(session, {"Type": 1, "Data": {
+    rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["13800138000", "13800138001", "13800138002"], "Message": CODE_TEXT}})
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    states = [rows[i].state for i in body["ids"]]
+    states = [r.state for r in rows]
     assert states == [State.DELIVERED, State.DEAD, State.DELIVERED]
-    assert "InvalidParameterValue.IncorrectPhoneNumber" in rows[body["ids"][1]].error
+    assert "InvalidParameterValue.IncorrectPhoneNumber" in rows[1].error
     assert len(tencent.calls) == 1
 
 
@@ -146,10 +133,7 @@ async def test_transient_error_fails_over(
         tmp_path, providers=[tencent_table(tencent.api.url),
                              {"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}],
         routes={"sms": ["tencent", "dev"]}))
-    status, body = await relay.post(session, SMS_BODY)
-    assert status == 200
-    rows = await settled(relay, body["ids"])
-    row = rows[body["ids"][0]]
+    (row,) = await post_settled(relay, session, SMS_BODY)
     assert (row.state, row.provider) == (State.DELIVERED, "dev")
 
 
