@@ -134,3 +134,30 @@ async def start_relay(doc: Mapping[str, Any], *, paused: bool = False) -> Runnin
     await relay.start(sock)
     host, port = sock.getsockname()[:2]
     return RunningRelay(relay, f"http://{host}:{port}")
+
+
+async def settled(relay: RunningRelay, ids: list[str], timeout: float = 15.0) -> dict[str, Any]:
+    """Wait until every entry of ``ids`` is delivered or dead; its outbox row by id."""
+    from hapsms_relay.outbox import State
+
+    wanted = {int(i) for i in ids}
+    found: dict[str, Any] = {}
+
+    async def done() -> bool:
+        rows = await relay.relay.outbox.list(None, 10_000)
+        found.clear()
+        found.update({str(r.id): r for r in rows if r.id in wanted
+                      and r.state in (State.DELIVERED, State.DEAD)})
+        return len(found) == len(wanted)
+
+    await eventually(done, timeout, what=f"entries {sorted(wanted)} delivered or dead")
+    return found
+
+
+async def post_settled(relay: RunningRelay, session: aiohttp.ClientSession, body: Any) -> list[Any]:
+    """POST a HAP body (it must be accepted) and wait for its entries to be delivered or
+    dead; their outbox rows, in the order of the answer's ids."""
+    status, answer = await relay.post(session, body)
+    assert status == 200, answer
+    rows = await settled(relay, answer["ids"])
+    return [rows[i] for i in answer["ids"]]

@@ -123,11 +123,15 @@ class BaseProvider:
             await self.send_one(message)
         except DeliveryError as exc:
             return exc
-        except (aiohttp.ClientError, OSError) as exc:
-            return TransientError(self.name, "connection_error", _exc_text(exc))
-        except TimeoutError:
-            return TransientError(self.name, "timeout", f"no answer within {self.common.timeout:g}s")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return self.transport_error(exc)
         return None
+
+    def transport_error(self, exc: aiohttp.ClientError | OSError | TimeoutError) -> TransientError:
+        """A failure to talk to the API at all (refused, reset, timed out): always transient."""
+        if isinstance(exc, TimeoutError):
+            return TransientError(self.name, "timeout", f"no answer within {self.common.timeout:g}s")
+        return TransientError(self.name, "connection_error", _exc_text(exc))
 
     async def send_one(self, message: Message) -> None:
         raise NotImplementedError
