@@ -80,11 +80,24 @@ class _Formatter(logging.Formatter):
         return text
 
 
+class _Stdout:
+    """Whatever ``sys.stdout`` is when a line is written (test runners swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+
 def setup(level: str = "info", stream: IO[str] | None = None) -> None:
     """Send the relay's and its libraries' log records to stdout, one line each."""
-    stream = stream or sys.stdout
-    handler = logging.StreamHandler(stream)
-    is_tty = hasattr(stream, "isatty") and stream.isatty()
+    out: IO[str] | _Stdout = stream or _Stdout()
+    handler = logging.StreamHandler(out)
+    is_tty = out.isatty()
     handler.setFormatter(_Formatter(prefix=not is_tty))
     root = logging.getLogger()
     for h in list(root.handlers):

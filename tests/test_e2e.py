@@ -49,3 +49,15 @@ async def test_sample_body_reaches_http_provider(
     got = sorted((r.json()["to"], r.json()["text"], r.headers["X-Key"]) for r in fake_api.accepted)
     assert got == [("+8613800138000", "【Acme】hello", "k-123"), ("+8613800138001", "【Acme】hello", "k-123")]
     assert {r.json()["ref"] for r in fake_api.accepted} == set(answer["ids"])
+
+
+async def test_log_lines_reach_stdout_masked(tmp_path: Path, relay_factory, session, capsys) -> None:
+    """The relay logs accepted and delivered lines to stdout, with the number masked."""
+    relay = await relay_factory(base_config(tmp_path))
+    status, _ = await relay.post(session, SMS_BODY)
+    assert status == 200
+    await eventually(lambda: relay.relay.dispatcher.activity.delivered == 1, what="delivery")
+    out = capsys.readouterr().out
+    assert "accepted " in out and "delivered " in out
+    assert "to=+86138****8000" in out
+    assert "13800138000" not in out and "验证码" not in out
