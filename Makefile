@@ -49,8 +49,8 @@ install:
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then \
 	  echo "make install: run as root (or stage with DESTDIR=...)" >&2; exit 1; fi
 	$(PYTHON) -m venv $(STAGED)
-	$(STAGED)/bin/pip install --quiet --upgrade pip
-	$(STAGED)/bin/pip install --quiet --upgrade .
+	$(STAGED)/bin/python -m pip install --quiet --upgrade pip
+	$(STAGED)/bin/python -m pip install --quiet --upgrade .
 	@# pip wrote the staging path into the scripts' #! lines; point them at PREFIX.
 	@if [ -n "$(DESTDIR)" ]; then \
 	  find $(STAGED)/bin -maxdepth 1 -type f -exec grep -lI -F '$(STAGED)' {} + \
