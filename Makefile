@@ -4,7 +4,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/dev.toml
 
-.PHONY: run test lint typecheck pytest bench clean
+# `make install` (as root): a venv in PREFIX, the units, and a config if there is none yet.
+# DESTDIR stages everything under another root (packaging, tests); paths inside the
+# installed files are those without DESTDIR.
+PREFIX  ?= /opt/hapsms-relay
+DESTDIR ?=
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/hapsms-relay
+STAGED  := $(DESTDIR)$(PREFIX)
+# /run/systemd/system exists only when systemd is PID 1 (what sd_booted(3) checks).
+SYSTEMD_RUNNING = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
+
+.PHONY: run test lint typecheck pytest bench clean install uninstall
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -33,3 +44,41 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+install:
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then \
+	  echo "make install: run as root (or stage with DESTDIR=...)" >&2; exit 1; fi
+	$(PYTHON) -m venv $(STAGED)
+	$(STAGED)/bin/python -m pip install --quiet --upgrade pip
+	$(STAGED)/bin/python -m pip install --quiet --upgrade .
+	@# pip wrote the staging path into the scripts' #! lines; point them at PREFIX.
+	@if [ -n "$(DESTDIR)" ]; then \
+	  find $(STAGED)/bin -maxdepth 1 -type f -exec grep -lI -F '$(STAGED)' {} + \
+	    | xargs -r sed -i 's|$(STAGED)|$(PREFIX)|g'; fi
+	install -m 0644 README.md $(STAGED)/README.md
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	for unit in hapsms-relay.service hapsms-relay.socket; do \
+	  sed 's|/opt/hapsms-relay|$(PREFIX)|g' systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit && \
+	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit || exit 1; done
+	install -d -m 0755 $(DESTDIR)$(CONFDIR)
+	@# The config holds no secret (those are credentials), so the service user may read it.
+	@if [ -e $(DESTDIR)$(CONFDIR)/config.toml ]; then \
+	  echo "keeping $(CONFDIR)/config.toml"; \
+	else install -m 0644 systemd/config.example.toml $(DESTDIR)$(CONFDIR)/config.toml; fi
+	install -d -m 0700 $(DESTDIR)$(CONFDIR)/credentials
+	@if [ ! -e $(DESTDIR)$(CONFDIR)/credentials/webhook-token ]; then \
+	  (umask 077; $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' \
+	    > $(DESTDIR)$(CONFDIR)/credentials/webhook-token) && \
+	  echo "generated the webhook token: $(CONFDIR)/credentials/webhook-token"; fi
+	$(if $(SYSTEMD_RUNNING),systemctl daemon-reload)
+	@echo "installed hapsms-relay in $(PREFIX); next: see README.md, \"Deploy on a VM\""
+
+# Leaves $(CONFDIR) (config and credentials) and /var/lib/hapsms-relay (the outbox).
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then \
+	  echo "make uninstall: run as root (or with DESTDIR=...)" >&2; exit 1; fi
+	$(if $(SYSTEMD_RUNNING),-systemctl disable --now hapsms-relay.socket hapsms-relay.service)
+	rm -f $(DESTDIR)$(UNITDIR)/hapsms-relay.service $(DESTDIR)$(UNITDIR)/hapsms-relay.socket
+	$(if $(SYSTEMD_RUNNING),systemctl daemon-reload)
+	rm -rf $(STAGED)
+	@echo "kept $(CONFDIR) and /var/lib/hapsms-relay (the outbox)"

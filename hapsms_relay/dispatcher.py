@@ -72,8 +72,13 @@ class Dispatcher:
             self._wakeup.set()
 
     def set_config(self, config: Config) -> None:
-        """Use a new config from the next claim on; deliveries in flight finish as they were."""
+        """Use a new config from the next claim on; deliveries in flight finish as they were.
+
+        Providers get new concurrency limits with it: a delivery round keeps the config and
+        the limits it started with, so old and new providers never share a semaphore.
+        """
         self.config = config
+        self._semaphores = {}
 
     async def stop(self, timeout: float) -> None:
         """Claim nothing more; give deliveries in flight ``timeout`` seconds, then stop them."""
@@ -159,7 +164,7 @@ class Dispatcher:
     # -- one delivery round --------------------------------------------------------------------
 
     async def _deliver(self, entries: list[Entry]) -> None:
-        config = self.config
+        config, semaphores = self.config, self._semaphores
         route = list(config.routes.route(_kind(entries[0]), entries[0].recipient))
         if config.routes.strategy == "random":
             random.shuffle(route)
@@ -169,7 +174,7 @@ class Dispatcher:
             if not pending:
                 break
             provider = config.providers[name]
-            pending = await self._try_provider(provider, pending, attempts)
+            pending = await self._try_provider(provider, pending, attempts, semaphores)
         for e in pending:
             a = attempts[e.id]
             if a.transient is not None:
@@ -179,12 +184,13 @@ class Dispatcher:
                 await self._dead(e, a.unsupported.provider, a.unsupported.reason(), a.unsupported.code)
 
     async def _try_provider(
-        self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt]
+        self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt],
+        semaphores: dict[str, asyncio.Semaphore],
     ) -> list[Entry]:
         """Send through one provider; return the entries the next provider should try."""
         size = max(1, provider.max_batch)
         chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
-        results = await asyncio.gather(*(self._send(provider, c) for c in chunks))
+        results = await asyncio.gather(*(self._send(provider, c, semaphores) for c in chunks))
         carried: list[Entry] = []
         delivered: list[tuple[Entry, float]] = []
         for chunk, (outcomes, elapsed) in zip(chunks, results, strict=True):
@@ -212,13 +218,13 @@ class Dispatcher:
         return carried
 
     async def _send(
-        self, provider: Provider, entries: list[Entry]
+        self, provider: Provider, entries: list[Entry], semaphores: dict[str, asyncio.Semaphore]
     ) -> tuple[Sequence[Outcome], float]:
         """One call to the provider: its outcomes, and how long it took."""
         name = provider.common.name
-        sem = self._semaphores.get(name)
+        sem = semaphores.get(name)
         if sem is None:
-            sem = self._semaphores[name] = asyncio.Semaphore(provider.common.concurrency)
+            sem = semaphores[name] = asyncio.Semaphore(provider.common.concurrency)
         messages = [self._message(e, provider) for e in entries]
         async with sem:
             started = time.monotonic()

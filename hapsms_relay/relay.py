@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections.abc import Iterable
@@ -39,6 +40,10 @@ class Relay:
         self._housekeeping: asyncio.Task[None] | None = None
         self._started = False
         self._background: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._inherited_socket = False
+        self.reload_error = ""
+        self.restart_needed: tuple[str, ...] = ()
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Open the outbox, the providers and the listener (``sock`` if systemd passed one)."""
@@ -64,6 +69,7 @@ class Relay:
         await self.runner.setup()
         s = self.config.server
         site: web.BaseSite
+        self._inherited_socket = sock is not None
         if sock is not None:
             site = web.SockSite(self.runner, sock, backlog=1024)
         else:
@@ -73,14 +79,21 @@ class Relay:
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
         self._started = True
         log.info("listening", address=self.address, path=s.path, version=__version__,
-                 providers=",".join(self.config.providers), undelivered=self.outbox.undelivered)
+                 providers=",".join(self.config.providers), undelivered=self.outbox.undelivered,
+                 inherited_socket="yes" if sock is not None else None)
 
     async def stop(self) -> None:
         """Stop accepting, finish requests and (for a bounded time) deliveries in flight."""
+        async with self._reload_lock:  # a reload in progress finishes first
+            await self._stop()
+
+    async def _stop(self) -> None:
         self.webhook.accepting = False
         if self.runner is not None:
             await self.runner.cleanup()  # closes the listener, waits for requests in flight
         await self.dispatcher.stop(self.config.server.shutdown_timeout)
+        if self._background:  # providers retired by a reload: their deliveries are over now
+            await asyncio.gather(*self._background)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -94,39 +107,87 @@ class Relay:
         self._started = False
 
     async def reload(self, path: str) -> str | None:
-        """Re-read the config and swap it in; on error keep the old one and return the error."""
-        try:
-            new = config.load(path)
-        except ConfigError as exc:
-            log.error("reload_failed", error=str(exc))
-            return str(exc)
-        old = self.config
-        if (new.server.host, new.server.port) != (old.server.host, old.server.port):
-            log.warning("reload_needs_restart", setting="server.listen",
-                        running=old.server.listen, configured=new.server.listen)
-        if new.queue.path != old.queue.path:
-            log.warning("reload_needs_restart", setting="queue.path")
-        assert self.session is not None
-        try:
-            await _open_providers(new.providers.values(), self.session)
-        except Exception as exc:
-            log.error("reload_failed", error=f"opening providers: {exc}")
-            await _close_providers(new.providers.values())
-            return str(exc)
-        self.config = new
-        self.webhook.set_config(new)
-        self.dispatcher.set_config(new)
-        log.LOGGER.setLevel(new.log_level.upper())
-        # Old providers finish what they carry; close them once those deliveries are done.
-        task = asyncio.create_task(self._retire(old))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        log.info("reloaded", providers=",".join(new.providers))
-        return None
+        """Re-read the config and swap it in whole; on error keep the old one and return the error.
+
+        Settings only a restart can change keep their running values and are reported as
+        needing a restart (log and ``status()``), so nothing is ever half-applied.
+        """
+        async with self._reload_lock:
+            if not self._started:
+                return self._reload_failed("the relay has not started yet")
+            try:
+                new = config.load(path)
+            except ConfigError as exc:
+                return self._reload_failed(str(exc))
+            new, restart_needed = self._keep_restart_only(new)
+            assert self.session is not None
+            try:
+                await _open_providers(new.providers.values(), self.session)
+            except Exception as exc:
+                await _close_providers(new.providers.values())
+                return self._reload_failed(f"opening providers: {exc}")
+            old = self.config
+            # One step with no await in it: each request and each delivery round sees the old
+            # config or the new one. Connections stay open; deliveries in flight keep the
+            # providers they started with, which are closed once those deliveries are done.
+            self.config = new
+            self.webhook.set_config(new)
+            self.dispatcher.set_config(new)
+            log.LOGGER.setLevel(new.log_level.upper())
+            self.reload_error = ""
+            self.restart_needed = restart_needed
+            task = asyncio.create_task(self._retire(old))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            log.info("reloaded", providers=",".join(new.providers), tokens=len(new.server.tokens))
+            return None
+
+    def _reload_failed(self, error: str) -> str:
+        log.error("reload_failed", error=error, keeping=self.config.source or "the running config")
+        self.reload_error = error
+        return error
+
+    def _keep_restart_only(self, new: Config) -> tuple[Config, tuple[str, ...]]:
+        """``new`` with the running values of what only a restart changes, and their names."""
+        run = self.config
+        pending: list[tuple[str, object, object]] = []
+        # Under socket activation the socket unit decides where the relay listens.
+        if not self._inherited_socket and new.server.listen != run.server.listen:
+            pending.append(("server.listen", run.server.listen, new.server.listen))
+        if new.server.shutdown_timeout != run.server.shutdown_timeout:
+            pending.append(("server.shutdown_timeout", run.server.shutdown_timeout,
+                            new.server.shutdown_timeout))
+        if new.queue.path != run.queue.path:
+            pending.append(("queue.path", run.queue.path, new.queue.path))
+        for setting, running, configured in pending:
+            log.warning("reload_needs_restart", setting=setting, running=running,
+                        configured=configured)
+        server = dataclasses.replace(new.server, host=run.server.host, port=run.server.port,
+                                     shutdown_timeout=run.server.shutdown_timeout)
+        queue = dataclasses.replace(new.queue, path=run.queue.path)
+        return (dataclasses.replace(new, server=server, queue=queue),
+                tuple(name for name, _, _ in pending))
 
     async def _retire(self, old: Config) -> None:
         await self.dispatcher.drain_current()
         await _close_providers(old.providers.values())
+
+    def status(self) -> str:
+        """One line for systemd's STATUS= (``systemctl status``): state, queue, last error."""
+        if not self._started:
+            return "starting"
+        a = self.dispatcher.activity
+        state = "accepting" if self.webhook.accepting else "stopping"
+        if self.dispatcher.paused:
+            state += " (delivery paused)"
+        parts = [state, f"queue {self.outbox.undelivered} ({a.dead} dead)", f"delivered {a.delivered}"]
+        if a.last_error:
+            parts.append(f"last error: {a.last_error} {_ago(time.time() - a.last_error_at)} ago")
+        if self.reload_error:
+            parts.append(f"reload failed, old config in force: {self.reload_error}")
+        if self.restart_needed:
+            parts.append(f"restart needed for {', '.join(self.restart_needed)}")
+        return "; ".join(parts)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         ok = self._started and self.webhook.accepting
@@ -160,6 +221,13 @@ async def _close_providers(providers: Iterable[Provider]) -> None:
             await p.close()
         except Exception as exc:
             log.warning("provider_close_failed", provider=p.common.name, error=repr(exc))
+
+
+def _ago(seconds: float) -> str:
+    s = max(int(seconds), 0)
+    if s < 120:
+        return f"{s}s"
+    return f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
 
 
 def _address(runner: web.BaseRunner) -> str:
