@@ -262,10 +262,7 @@ class Dispatcher:
     async def _retry(self, e: Entry, err: TransientError) -> None:
         q = self.config.queue
         now = time.time()
-        ceiling = min(q.retry_max, q.retry_base * 2 ** max(e.attempts - 1, 0))
-        delay = random.uniform(q.retry_base, max(q.retry_base, ceiling))
-        if err.retry_after is not None:
-            delay = max(delay, min(err.retry_after, q.retry_max))
+        delay = backoff(e.attempts, q.retry_base, q.retry_max, err.retry_after)
         due = now + delay
         if due >= e.expires:
             await self._dead(
@@ -299,6 +296,18 @@ class Dispatcher:
     @property
     def inflight(self) -> int:
         return self._inflight_entries
+
+
+def backoff(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): full jitter between
+    ``base`` and ``base * 2**(attempt - 1)`` capped at ``cap``, and never less than the
+    provider's ``retry_after`` (itself capped at ``cap``)."""
+    # The exponent is bounded: a long TTL allows thousands of attempts, and 2.0**1024 overflows.
+    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 64))
+    delay = random.uniform(base, max(base, ceiling))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
 
 
 def make_message(e: Entry, provider: Provider, voice_fallback_text: str) -> Message:
