@@ -13,9 +13,7 @@ import orjson
 import pytest
 
 from tests.fakes import FakeAPI
-from tests.helpers import AUTH, SMS_BODY, TOKEN, base_config, eventually
-
-TOKEN2 = "rotated-token-81a9"
+from tests.helpers import AUTH, SMS_BODY, TOKEN, TOKEN2, base_config, eventually
 
 
 def _body(data: dict[str, Any], kind: Any = 1) -> bytes:
