@@ -81,14 +81,14 @@ class Dispatcher:
         self._wakeup.set()
         if self._task is not None:
             await self._task
-        tasks = list(self._inflight)
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=timeout)
+        claimed = dict(self._inflight)  # a task's ids leave _inflight once it is done
+        if claimed:
+            _, late = await asyncio.wait(claimed, timeout=timeout)
             for t in late:
                 t.cancel()
             if late:
                 await asyncio.wait(late)
-                ids = [i for t in late for i in self._inflight.get(t, [])]
+                ids = [i for t in late for i in claimed[t]]
                 log.warning("shutdown_cut_deliveries", count=len(ids))
                 with contextlib.suppress(StorageError):
                     await self.outbox.release(ids)
