@@ -6,6 +6,8 @@ answer, 404 and 405 included, is the relay's JSON and nothing is routed twice.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -57,6 +59,9 @@ class Webhook:
         self.notify = notify
         self.ready = ready
         self.accepting = True
+        self.handling = 0  # requests being handled now
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -69,7 +74,22 @@ class Webhook:
         # Compare digests: constant time whatever the length of what the client sent.
         self.token_digests = tuple(hashlib.sha256(t.reveal().encode()).digest() for t in s.tokens)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until no request is being handled."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.handling += 1
+        self._idle.clear()
+        try:
+            return await self._handle(request)
+        finally:
+            self.handling -= 1
+            if not self.handling:
+                self._idle.set()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             if request.path == self.path:
                 response: web.StreamResponse = await self.webhook(request)
