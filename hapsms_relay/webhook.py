@@ -27,6 +27,7 @@ from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
 
 JSON = "application/json"
 _SIGNATURE_BRACKETS = (("【", "】"), ("[", "]"))
+_PROBES = frozenset(("/healthz", "/readyz", "/metrics"))
 
 
 class BadRequest(Exception):
@@ -93,7 +94,7 @@ class Webhook:
         try:
             if request.path == self.path:
                 response: web.StreamResponse = await self.webhook(request)
-            elif request.path in ("/healthz", "/readyz", "/metrics"):
+            elif request.path in _PROBES:
                 response = self.probe(request)
             else:
                 raise BadRequest(404, "not_found", f"no endpoint at {request.path}; "
@@ -103,7 +104,8 @@ class Webhook:
         except Exception:  # a bug: answer in JSON, keep serving, log the traceback
             log.LOGGER.exception("internal_error path=%s", request.path)
             response = error_response(500, "internal_error", "the relay failed; see its log")
-        self.metrics.request(response.status)
+        if request.path not in _PROBES:  # a scrape every 15 s would drown HAP's requests
+            self.metrics.request(response.status)
         return response
 
     # -- POST {path} -----------------------------------------------------------------------
