@@ -54,6 +54,15 @@ async def fake_api() -> AsyncIterator[FakeAPI]:
 
 
 @pytest.fixture
+async def second_api() -> AsyncIterator[FakeAPI]:
+    """Another fake API, for failover between two providers."""
+    api = FakeAPI()
+    await api.start()
+    yield api
+    await api.stop()
+
+
+@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s

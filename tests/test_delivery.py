@@ -3,8 +3,6 @@ the random strategy, TTL, dead-lettering, voice fallback and per-provider concur
 
 from __future__ import annotations
 
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +23,7 @@ from tests.helpers import (
     outbox_rows,
     write_config,
 )
-
-
-@pytest.fixture
-async def second_api() -> AsyncIterator[FakeAPI]:
-    api = FakeAPI()
-    await api.start()
-    yield api
-    await api.stop()
+from tests.process import run_cli
 
 
 def _doc(tmp_path: Path, providers: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
@@ -180,23 +171,11 @@ async def test_permanent_failure_is_dead_with_the_providers_words(
     assert relay.relay.outbox.undelivered == 0
 
     config = write_config(tmp_path, doc)
-    proc = await _cli("queue", "list", "--dead", "--config", str(config))
+    proc = await run_cli("queue", "list", "--dead", "--config", str(config))
     assert proc[0] == 0
     (line,) = proc[1].splitlines()
     assert f"id={answer['ids'][0]}" in line and "state=dead" in line and "+86138****8000" in line
     assert reason.replace('"', "") in line.replace('"', "").replace("\\", "")
-
-
-async def _cli(*args: str) -> tuple[int, str, str]:
-    import asyncio
-
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hapsms_relay", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_ttl_makes_an_entry_dead(
