@@ -86,14 +86,14 @@ class Dispatcher:
         self._wakeup.set()
         if self._task is not None:
             await self._task
-        tasks = list(self._inflight)
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=timeout)
+        claimed = dict(self._inflight)  # a task's ids leave _inflight once it is done
+        if claimed:
+            _, late = await asyncio.wait(claimed, timeout=timeout)
             for t in late:
                 t.cancel()
             if late:
                 await asyncio.wait(late)
-                ids = [i for t in late for i in self._inflight.get(t, [])]
+                ids = [i for t in late for i in claimed[t]]
                 log.warning("shutdown_cut_deliveries", count=len(ids))
                 with contextlib.suppress(StorageError):
                     await self.outbox.release(ids)
@@ -268,11 +268,7 @@ class Dispatcher:
     async def _retry(self, e: Entry, err: TransientError) -> None:
         q = self.config.queue
         now = time.time()
-        ceiling = min(q.retry_max, q.retry_base * 2 ** max(e.attempts - 1, 0))
-        delay = random.uniform(q.retry_base, max(q.retry_base, ceiling))
-        if err.retry_after is not None:
-            # The provider's own word wins over retry_max; the TTL below still bounds it.
-            delay = max(delay, err.retry_after)
+        delay = backoff(e.attempts, q.retry_base, q.retry_max, err.retry_after)
         due = now + delay
         if due >= e.expires:
             await self._dead(
@@ -306,6 +302,18 @@ class Dispatcher:
     @property
     def inflight(self) -> int:
         return self._inflight_entries
+
+
+def backoff(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): full jitter between
+    ``base`` and ``base * 2**(attempt - 1)`` capped at ``cap``, and never less than the
+    provider's ``retry_after``: its own word wins over ``cap`` (the TTL still bounds it)."""
+    # The exponent is bounded: a long TTL allows thousands of attempts, and 2.0**1024 overflows.
+    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 64))
+    delay = random.uniform(base, max(base, ceiling))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
 
 
 def make_message(e: Entry, provider: Provider, voice_fallback_text: str) -> Message:

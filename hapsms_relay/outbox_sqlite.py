@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 import queue
 import sqlite3
 import threading
@@ -57,7 +58,8 @@ _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
 class SQLiteOutbox:
-    """``Outbox`` on a local SQLite file. One process owns the file (an flock enforces it)."""
+    """``Outbox`` on a local SQLite file. One process owns the file (an flock enforces it);
+    ``exclusive=False`` opens an existing outbox beside its owner (the ``queue`` commands)."""
 
     def __init__(self, path: str, *, busy_timeout: float = 5.0, exclusive: bool = True) -> None:
         self.path = path
@@ -80,11 +82,11 @@ class SQLiteOutbox:
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         path = Path(self.path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
         if self._exclusive:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
             self._lock()
         self._thread = threading.Thread(target=self._run, name="hapsms-outbox", daemon=True)
         self._thread.start()
@@ -190,6 +192,11 @@ class SQLiteOutbox:
     # -- operations, run on the writer thread ----------------------------------------------
 
     def _op_open(self) -> tuple[int, int]:
+        if not self._exclusive and not os.path.exists(self.path):
+            # A tool (queue stats...) must not create an outbox the relay would then find
+            # owned by another user.
+            raise StorageError(f"there is no outbox at {self.path} (queue.path) yet; the "
+                               "relay creates it when it starts")
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -216,8 +223,11 @@ class SQLiteOutbox:
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            # Entries a dead process had claimed: deliver them again (at least once).
-            conn.execute("UPDATE messages SET state = 0 WHERE state = 1")
+            # Entries a dead process had claimed: deliver them again (at least once). Only
+            # the owner may: a tool opening the outbox of a running relay would otherwise
+            # make its deliveries in flight due again, and send them twice.
+            if self._exclusive:
+                conn.execute("UPDATE messages SET state = 0 WHERE state = 1")
             max_id = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
             undelivered = conn.execute(
                 "SELECT count(*) FROM messages WHERE state = 0"

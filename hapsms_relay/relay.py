@@ -90,7 +90,14 @@ class Relay:
     async def _stop(self) -> None:
         self.webhook.accepting = False
         if self.runner is not None:
-            await self.runner.cleanup()  # closes the listener, waits for requests in flight
+            # Close the listener, then let requests in flight finish while their connections
+            # are still open: aiohttp's own shutdown ignores whatever a client sends after it
+            # began, so a body still arriving would never complete. Requests that arrive on a
+            # kept-alive connection meanwhile get 503 shutting_down.
+            for site in list(self.runner.sites):
+                await site.stop()
+            await self.webhook.drain(self.config.server.shutdown_timeout)
+            await self.runner.cleanup()
         await self.dispatcher.stop(self.config.server.shutdown_timeout)
         if self._background:  # providers retired by a reload: their deliveries are over now
             await asyncio.gather(*self._background)

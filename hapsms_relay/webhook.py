@@ -6,6 +6,8 @@ answer, 404 and 405 included, is the relay's JSON and nothing is routed twice.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -25,6 +27,7 @@ from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
 
 JSON = "application/json"
 _SIGNATURE_BRACKETS = (("【", "】"), ("[", "]"))
+_PROBES = frozenset(("/healthz", "/readyz", "/metrics"))
 
 
 class BadRequest(Exception):
@@ -57,6 +60,9 @@ class Webhook:
         self.notify = notify
         self.ready = ready
         self.accepting = True
+        self.handling = 0  # requests being handled now
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -69,11 +75,26 @@ class Webhook:
         # Compare digests: constant time whatever the length of what the client sent.
         self.token_digests = tuple(hashlib.sha256(t.reveal().encode()).digest() for t in s.tokens)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until no request is being handled."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.handling += 1
+        self._idle.clear()
+        try:
+            return await self._handle(request)
+        finally:
+            self.handling -= 1
+            if not self.handling:
+                self._idle.set()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             if request.path == self.path:
                 response: web.StreamResponse = await self.webhook(request)
-            elif request.path in ("/healthz", "/readyz", "/metrics"):
+            elif request.path in _PROBES:
                 response = self.probe(request)
             else:
                 raise BadRequest(404, "not_found", f"no endpoint at {request.path}; "
@@ -83,7 +104,8 @@ class Webhook:
         except Exception:  # a bug: answer in JSON, keep serving, log the traceback
             log.LOGGER.exception("internal_error path=%s", request.path)
             response = error_response(500, "internal_error", "the relay failed; see its log")
-        self.metrics.request(response.status)
+        if request.path not in _PROBES:  # a scrape every 15 s would drown HAP's requests
+            self.metrics.request(response.status)
         return response
 
     # -- POST {path} -----------------------------------------------------------------------

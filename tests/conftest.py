@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import uvloop
 
 from hapsms_relay import log
 from tests.fakes import FakeAPI
-from tests.helpers import RunningRelay, start_relay
+from tests.helpers import RunningRelay, leaked, start_relay
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -20,14 +21,41 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
+class _CurrentStdout:
+    """Whatever ``sys.stdout`` is at the moment: pytest swaps it between test phases."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
 @pytest.fixture(autouse=True)
-def _relay_logging(capsys: pytest.CaptureFixture[str]) -> None:
-    """The relay logs to stdout as in production; tests read it through capsys."""
-    log.setup("debug")
+def _relay_logging(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """The relay logs to stdout as in production, at debug level; after each test its whole
+    log is checked: no secret of the suite and no unmasked phone number in any line."""
+    log.setup("debug", stream=_CurrentStdout())  # type: ignore[arg-type]
+    yield
+    out = capsys.readouterr().out
+    leaks = [line for line in out.splitlines() if leaked(line)]
+    assert not leaks, f"secret or unmasked number in the relay's log: {leaks[:3]}"
 
 
 @pytest.fixture
 async def fake_api() -> AsyncIterator[FakeAPI]:
+    api = FakeAPI()
+    await api.start()
+    yield api
+    await api.stop()
+
+
+@pytest.fixture
+async def second_api() -> AsyncIterator[FakeAPI]:
+    """Another fake API, for failover between two providers."""
     api = FakeAPI()
     await api.start()
     yield api

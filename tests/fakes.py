@@ -4,6 +4,7 @@ can be told to fail. The relay's real client talks to them; nothing is mocked.""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ class Recorded:
     query: dict[str, str]
     headers: CIMultiDict[str]
     body: bytes
+    at: float  # time.time() when the request arrived
 
     def json(self) -> Any:
         import orjson
@@ -55,7 +57,8 @@ class FakeAPI:
 
     ``script`` is consumed one action per request; when it is empty, ``respond`` decides
     (by default: 200 ``{"ok": true}``). ``delay`` slows every answer down. ``requests`` has
-    every request received; ``accepted`` those answered with a 2xx.
+    every request received; ``accepted`` those answered with a 2xx; ``max_inflight`` is the
+    most requests it was handling at once.
     """
 
     def __init__(self, respond: Responder | None = None) -> None:
@@ -64,6 +67,8 @@ class FakeAPI:
         self.script: deque[Action] = deque()
         self.respond = respond
         self.delay = 0.0
+        self.inflight = 0
+        self.max_inflight = 0
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -83,8 +88,16 @@ class FakeAPI:
             await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.inflight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         rec = Recorded(request.method, request.path, dict(request.query),
-                       CIMultiDict(request.headers), await request.read())
+                       CIMultiDict(request.headers), await request.read(), time.time())
         self.requests.append(rec)
         if self.script:
             action: Action = self.script.popleft()

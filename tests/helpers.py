@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import socket
+import sqlite3
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,6 +20,19 @@ from hapsms_relay.relay import Relay
 
 TOKEN = "test-token-5f2c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TOKEN2 = "rotated-token-81a9"
+API_KEY = "api-key-c0ffee-7e1d"
+#: Every secret the suite configures: none may appear in any log line the suite produces.
+SECRETS = (TOKEN, TOKEN2, API_KEY, "env-secret-3a1b", "file-secret-77d0", "cred-secret-9e42",
+           "k-123")
+# A phone number unmasked: E.164, or a bare CN mobile (ids are 16 digits, not matched).
+_NUMBER = re.compile(r"\+\d{7,}|(?<!\d)1[3-9]\d{9}(?!\d)")
+
+
+def leaked(line: str) -> bool:
+    """Whether a log line shows a secret of the suite or a phone number in full."""
+    return any(s in line for s in SECRETS) or _NUMBER.search(line) is not None
+
 SMS_BODY = {"Type": 1, "Data": {"Mobiles": ["13800138000"], "Message": "您的验证码是123456，感谢您的使用！",
                                 "Signature": "明道云"}}
 VOICE_BODY = {"Type": 2, "Data": {"Mobile": "13800138000", "Code": "123456"}}
@@ -74,6 +90,19 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         else:
             doc[name] = value
     return doc
+
+
+def http_provider(name: str, url: str, **settings: Any) -> dict[str, Any]:
+    """A generic ``http`` provider posting ``{"to", "text", "ref"}`` as JSON to ``url``."""
+    return {"name": name, "type": "http", "url": url + "/send",
+            "body": {"to": "{to}", "text": "{message}", "ref": "{id}"}, **settings}
+
+
+def outbox_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Every outbox row, read through a read-only connection of its own (what is on disk)."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM messages ORDER BY id")]
 
 
 def write_config(tmp_path: Path, doc: Mapping[str, Any], name: str = "config.toml") -> Path:

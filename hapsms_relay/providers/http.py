@@ -23,7 +23,7 @@ from hapsms_relay.providers.base import (
     check_template,
     classify_http_status,
 )
-from hapsms_relay.secret import Secret, reveal
+from hapsms_relay.secret import Secret
 from hapsms_relay.table import Table
 
 PLACEHOLDERS = ("to", "to_national", "message", "signature", "code", "id")
@@ -34,7 +34,7 @@ _TEXT_LIMIT = 300
 class HttpProvider(BaseProvider):
     url: str = ""
     method: str = "POST"
-    headers: Mapping[str, str | Secret] = field(default_factory=dict)
+    headers: Mapping[str, Secret] = field(default_factory=dict)
     body_format: str = "json"
     body: object = None
     query: Mapping[str, str] = field(default_factory=dict)
@@ -55,12 +55,13 @@ class HttpProvider(BaseProvider):
         if not url.startswith(("http://", "https://")):
             raise t.error("url", "must start with http:// or https://")
         method = t.choice("method", ("POST", "PUT", "GET"), "POST")
-        headers: dict[str, str | Secret] = {}
+        headers: dict[str, Secret] = {}
         if t.has("headers"):
             ht = t.table("headers")
-            for name, value in ht.data.items():
-                headers[name] = value if isinstance(value, str) else ht.secret(name)
-                ht.raw(name)
+            # Every value is kept as a Secret, inline strings too: headers are where APIs
+            # take their credentials, and a Secret keeps them out of repr and logs.
+            for name in list(ht.data):
+                headers[name] = ht.secret(name)
             ht.done()
         body_format = t.choice("body_format", ("json", "form", "none"), "json")
         body = t.raw("body", None)
@@ -107,7 +108,7 @@ class HttpProvider(BaseProvider):
     async def send_one(self, message: Message) -> None:
         values = self._values(message)
         kwargs: dict[str, object] = {
-            "headers": {k: reveal(v) for k, v in self.headers.items()},
+            "headers": {k: v.reveal() for k, v in self.headers.items()},
             "timeout": aiohttp.ClientTimeout(total=self.common.timeout),
         }
         if self.query:

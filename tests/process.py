@@ -1,0 +1,106 @@
+"""The relay as a subprocess, as systemd runs it: ``python -m hapsms_relay serve``.
+
+Its stdout is read line by line in the background (every line kept, for the log checks),
+and the address comes from its ``listening address=`` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from tests.helpers import eventually, leaked
+
+
+async def run_cli(*args: str, env: Mapping[str, str] | None = None,
+                  cwd: Path | None = None) -> tuple[int, str, str]:
+    """Run ``python -m hapsms_relay ARGS`` to completion: exit status, stdout, stderr.
+    Whatever it printed is checked for secrets and unmasked numbers."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hapsms_relay", *args, env={**os.environ, **(env or {})}, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    check_output(out.decode() + err.decode(), allow_numbers=args[:1] == ("send",))
+    return proc.returncode, out.decode(), err.decode()
+
+
+def check_output(text: str, *, allow_numbers: bool = False) -> None:
+    """No secret of the suite in ``text``, nor (unless allowed) a phone number in full."""
+    from tests.helpers import SECRETS
+
+    bad = [line for line in text.splitlines()
+           if (leaked(line) if not allow_numbers else any(s in line for s in SECRETS))]
+    assert not bad, f"secret or unmasked number in the output: {bad[:3]}"
+
+
+class RelayProcess:
+    """``hapsms-relay serve --config PATH`` in a subprocess; ``lines`` is its stdout so far."""
+
+    def __init__(self, config: Path, env: Mapping[str, str] | None = None,
+                 args: Sequence[str] = ()) -> None:
+        self.config = config
+        self.env = {**os.environ, **(env or {})}
+        self.args = list(args)
+        self.lines: list[str] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self.address = ""
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    async def start(self) -> RelayProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hapsms_relay", "serve", "--config", str(self.config),
+            *self.args, env=self.env, cwd=self.config.parent,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._read())
+        await eventually(lambda: bool(self.address) or self.proc is None
+                         or self.proc.returncode is not None, what="the listening line")
+        assert self.address, f"the relay did not start: {self.lines}"
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            if not self.address and "listening address=" in line:
+                self.address = line.split("listening address=", 1)[1].split()[0]
+
+    def saw(self, event: str) -> bool:
+        """Whether a log line for ``event`` (its first word, after the priority) was printed."""
+        return any(line.split(">", 1)[-1].split(" ", 1)[0] == event for line in self.lines)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        """The exit status, once the process has exited and its output is read; checks that
+        output for secrets and unmasked numbers."""
+        assert self.proc is not None and self._reader is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        check_output("\n".join(self.lines))
+        return code
+
+    async def stop(self) -> None:
+        """SIGTERM if still running, then reap (test teardown)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            await self._reader

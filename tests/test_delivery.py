@@ -1,0 +1,302 @@
+"""Delivery against fake provider APIs that fail: retry, backoff, Retry-After, failover,
+the random strategy, TTL, dead-lettering, voice fallback and per-provider concurrency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hapsms_relay.dispatcher import backoff
+from hapsms_relay.outbox import State
+from tests.fakes import Action, FakeAPI, Hang, Reply, Reset
+from tests.helpers import (
+    SMS_BODY,
+    VOICE_BODY,
+    base_config,
+    eventually,
+    http_provider,
+    outbox_rows,
+    write_config,
+)
+from tests.process import run_cli
+
+
+def _doc(tmp_path: Path, providers: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+    names = [p["name"] for p in providers]
+    routes = {"sms": names, "voice": names, **sections.pop("routes", {})}
+    return base_config(tmp_path, providers=providers, routes=routes, **sections)
+
+
+def _state(tmp_path: Path) -> list[State]:
+    return [State(r["state"]) for r in outbox_rows(tmp_path / "outbox.db")]
+
+
+TRANSIENT: list[tuple[str, Action, str]] = [
+    ("500", Reply(500, {"error": "boom"}), "http_500"),
+    ("503", Reply(503, "busy"), "http_503"),
+    ("408", Reply(408, "slow"), "http_408"),
+    ("429 with Retry-After", Reply(429, "slow down", {"Retry-After": "1"}), "http_429"),
+    ("hang past the timeout", Hang(30), ""),
+    ("connection reset", Reset(), ""),
+]
+
+
+@pytest.mark.parametrize(("action", "code"), [(a, c) for _, a, c in TRANSIENT],
+                         ids=[i for i, _, _ in TRANSIENT])
+async def test_transient_failure_is_retried(
+    action: Action, code: str, tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession,
+    fake_api: FakeAPI,
+) -> None:
+    """A transient failure of the only provider is retried until the provider accepts."""
+    fake_api.script.append(action)
+    doc = _doc(tmp_path, [http_provider("api", fake_api.url, timeout="300ms")],
+               queue={"retry_base": "10ms", "retry_max": "50ms"})
+    relay = await relay_factory(doc)
+    status, answer = await relay.post(session, SMS_BODY)
+    assert status == 200
+    await eventually(lambda: len(fake_api.accepted) == 1, what="delivery after the retry")
+    assert len(fake_api.requests) == 2
+    assert fake_api.accepted[0].json()["ref"] == answer["ids"][0]
+    await eventually(lambda: _state(tmp_path) == [State.DELIVERED], what="the entry delivered")
+    (row,) = outbox_rows(tmp_path / "outbox.db")
+    assert row["attempts"] == 2 and row["provider"] == "api"
+    assert code in row["error"]  # the failure is kept on the delivered row
+    assert row["error"].startswith("api ")
+
+
+@pytest.mark.parametrize(("action", "code"), [(a, c) for _, a, c in TRANSIENT],
+                         ids=[i for i, _, _ in TRANSIENT])
+async def test_transient_failure_fails_over(
+    action: Action, code: str, tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession,
+    fake_api: FakeAPI, second_api: FakeAPI,
+) -> None:
+    """A transient failure of the first provider hands the message to the second at once."""
+    fake_api.script.append(action)
+    doc = _doc(tmp_path, [http_provider("first", fake_api.url, timeout="300ms"),
+                          http_provider("second", second_api.url)],
+               queue={"retry_base": "1h", "retry_max": "1h"})  # a retry would never come in time
+    relay = await relay_factory(doc)
+    status, answer = await relay.post(session, SMS_BODY)
+    assert status == 200
+    await eventually(lambda: _state(tmp_path) == [State.DELIVERED], what="delivery via failover")
+    assert len(fake_api.requests) == 1 and not fake_api.accepted
+    assert [r.json()["ref"] for r in second_api.accepted] == answer["ids"]
+    (row,) = outbox_rows(tmp_path / "outbox.db")
+    assert row["attempts"] == 1 and row["provider"] == "second"
+
+
+async def test_retry_after_is_honoured(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI
+) -> None:
+    """After a 429 with ``Retry-After: 30`` the entry is not due again for 30 seconds."""
+    fake_api.script.append(Reply(429, "slow down", {"Retry-After": "30"}))
+    doc = _doc(tmp_path, [http_provider("api", fake_api.url)],
+               queue={"retry_base": "10ms", "retry_max": "60s"})
+    relay = await relay_factory(doc)
+    assert (await relay.post(session, SMS_BODY))[0] == 200
+    await eventually(lambda: outbox_rows(tmp_path / "outbox.db")[0]["error"] != "",
+                     what="the retry scheduled")
+    (row,) = outbox_rows(tmp_path / "outbox.db")
+    assert State(row["state"]) == State.PENDING and "http_429" in row["error"]
+    assert row["due"] - fake_api.requests[0].at >= 30
+    assert len(fake_api.requests) == 1
+
+
+async def test_first_retry_waits_retry_base(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI
+) -> None:
+    """The first retry after a 500 is due ``retry_base`` later (no provider hint given)."""
+    fake_api.script.append(Reply(500, "boom"))
+    doc = _doc(tmp_path, [http_provider("api", fake_api.url)],
+               queue={"retry_base": "20s", "retry_max": "60s"})
+    relay = await relay_factory(doc)
+    assert (await relay.post(session, SMS_BODY))[0] == 200
+    await eventually(lambda: outbox_rows(tmp_path / "outbox.db")[0]["error"] != "",
+                     what="the retry scheduled")
+    (row,) = outbox_rows(tmp_path / "outbox.db")
+    assert row["due"] - fake_api.requests[0].at >= 20
+    assert row["due"] - row["updated"] <= 20
+
+
+@given(attempt=st.integers(min_value=1, max_value=10**6),
+       base=st.floats(min_value=0.001, max_value=60),
+       cap_factor=st.floats(min_value=1, max_value=1000),
+       retry_after=st.none() | st.floats(min_value=0, max_value=10**6))
+def test_backoff_stays_in_bounds(attempt: int, base: float, cap_factor: float,
+                                 retry_after: float | None) -> None:
+    """Backoff is within [retry_base, min(retry_max, base * 2**(attempt-1))], or exactly the
+    provider's Retry-After when that is longer, and never overflows however many attempts."""
+    cap = base * cap_factor
+    delay = backoff(attempt, base, cap, retry_after)
+    ceiling = min(cap, base * 2.0 ** min(attempt - 1, 64))
+    assert base <= delay <= max(ceiling, retry_after or 0)
+    if retry_after is not None:
+        assert delay >= retry_after
+
+
+PERMANENT: list[tuple[str, Reply, dict[str, Any], str]] = [
+    ("400", Reply(400, '{"code":"E_NUMBER","msg":"invalid recipient"}'), {},
+     'api http_400: {"code":"E_NUMBER","msg":"invalid recipient"}'),
+    ("401", Reply(401, "bad credentials"), {}, "api http_401: bad credentials"),
+    ("success_field mismatch", Reply(200, '{"status":"9","why":"blocked"}'),
+     {"success_field": "status", "success_value": "0"}, 'api rejected: {"status":"9","why":"blocked"}'),
+    ("success_regex mismatch", Reply(200, "ERR 17"), {"success_regex": "^OK"}, "api rejected: ERR 17"),
+]
+
+
+@pytest.mark.parametrize(("reply", "settings", "reason"), [p[1:] for p in PERMANENT],
+                         ids=[p[0] for p in PERMANENT])
+async def test_permanent_failure_is_dead_with_the_providers_words(
+    reply: Reply, settings: dict[str, Any], reason: str, tmp_path: Path, relay_factory: Any,
+    session: aiohttp.ClientSession, fake_api: FakeAPI, second_api: FakeAPI,
+) -> None:
+    """A permanent refusal is dead at once, with no retry and no failover, keeping the
+    provider's code and text as the reason, which ``queue list --dead`` shows."""
+    fake_api.script.append(reply)
+    doc = _doc(tmp_path, [http_provider("api", fake_api.url, **settings),
+                          http_provider("second", second_api.url)],
+               queue={"retry_base": "10ms", "retry_max": "50ms"})
+    relay = await relay_factory(doc)
+    status, answer = await relay.post(session, SMS_BODY)
+    assert status == 200
+    await eventually(lambda: _state(tmp_path) == [State.DEAD], what="the entry dead")
+    (row,) = outbox_rows(tmp_path / "outbox.db")
+    assert (row["provider"], row["error"], row["attempts"]) == ("api", reason, 1)
+    assert len(fake_api.requests) == 1 and not second_api.requests
+    assert relay.relay.outbox.undelivered == 0
+
+    config = write_config(tmp_path, doc)
+    proc = await run_cli("queue", "list", "--dead", "--config", str(config))
+    assert proc[0] == 0
+    (line,) = proc[1].splitlines()
+    assert f"id={answer['ids'][0]}" in line and "state=dead" in line and "+86138****8000" in line
+    assert reason.replace('"', "") in line.replace('"', "").replace("\\", "")
+
+
+async def test_ttl_makes_an_entry_dead(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI
+) -> None:
+    """A message the provider keeps refusing transiently is dead once its TTL has passed,
+    with the last failure in the reason."""
+    fake_api.respond = lambda rec: Reply(503, "maintenance")
+    doc = _doc(tmp_path, [http_provider("api", fake_api.url)],
+               queue={"ttl": "300ms", "retry_base": "20ms", "retry_max": "50ms"})
+    relay = await relay_factory(doc)
+    assert (await relay.post(session, SMS_BODY))[0] == 200
+    await eventually(lambda: _state(tmp_path) == [State.DEAD], what="the entry dead")
+    (row,) = outbox_rows(tmp_path / "outbox.db")
+    assert row["error"].startswith("expired")
+    assert "api http_503: maintenance" in row["error"]
+    assert len(fake_api.requests) >= 1 and not fake_api.accepted
+    count = len(fake_api.requests)
+    # dead means dead: another message goes through and the dead one is never tried again
+    fake_api.respond = None
+    assert (await relay.post(session, SMS_BODY))[0] == 200
+    await eventually(lambda: len(fake_api.accepted) == 1, what="the next message delivered")
+    assert len(fake_api.requests) == count + 1
+
+
+async def test_all_providers_failing_transiently_retries_through_the_route(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI,
+    second_api: FakeAPI,
+) -> None:
+    """When every provider fails transiently the entry is retried later, again from the first."""
+    fake_api.script.append(Reply(500, "a down"))
+    second_api.script.append(Reply(502, "b down"))
+    doc = _doc(tmp_path, [http_provider("a", fake_api.url), http_provider("b", second_api.url)],
+               queue={"retry_base": "10ms", "retry_max": "50ms"})
+    relay = await relay_factory(doc)
+    assert (await relay.post(session, SMS_BODY))[0] == 200
+    await eventually(lambda: _state(tmp_path) == [State.DELIVERED], what="delivery on retry")
+    assert (len(fake_api.requests), len(second_api.requests)) == (2, 1)
+    (row,) = outbox_rows(tmp_path / "outbox.db")
+    assert (row["provider"], row["attempts"]) == ("a", 2)
+
+
+async def test_random_strategy_spreads_and_still_fails_over(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI,
+    second_api: FakeAPI,
+) -> None:
+    """``strategy = "random"`` starts each body with either provider, and a failing one still
+    fails over to the other (each assertion fails by chance with probability 2**-39)."""
+    doc = _doc(tmp_path, [http_provider("a", fake_api.url), http_provider("b", second_api.url)],
+               routes={"strategy": "random"})
+    relay = await relay_factory(doc)
+
+    async def post_40() -> None:
+        for i in range(40):
+            body = {"Type": 1, "Data": {"Mobiles": [f"1380013{i:04d}"], "Message": "m"}}
+            assert (await relay.post(session, body))[0] == 200
+
+    await post_40()
+    await eventually(lambda: len(fake_api.accepted) + len(second_api.accepted) == 40,
+                     what="40 deliveries")
+    assert fake_api.accepted and second_api.accepted
+
+    fake_api.respond = lambda rec: Reply(500, "down")
+    await post_40()
+    await eventually(lambda: len(second_api.accepted) == 80 - len(fake_api.accepted),
+                     what="40 more deliveries, all through b")
+    tried_a_first = len(fake_api.requests) - len(fake_api.accepted)
+    assert 0 < tried_a_first < 40  # a was first for some bodies, and they failed over to b
+
+
+async def test_random_strategy_keeps_a_body_together(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI,
+    second_api: FakeAPI,
+) -> None:
+    """Under ``random`` the recipients of one body share one provider order (for batching)."""
+    doc = _doc(tmp_path, [http_provider("a", fake_api.url), http_provider("b", second_api.url)],
+               routes={"strategy": "random"})
+    relay = await relay_factory(doc)
+    many = {"Type": 1, "Data": {"Mobiles": [f"1380013{i:04d}" for i in range(20)], "Message": "m"}}
+    assert (await relay.post(session, many))[0] == 200
+    await eventually(lambda: len(fake_api.accepted) + len(second_api.accepted) == 20,
+                     what="20 deliveries")
+    assert sorted([len(fake_api.accepted), len(second_api.accepted)]) == [0, 20]
+
+
+@pytest.mark.parametrize(("voice", "text"), [(False, "Your code: 123456"), (True, "123456")],
+                         ids=["provider without voice", "provider with voice"])
+async def test_voice_code_falls_back_to_sms_text(
+    voice: bool, text: str, tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession,
+    fake_api: FakeAPI,
+) -> None:
+    """A voice code goes to a provider without voice as an SMS with ``voice_fallback_text``;
+    a provider with voice gets the code itself."""
+    provider = http_provider("api", fake_api.url, voice=voice)
+    if voice:
+        provider["body"] = {"to": "{to}", "text": "{code}", "ref": "{id}"}
+    doc = _doc(tmp_path, [provider], routes={"voice_fallback_text": "Your code: {code}"})
+    relay = await relay_factory(doc)
+    status, answer = await relay.post(session, VOICE_BODY)
+    assert status == 200
+    await eventually(lambda: len(fake_api.accepted) == 1, what="the voice code delivered")
+    assert fake_api.accepted[0].json() == {"to": "+8613800138000", "text": text,
+                                           "ref": answer["ids"][0]}
+
+
+async def test_provider_concurrency_limit_is_honoured(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI,
+    second_api: FakeAPI,
+) -> None:
+    """No provider is sent more requests at once than its ``concurrency`` setting."""
+    fake_api.delay = second_api.delay = 0.1
+    doc = _doc(tmp_path, [http_provider("a", fake_api.url, concurrency=2),
+                          http_provider("b", second_api.url, concurrency=5)],
+               routes={"sms": ["a"], "voice": ["b"]})
+    relay = await relay_factory(doc)
+    many = {"Type": 1, "Data": {"Mobiles": [f"1380013{i:04d}" for i in range(12)], "Message": "m"}}
+    assert (await relay.post(session, many))[0] == 200
+    for i in range(15):
+        voice = {"Type": 2, "Data": {"Mobile": f"1390013{i:04d}", "Code": "1234"}}
+        assert (await relay.post(session, voice))[0] == 200
+    await eventually(lambda: len(fake_api.accepted) == 12 and len(second_api.accepted) == 15,
+                     what="all delivered")
+    assert fake_api.max_inflight == 2
+    assert second_api.max_inflight == 5
