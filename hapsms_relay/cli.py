@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -124,6 +125,10 @@ async def _serve(cfg: Config, path: str, paused: bool) -> int:
         log.error("start_failed", error=str(exc))
         await relay.stop()
         return EX_FAIL
+    # What start-up built (modules, phonenumbers' metadata, config) lives as long as the
+    # process: keep it out of every collection. A full collection of it took ~9 ms, a
+    # latency spike for every request waiting meanwhile.
+    gc.freeze()
     await stop.wait()
     log.info("stopping")
     await relay.stop()

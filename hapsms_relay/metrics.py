@@ -43,6 +43,8 @@ class Metrics:
             registry=r,
         )
         self._status_children: dict[int, Counter] = {}
+        # labels() takes a lock and a dict lookup per call: the hot path keeps the children
+        self.accepted_by_kind = {k: self.accepted.labels(k) for k in ("sms", "voice")}
 
     def request(self, status: int) -> None:
         child = self._status_children.get(status)
