@@ -15,7 +15,7 @@ STAGED  := $(DESTDIR)$(PREFIX)
 # /run/systemd/system exists only when systemd is PID 1 (what sd_booted(3) checks).
 SYSTEMD_RUNNING = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
 
-.PHONY: run test lint typecheck pytest bench clean install uninstall
+.PHONY: run test lint typecheck pytest bench bench-smoke wrk clean install uninstall
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -41,6 +41,18 @@ pytest: $(VENV)/.test-extras
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Benchmarks (bench/README.md): server pinned to CPU 0, wrk and the sink on CPU 1.
+wrk:
+	@command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk) \
+		|| { echo "make bench needs wrk: apt-get install wrk (Debian's package)" >&2; exit 1; }
+
+bench: $(BIN)/hapsms-relay wrk
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# A few seconds per stage, no thresholds: CI runs it so the tooling cannot rot.
+bench-smoke: $(BIN)/hapsms-relay wrk
+	$(BIN)/python bench/run.py --smoke
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -138,6 +139,10 @@ async def _serve(cfg: Config, path: str, paused: bool) -> int:
         await relay.stop()
         notifier.notify(STATUS=f"start failed: {exc}")
         return EX_FAIL
+    # What start-up built (modules, phonenumbers' metadata, config) lives as long as the
+    # process: keep it out of every collection. A full collection of it took ~9 ms, a
+    # latency spike for every request waiting meanwhile.
+    gc.freeze()
     # The outbox is open and the listener accepts: only now may systemd route traffic here.
     notifier.ready(relay.status())
     running = True

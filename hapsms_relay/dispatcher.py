@@ -109,7 +109,11 @@ class Dispatcher:
     async def _run(self) -> None:
         workers = self.config.queue.workers
         while not self._stopping:
-            if self.paused or self._inflight_entries >= workers:
+            # Claim in batches: wait until a quarter of the workers are free (or none is
+            # busy) rather than claiming one entry per finished delivery; a claim is a
+            # transaction, and one per message cost more than the message's status update.
+            low_water = workers - max(1, workers // 4)
+            if self.paused or (self._inflight_entries and self._inflight_entries > low_water):
                 await self._sleep(IDLE_POLL)
                 workers = self.config.queue.workers
                 continue
@@ -190,7 +194,10 @@ class Dispatcher:
         """Send through one provider; return the entries the next provider should try."""
         size = max(1, provider.max_batch)
         chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
-        results = await asyncio.gather(*(self._send(provider, c, semaphores) for c in chunks))
+        if len(chunks) == 1:  # the common case: no gather, no task of its own
+            results = [await self._send(provider, chunks[0], semaphores)]
+        else:
+            results = await asyncio.gather(*(self._send(provider, c, semaphores) for c in chunks))
         carried: list[Entry] = []
         delivered: list[tuple[Entry, float]] = []
         for chunk, (outcomes, elapsed) in zip(chunks, results, strict=True):
@@ -230,9 +237,8 @@ class Dispatcher:
             started = time.monotonic()
             try:
                 # a guard above the provider's own timeout: a provider bug must not hang a slot
-                outcomes = await asyncio.wait_for(
-                    provider.send(messages), provider.common.timeout + 5.0
-                )
+                async with asyncio.timeout(provider.common.timeout + 5.0):  # no extra task
+                    outcomes = await provider.send(messages)
             except TimeoutError:
                 outcomes = [TransientError(name, "timeout", "provider did not answer")] * len(entries)
             except Exception as exc:  # a provider bug: keep the message, say so loudly

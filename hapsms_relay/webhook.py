@@ -141,10 +141,12 @@ class Webhook:
                              {"Retry-After": "10"}) from None
         self.notify()
         kind = "voice" if entries[0].kind == KIND_VOICE else "sms"
-        self.metrics.accepted.labels(kind).inc(len(ids))
-        if log.LOGGER.isEnabledFor(logging.INFO):
-            log.info("accepted", ids=",".join(map(str, ids)), type=kind, count=len(ids),
-                     client=request.remote)
+        self.metrics.accepted_by_kind[kind].inc(len(ids))
+        # debug, not info: each message gets its `delivered` or `dead` line (with this id) at
+        # info, and the line cost a sixth of the request's CPU; the count is in /metrics.
+        if log.LOGGER.isEnabledFor(logging.DEBUG):
+            log.debug("accepted", ids=",".join(map(str, ids)), type=kind, count=len(ids),
+                      client=request.remote)
         return web.Response(body=orjson.dumps({"ok": True, "ids": [str(i) for i in ids]}),
                             content_type=JSON)
 

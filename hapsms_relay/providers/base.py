@@ -116,6 +116,8 @@ class BaseProvider:
         self.session = None
 
     async def send(self, batch: Sequence[Message]) -> Sequence[Outcome]:
+        if len(batch) == 1:  # what the dispatcher hands most providers: no gather, no task
+            return [await self._send_one_caught(batch[0])]
         return await asyncio.gather(*(self._send_one_caught(m) for m in batch))
 
     async def _send_one_caught(self, message: Message) -> Outcome:

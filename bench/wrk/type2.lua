@@ -1,0 +1,8 @@
+-- HAP Type 2 (voice verification code), a new number on every request.
+--   HAPSMS_TOKEN=dev-token wrk -t1 -c64 -d10s -s bench/wrk/type2.lua http://127.0.0.1:8080/sms/webhook
+package.path = debug.getinfo(1, "S").source:match("^@?(.*/)") .. "?.lua;" .. package.path
+local hap = require("common")
+
+hap.install(function()
+  return '{"Type":2,"Data":{"Mobile":"' .. hap.next_number() .. '","Code":"' .. "123456" .. '"}}'
+end)

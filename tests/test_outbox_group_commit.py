@@ -1,0 +1,81 @@
+"""Group commit: writes of concurrent callers share one transaction and one statement, and
+every acknowledged write is on disk when its caller resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hapsms_relay.errors import StorageError
+from hapsms_relay.outbox import KIND_SMS, NewEntry, State
+from hapsms_relay.outbox_sqlite import SQLiteOutbox
+
+
+def _entry(n: int) -> NewEntry:
+    national = f"139{n:08d}"
+    return NewEntry(KIND_SMS, "+86" + national, "CN", national, f"text {n}", "Acme")
+
+
+def _states(path: Path) -> dict[int, int]:
+    with sqlite3.connect(path) as conn:  # a second reader: only what was committed
+        return dict(conn.execute("SELECT id, state FROM messages").fetchall())
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[SQLiteOutbox]:
+    box = SQLiteOutbox(str(tmp_path / "outbox.db"))
+    await box.open()
+    yield box
+    await box.close()
+
+
+async def test_concurrent_enqueues_are_all_on_disk(outbox: SQLiteOutbox) -> None:
+    """Two hundred concurrent enqueues of one to three entries: every id returned is committed."""
+    path = Path(outbox.path)
+    results = await asyncio.gather(*(
+        outbox.enqueue([_entry(i * 3 + k) for k in range(1 + i % 3)], 60) for i in range(200)
+    ))
+    ids = [i for batch in results for i in batch]
+    assert len(set(ids)) == len(ids) == sum(1 + i % 3 for i in range(200))
+    on_disk = _states(path)
+    assert set(ids) <= set(on_disk)
+    assert outbox.undelivered == len(ids)
+
+
+async def test_concurrent_status_updates_all_apply(outbox: SQLiteOutbox) -> None:
+    """Concurrent delivered/dead updates of claimed entries each land on their own entry."""
+    path = Path(outbox.path)
+    await asyncio.gather(*(outbox.enqueue([_entry(i)], 60) for i in range(100)))
+    claimed = await outbox.claim(100, 1e12)
+    assert len(claimed) == 100
+    delivered = [e.id for e in claimed[:70]]
+    dead = [e.id for e in claimed[70:]]
+    await asyncio.gather(
+        *(outbox.delivered([i], "p") for i in delivered),
+        *(outbox.dead(i, "p", "refused") for i in dead),
+    )
+    states = _states(path)
+    assert {states[i] for i in delivered} == {State.DELIVERED}
+    assert {states[i] for i in dead} == {State.DEAD}
+    assert outbox.undelivered == 0
+
+
+async def test_one_failing_write_fails_alone(outbox: SQLiteOutbox) -> None:
+    """A write SQLite refuses fails with StorageError; the writes grouped with it commit."""
+    path = Path(outbox.path)
+    bad = NewEntry(KIND_SMS, "+8613900000000", "CN", "13900000000", None)  # type: ignore[arg-type]
+    results = await asyncio.gather(
+        *(outbox.enqueue([_entry(i)], 60) for i in range(10)),
+        outbox.enqueue([bad], 60),
+        *(outbox.enqueue([_entry(i)], 60) for i in range(10, 20)),
+        return_exceptions=True,
+    )
+    assert [type(r).__name__ for r in results].count("StorageError") == 1
+    assert isinstance(results[10], StorageError)
+    ids = [i for r in results if isinstance(r, list) for i in r]
+    assert len(ids) == 20 and set(ids) <= set(_states(path))
+    assert len(_states(path)) == 20
