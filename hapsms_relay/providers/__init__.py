@@ -6,11 +6,13 @@ from hapsms_relay.providers.base import Common, Message, Outcome, Provider, Prov
 from hapsms_relay.providers.file import FileProvider
 from hapsms_relay.providers.http import HttpProvider
 from hapsms_relay.providers.log import LogProvider
+from hapsms_relay.providers.smtp import SmtpProvider
 
 REGISTRY: dict[str, ProviderFactory] = {
     "file": FileProvider.from_config,
     "log": LogProvider.from_config,
     "http": HttpProvider.from_config,
+    "smtp": SmtpProvider.from_config,
 }
 
 __all__ = ["REGISTRY", "Common", "Message", "Outcome", "Provider"]

@@ -122,10 +122,10 @@ class BaseProvider:
             await self.send_one(message)
         except DeliveryError as exc:
             return exc
+        except TimeoutError:  # before OSError: TimeoutError is an OSError since Python 3.10
+            return TransientError(self.name, "timeout", f"no answer within {self.common.timeout:g}s")
         except (aiohttp.ClientError, OSError) as exc:
             return TransientError(self.name, "connection_error", _exc_text(exc))
-        except TimeoutError:
-            return TransientError(self.name, "timeout", f"no answer within {self.common.timeout:g}s")
         return None
 
     async def send_one(self, message: Message) -> None:
