@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/dev.toml
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench bench-smtp clean
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -30,6 +30,12 @@ pytest: $(VENV)/.test-extras
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Messages/s through the smtp provider's connection pool to a local aiosmtpd: the client on
+# CPU 0, the server in a child process on CPU $(SERVER_CPU) ("same": CPU 0 as well).
+SERVER_CPU ?= 1
+bench-smtp: $(VENV)/.test-extras
+	taskset -c 0 $(BIN)/python bench/smtp_bench.py --server-cpu $(SERVER_CPU) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -121,6 +121,20 @@ async def test_mail_has_envelope_headers_and_utf8_body(smtp_server, opened) -> N
     assert got.content.isascii()  # 7bit on the wire: no server needs 8BITMIME or SMTPUTF8
 
 
+async def test_line_breaks_stay_out_of_headers(smtp_server, opened) -> None:
+    """A multi-line text keeps its line breaks in the body and cannot add headers via Subject."""
+    server = smtp_server()
+    provider = await opened(settings(server, subject="{message}", **{"from": "短信 <sms@relay.example>"}))
+    text = "第一行\nBcc: victim@example.com\r\n第三行"
+    assert await send(provider, Message(7, "sms", "+8613800138000", "CN", "13800138000", text)) is None
+    mail = server.received[0].message()
+    assert mail.keys() == ["From", "To", "Subject", "Date", "Message-ID", "MIME-Version",
+                           "Content-Type", "Content-Transfer-Encoding"]
+    assert mail["From"] == "短信 <sms@relay.example>"
+    assert mail["Subject"] == "第一行 Bcc: victim@example.com 第三行"
+    assert mail.get_content() == "第一行\r\nBcc: victim@example.com\r\n第三行"
+
+
 async def test_body_template_and_address_placeholders(smtp_server, opened) -> None:
     """``to`` and ``body`` templates see {national}, {e164}, {message}, {signature}, {code}."""
     server = smtp_server()
