@@ -498,3 +498,36 @@ def test_config_defaults(tmp_path: Path) -> None:
     assert PASSWORD not in repr(gw)
     doc["providers"][0]["tls"] = "implicit"
     assert config.parse(tomllib.loads(to_toml(doc))).providers["gw"].port == 465  # type: ignore[attr-defined]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_example() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### `smtp`: email-to-SMS gateways", 1)[1]
+    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+def _config_example() -> str:
+    text = (ROOT / "systemd/config.example.toml").read_text()
+    start = text.index('# [[providers]]\n# name = "mailgw"')
+    block = text[start:].split("\n\n", 1)[0]
+    return "\n".join(line[2:] for line in block.splitlines())
+
+
+@pytest.mark.parametrize("example", [_readme_example, _config_example],
+                         ids=["README", "config.example.toml"])
+def test_documented_example_is_valid(
+    example: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The smtp examples in the README and in systemd/config.example.toml load as written."""
+    (tmp_path / "mailgw-password").write_text("pw\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    doc = tomllib.loads(example())
+    doc["providers"][0].pop("ca_file", None)  # a path on the reader's machine
+    cfg = config.parse(base_config(tmp_path, providers=doc["providers"], routes={"sms": ["mailgw"]}))
+    gw = cfg.providers["mailgw"]
+    assert isinstance(gw, SmtpProvider) and gw.password is not None
+    assert gw.address(Message(1, "sms", "+14155550123", "US", "4155550123", "x")) == \
+        "4155550123@us.sms.gateway.example"
