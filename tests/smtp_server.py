@@ -62,6 +62,7 @@ class Handler:
     received: list[Received] = field(default_factory=list)
     drops: int = 0
     noops: int = 0
+    quits: int = 0
     held: int = 0
     released: asyncio.Event | None = None  # created on the server's loop
 
@@ -70,6 +71,10 @@ class Handler:
     ) -> str:
         self.noops += 1
         return self.noop_script.popleft() if self.noop_script else "250 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.quits += 1
+        return "221 Bye"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

@@ -333,6 +333,16 @@ async def test_closed_connection_is_reopened(smtp_server, opened) -> None:
     assert server.connections == 2 and len(server.received) == 2
 
 
+async def test_close_quits_idle_connections(smtp_server, session) -> None:
+    """Closing the provider (stop, reload) ends its pooled connections with QUIT."""
+    server = smtp_server()
+    provider = build(settings(server))
+    await provider.open(session)
+    await asyncio.gather(*(send(provider, sms(i)) for i in range(3)))
+    await provider.close()
+    assert server.handler.quits == server.connections == 3
+
+
 async def test_slow_connection_does_not_stall_others(smtp_server, opened) -> None:
     """While one transaction waits on the server, other messages go over other connections."""
     server = smtp_server()
