@@ -15,7 +15,7 @@ STAGED  := $(DESTDIR)$(PREFIX)
 # /run/systemd/system exists only when systemd is PID 1 (what sd_booted(3) checks).
 SYSTEMD_RUNNING = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
 
-.PHONY: run test lint typecheck pytest bench bench-smoke wrk clean install uninstall
+.PHONY: run test lint typecheck pytest bench bench-smoke wrk bench-smtp clean install uninstall
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -53,6 +53,12 @@ bench: $(BIN)/hapsms-relay wrk
 # A few seconds per stage, no thresholds: CI runs it so the tooling cannot rot.
 bench-smoke: $(BIN)/hapsms-relay wrk
 	$(BIN)/python bench/run.py --smoke
+
+# Messages/s through the smtp provider's connection pool to a local aiosmtpd: the client on
+# CPU 0, the server in a child process on CPU $(SERVER_CPU) ("same": CPU 0 as well).
+SERVER_CPU ?= 1
+bench-smtp: $(VENV)/.test-extras
+	taskset -c 0 $(BIN)/python bench/smtp_bench.py --server-cpu $(SERVER_CPU) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

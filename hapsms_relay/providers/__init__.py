@@ -7,6 +7,7 @@ from hapsms_relay.providers.base import Common, Message, Outcome, Provider, Prov
 from hapsms_relay.providers.file import FileProvider
 from hapsms_relay.providers.http import HttpProvider
 from hapsms_relay.providers.log import LogProvider
+from hapsms_relay.providers.smtp import SmtpProvider
 from hapsms_relay.providers.tencent import TencentProvider
 from hapsms_relay.providers.twilio import TwilioProvider
 from hapsms_relay.providers.vonage import VonageProvider
@@ -19,6 +20,7 @@ REGISTRY: dict[str, ProviderFactory] = {
     "vonage": VonageProvider.from_config,
     "tencent": TencentProvider.from_config,
     "aliyun": AliyunProvider.from_config,
+    "smtp": SmtpProvider.from_config,
 }
 
 __all__ = ["REGISTRY", "Common", "Message", "Outcome", "Provider"]
