@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hapsms_relay import log
+from hapsms_relay.breaker import Breakers
+from hapsms_relay.budget import Budget
 from hapsms_relay.config import Config
 from hapsms_relay.errors import DeliveryError, StorageError, TransientError, UnsupportedError
 from hapsms_relay.metrics import Metrics
@@ -35,6 +37,7 @@ class Activity:
     dead: int = 0
     last_error: str = ""
     last_error_at: float = 0.0
+    circuits: dict[str, str] = field(default_factory=dict)  # providers whose circuit is open
 
 
 @dataclass
@@ -58,6 +61,15 @@ class Dispatcher:
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     _stopping: bool = False
     _task: asyncio.Task[None] | None = None
+    budget: Budget | None = None  # shared with the webhook; one of its own if not given
+    breakers: Breakers = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = Budget(self.config.limits, self.metrics)
+        self.breakers = Breakers(self.config.breaker, self.metrics)
+        self.breakers.track(list(self.config.providers))
+        self.activity.circuits = self.breakers.not_closed
 
     @property
     def providers(self) -> dict[str, Provider]:
@@ -74,6 +86,8 @@ class Dispatcher:
     def set_config(self, config: Config) -> None:
         """Use a new config from the next claim on; deliveries in flight finish as they were."""
         self.config = config
+        self.breakers.cfg = config.breaker
+        self.breakers.track(list(config.providers))
 
     async def stop(self, timeout: float) -> None:
         """Claim nothing more; give deliveries in flight ``timeout`` seconds, then stop them."""
@@ -169,7 +183,7 @@ class Dispatcher:
             if not pending:
                 break
             provider = config.providers[name]
-            pending = await self._try_provider(provider, pending, attempts)
+            pending = await self._try_gated(provider, pending, attempts)
         for e in pending:
             a = attempts[e.id]
             if a.transient is not None:
@@ -177,6 +191,40 @@ class Dispatcher:
             else:
                 assert a.unsupported is not None
                 await self._dead(e, a.unsupported.provider, a.unsupported.reason(), a.unsupported.code)
+
+    async def _try_gated(
+        self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt]
+    ) -> list[Entry]:
+        """``_try_provider`` within the provider's daily budget and circuit breaker: what
+        either holds back is handed on to the next provider of the route."""
+        name = provider.common.name
+        budget = self.budget
+        assert budget is not None
+        n = budget.reserve(name, len(entries))
+        held = entries[n:]
+        for e in held:
+            a = attempts[e.id]
+            if budget.hold and a.transient is None:
+                a.transient = TransientError(name, "over_budget", "daily budget used up",
+                                             retry_after=60.0)
+            elif not budget.hold and a.unsupported is None:
+                a.unsupported = UnsupportedError(name, "over_budget", "daily budget used up")
+        if not n:
+            return held
+        wait = self.breakers.allow(name)
+        if wait:
+            budget.settle(name, n, 0)
+            for e in entries[:n]:
+                if attempts[e.id].transient is None:
+                    attempts[e.id].transient = TransientError(
+                        name, "circuit_open", "skipped while its circuit is open",
+                        retry_after=wait)
+            return entries
+        try:
+            carried = await self._try_provider(provider, entries[:n], attempts)
+        finally:
+            budget.settle(name, n, 0)  # what went out was counted by _delivered
+        return carried + held
 
     async def _try_provider(
         self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt]
@@ -237,6 +285,7 @@ class Dispatcher:
         if len(outcomes) != len(entries):
             err = TransientError(name, "internal_error", "provider returned a wrong outcome count")
             outcomes = [err] * len(entries)
+        self.breakers.record(name, outcomes)
         return outcomes, elapsed
 
     def _message(self, e: Entry, provider: Provider) -> Message:
@@ -246,6 +295,8 @@ class Dispatcher:
 
     async def _delivered(self, provider: Provider, entries: list[tuple[Entry, float]]) -> None:
         name = provider.common.name
+        assert self.budget is not None
+        self.budget.settle(name, 0, len(entries))
         try:
             await self.outbox.delivered([e.id for e, _ in entries], name)
         except StorageError as exc:

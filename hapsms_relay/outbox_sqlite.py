@@ -9,6 +9,7 @@ blocks on SQLite.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import fcntl
 import queue
@@ -47,6 +48,13 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS pending_due ON messages(due) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS dead_id ON messages(id) WHERE state = 3;
+CREATE TABLE IF NOT EXISTS replies (
+    key     BLOB    PRIMARY KEY,
+    first   INTEGER NOT NULL,
+    count   INTEGER NOT NULL,
+    note    BLOB    NOT NULL,
+    expires REAL    NOT NULL
+) WITHOUT ROWID;
 """
 
 _ENTRY_COLS = (
@@ -234,13 +242,15 @@ class SQLiteOutbox:
         self._conn = conn
         return max_id + 1, undelivered
 
-    def _op_enqueue(self, rows: list[tuple[Any, ...]]) -> None:
+    def _op_enqueue(self, rows: list[tuple[Any, ...]], keys: list[tuple[Any, ...]]) -> None:
         assert self._conn is not None
         self._conn.executemany(
             "INSERT INTO messages (id, batch, kind, recipient, region, national, text, signature,"
             " code, created, due, expires, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             rows,
         )
+        if keys:  # dedup keys commit with the messages they answer for, or not at all
+            self._conn.executemany("INSERT OR REPLACE INTO replies VALUES (?,?,?,?,?)", keys)
 
     def _op_claim(self, limit: int, now: float) -> list[Entry]:
         assert self._conn is not None
@@ -275,7 +285,10 @@ class SQLiteOutbox:
 
     # -- the Outbox interface --------------------------------------------------------------
 
-    async def enqueue(self, entries: Sequence[NewEntry], ttl: float) -> list[int]:
+    async def enqueue(
+        self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
+        note: bytes = b"",
+    ) -> list[int]:
         now = time.time()
         # ids grow with time (never below now in µs) so ordering and cleanup by id are safe
         first = max(self._next_id, int(now * 1_000_000))
@@ -287,7 +300,8 @@ class SQLiteOutbox:
              now, now, expires, now)
             for i, e in zip(ids, entries, strict=True)
         ]
-        await self._call(self._op_enqueue, rows)
+        key_rows = [(k, first, len(rows), note, exp) for k, exp in keys]
+        await self._call(self._op_enqueue, rows, key_rows)
         self._undelivered += len(rows)
         return ids
 
@@ -390,7 +404,30 @@ class SQLiteOutbox:
             self._op_change, "DELETE FROM messages WHERE id < ? AND state = 2",
             (int(delivered_before * 1_000_000),),
         )
+        await self._call(self._op_change, "DELETE FROM replies WHERE expires <= ?", (time.time(),))
         return n
+
+    async def recent(self, since: float) -> builtins.list[tuple[int, str, float]]:
+        # ids are at least their creation time in µs: the primary key finds the range
+        rows: builtins.list[tuple[int, str, float]] = await self._call(
+            self._op_query, "SELECT kind, recipient, created FROM messages WHERE id >= ? "
+            "AND created >= ? ORDER BY id", (int(since * 1_000_000), since),
+        )
+        return rows
+
+    async def replies(self, now: float) -> builtins.list[tuple[bytes, int, int, bytes, float]]:
+        rows: builtins.list[tuple[bytes, int, int, bytes, float]] = await self._call(
+            self._op_query, "SELECT key, first, count, note, expires FROM replies "
+            "WHERE expires > ?", (now,),
+        )
+        return rows
+
+    async def delivered_since(self, since: float) -> dict[str, int]:
+        rows = await self._call(
+            self._op_query, "SELECT provider, count(*) FROM messages WHERE state = 2 AND "
+            "updated >= ? GROUP BY provider", (since,),
+        )
+        return {p: int(n) for p, n in rows}
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

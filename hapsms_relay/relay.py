@@ -15,9 +15,12 @@ import aiohttp
 from aiohttp import web
 
 from hapsms_relay import __version__, config, log
+from hapsms_relay.budget import Budget
 from hapsms_relay.config import Config
 from hapsms_relay.dispatcher import Dispatcher
+from hapsms_relay.door import Door, load_certificate, tls_context
 from hapsms_relay.errors import ConfigError, StorageError
+from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from hapsms_relay.providers import Provider
@@ -31,8 +34,13 @@ class Relay:
         self.config = cfg
         self.metrics = Metrics()
         self.outbox = SQLiteOutbox(cfg.queue.path)
-        self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused)
-        self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready)
+        # one budget: the dispatcher spends it, the webhook refuses when it is used up
+        budget = Budget(cfg.limits, self.metrics)
+        self.guard = Guard(cfg.limits, budget, self.metrics)
+        self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=budget)
+        self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready,
+                               self.guard)
+        self.tls = tls_context(cfg.server) if cfg.server.tls_cert else None
         self.session: aiohttp.ClientSession | None = None
         self.runner: web.ServerRunner | None = None
         self.address = ""
@@ -50,6 +58,7 @@ class Relay:
 
     async def _start(self, sock: socket.socket | None) -> None:
         await self.outbox.open()
+        await self.guard.load(self.outbox)  # limits survive restarts
         self.metrics.track_queue(lambda: self.outbox.undelivered)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
@@ -57,7 +66,7 @@ class Relay:
         )
         await _open_providers(self.config.providers.values(), self.session)
         self.dispatcher.start()
-        server = web.Server(self.webhook)
+        server = Door(self.webhook, self.config.server, self.metrics)
         self.runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=self.config.server.shutdown_timeout
         )
@@ -65,9 +74,10 @@ class Relay:
         s = self.config.server
         site: web.BaseSite
         if sock is not None:
-            site = web.SockSite(self.runner, sock, backlog=1024)
+            site = web.SockSite(self.runner, sock, backlog=1024, ssl_context=self.tls)
         else:
-            site = web.TCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True)
+            site = web.TCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True,
+                               ssl_context=self.tls)
         await site.start()
         self.address = _address(self.runner)
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
@@ -106,6 +116,14 @@ class Relay:
                         running=old.server.listen, configured=new.server.listen)
         if new.queue.path != old.queue.path:
             log.warning("reload_needs_restart", setting="queue.path")
+        if bool(new.server.tls_cert) != (self.tls is not None):
+            log.warning("reload_needs_restart", setting="server.tls_cert")
+        elif self.tls is not None:
+            try:  # a renewed certificate: new connections get it
+                load_certificate(self.tls, new.server)
+            except OSError as exc:
+                log.error("reload_failed", error=str(exc))
+                return str(exc)
         assert self.session is not None
         try:
             await _open_providers(new.providers.values(), self.session)
@@ -134,14 +152,18 @@ class Relay:
             "accepting": self.webhook.accepting,
             "undelivered": self.outbox.undelivered,
             "providers": list(self.config.providers),
+            "circuits": self.dispatcher.breakers.states(list(self.config.providers)),
         }
 
     async def _housekeep(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             try:
-                removed = await self.outbox.cleanup(time.time() - self.config.queue.keep_delivered)
+                # delivered entries are the log the limits count on: keep them long enough
+                keep = max(self.config.queue.keep_delivered, self.config.limits.retention)
+                removed = await self.outbox.cleanup(time.time() - keep)
                 await self.outbox.refresh_count()
+                self.guard.prune(time.time())
             except StorageError as exc:
                 log.error("housekeeping_failed", error=str(exc))
                 continue

@@ -6,6 +6,7 @@ answer, 404 and 405 included, is the relay's JSON and nothing is routed twice.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -17,13 +18,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hapsms_relay import log
+from hapsms_relay.budget import Budget
 from hapsms_relay.config import Config
+from hapsms_relay.door import AddressFilter
 from hapsms_relay.errors import QueueFullError, StorageError
+from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.numbers import InvalidNumber, normalise
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
 
 JSON = "application/json"
+IDEMPOTENCY_KEY = "Idempotency-Key"
 _SIGNATURE_BRACKETS = (("【", "】"), ("[", "]"))
 
 
@@ -31,17 +36,20 @@ class BadRequest(Exception):
     """A request the relay refuses; becomes ``{"ok": false, "error": code, "detail": ...}``."""
 
     def __init__(self, status: int, code: str, detail: str,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, refused: bytes = b"") -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers
+        self.refused = refused  # a JSON list of refused recipients, or b""
 
 
 def error_response(status: int, code: str, detail: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
+                   headers: dict[str, str] | None = None, refused: bytes = b"") -> web.Response:
     body = orjson.dumps({"ok": False, "error": code, "detail": detail})
+    if refused:
+        body = body[:-1] + b',"refused":' + refused + b"}"
     return web.Response(status=status, body=body, content_type=JSON, headers=headers)
 
 
@@ -50,13 +58,14 @@ class Webhook:
 
     def __init__(
         self, config: Config, outbox: Outbox, metrics: Metrics, notify: Callable[[], None],
-        ready: Callable[[], tuple[bool, dict[str, Any]]],
+        ready: Callable[[], tuple[bool, dict[str, Any]]], guard: Guard | None = None,
     ) -> None:
         self.outbox = outbox
         self.metrics = metrics
         self.notify = notify
         self.ready = ready
         self.accepting = True
+        self.guard = guard or Guard(config.limits, Budget(config.limits, metrics), metrics)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -68,9 +77,15 @@ class Webhook:
         self.bearer = s.token_header.lower() == "authorization"
         # Compare digests: constant time whatever the length of what the client sent.
         self.token_digests = tuple(hashlib.sha256(t.reveal().encode()).digest() for t in s.tokens)
+        self.allowed = AddressFilter(s.allow_ips) if s.allow_ips else None
+        self.guard.set_config(config.limits)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
+            if self.allowed is not None and not self.allowed(request.remote):
+                self.metrics.forbidden.inc()
+                raise BadRequest(403, "forbidden", "this address may not use the relay "
+                                 "(server.allow_ips)")
             if request.path == self.path:
                 response: web.StreamResponse = await self.webhook(request)
             elif request.path in ("/healthz", "/readyz", "/metrics"):
@@ -79,7 +94,9 @@ class Webhook:
                 raise BadRequest(404, "not_found", f"no endpoint at {request.path}; "
                                  f"HAP's webhook is POST {self.path}")
         except BadRequest as exc:
-            response = error_response(exc.status, exc.code, exc.detail, exc.headers)
+            response = error_response(exc.status, exc.code, exc.detail, exc.headers, exc.refused)
+            if exc.status == 408:
+                response.force_close()  # the rest of a slow body is not worth waiting for
         except Exception:  # a bug: answer in JSON, keep serving, log the traceback
             log.LOGGER.exception("internal_error path=%s", request.path)
             response = error_response(500, "internal_error", "the relay failed; see its log")
@@ -103,28 +120,59 @@ class Webhook:
             raise BadRequest(503, "shutting_down", "the relay is shutting down; retry shortly",
                              {"Retry-After": "5"})
         body = await self.read_body(request)
-        entries = self.parse(body)
-        if self.outbox.undelivered + len(entries) > self.config.queue.max_pending:
-            raise BadRequest(503, "queue_full", "the outbox is full; retry later",
-                             {"Retry-After": "30"})
+        key = request.headers.get(IDEMPOTENCY_KEY)
+        if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
+            raise BadRequest(400, "invalid_idempotency_key",
+                             "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        parsed = self.parse(body)
+        # limits and duplicates (guard.py): only admitted recipients are stored
+        adm = self.guard.admit(parsed, key)
+        while adm.duplicate is not None:
+            reply = adm.duplicate if not isinstance(adm.duplicate, asyncio.Future) \
+                else await adm.duplicate
+            if reply is not None:
+                self.metrics.duplicates.inc()
+                return self.answer(reply.ids, reply.note, duplicate=True)
+            adm = self.guard.admit(parsed, key)  # the first request failed: this one is first
+        if not adm.entries:
+            first = adm.refused[0][1]
+            raise BadRequest(first.status, first.code, first.detail, refused=adm.note())
+        entries = adm.entries
         try:
-            ids = await self.outbox.enqueue(entries, self.config.queue.ttl)
+            if self.outbox.undelivered + len(entries) > self.config.queue.max_pending:
+                raise QueueFullError
+            ids = await self.outbox.enqueue(entries, self.config.queue.ttl, keys=adm.keys,
+                                            note=adm.note())
         except QueueFullError:
+            self.guard.failed(adm)
             raise BadRequest(503, "queue_full", "the outbox is full; retry later",
                              {"Retry-After": "30"}) from None
-        except StorageError as exc:
+        except BaseException as exc:
+            self.guard.failed(adm)
+            if not isinstance(exc, StorageError):
+                raise
             log.error("enqueue_failed", error=str(exc), count=len(entries))
             raise BadRequest(503, "storage_unavailable",
                              "the relay cannot write its outbox; retry later",
                              {"Retry-After": "10"}) from None
+        self.guard.stored(adm, ids)
         self.notify()
         kind = "voice" if entries[0].kind == KIND_VOICE else "sms"
         self.metrics.accepted.labels(kind).inc(len(ids))
         if log.LOGGER.isEnabledFor(logging.INFO):
             log.info("accepted", ids=",".join(map(str, ids)), type=kind, count=len(ids),
                      client=request.remote)
-        return web.Response(body=orjson.dumps({"ok": True, "ids": [str(i) for i in ids]}),
-                            content_type=JSON)
+        return self.answer(ids, adm.note())
+
+    def answer(self, ids: Sequence[int], refused: bytes, duplicate: bool = False) -> web.Response:
+        """200 ``{"ok": true, "ids": [...]}``, with ``"duplicate": true`` for an answer given
+        again and ``"refused": [...]`` when some recipients were refused."""
+        body = orjson.dumps({"ok": True, "ids": [str(i) for i in ids]})
+        if duplicate:
+            body = body[:-1] + b',"duplicate":true}'
+        if refused:
+            body = body[:-1] + b',"refused":' + refused + b"}"
+        return web.Response(body=body, content_type=JSON)
 
     def authenticate(self, request: web.BaseRequest) -> None:
         value = request.headers.get(self.token_header, "")
@@ -137,6 +185,7 @@ class Webhook:
         for known in self.token_digests:  # no early exit: every token is compared
             ok |= hmac.compare_digest(digest, known)
         if not ok or not value:
+            self.metrics.auth_failures.inc()
             log.warning("auth_failed", client=request.remote, header=self.token_header)
             how = "Authorization: Bearer <token>" if self.bearer else f"{self.token_header}: <token>"
             raise BadRequest(401, "unauthorized", f"missing or wrong token; send {how}",
@@ -149,13 +198,19 @@ class Webhook:
         if length is not None and length > limit:
             raise too_large
         chunks = bytearray()
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            chunks += chunk
-            if len(chunks) > limit:
-                raise too_large
+        try:
+            # a client trickling its body must not hold a request slot for long
+            async with asyncio.timeout(self.config.server.body_timeout):
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    chunks += chunk
+                    if len(chunks) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise BadRequest(408, "request_timeout", "the body did not arrive within "
+                             f"{self.config.server.body_timeout:g}s") from None
         return bytes(chunks)
 
     def parse(self, body: bytes) -> list[NewEntry]:
