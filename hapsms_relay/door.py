@@ -43,13 +43,13 @@ class Door(web.Server):
         n = self._per_client[client] = self._per_client.get(client, 0) + 1
         if len(self._clients) > self.cfg.max_connections:
             self.metrics.connections_refused.labels("max_connections").inc()
-            transport.close()
+            self._loop.call_soon(handler.force_close)  # once aiohttp has set the connection up
         elif n > self.cfg.max_connections_per_client:
             self.metrics.connections_refused.labels("max_connections_per_client").inc()
-            transport.close()
+            self._loop.call_soon(handler.force_close)
         else:
             self._waiting[handler] = self._loop.call_later(
-                self.cfg.header_timeout, self._header_timeout, handler, transport
+                self.cfg.header_timeout, self._header_timeout, handler
             )
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
@@ -65,10 +65,10 @@ class Door(web.Server):
             else:
                 del self._per_client[client]
 
-    def _header_timeout(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+    def _header_timeout(self, handler: RequestHandler) -> None:
         if self._waiting.pop(handler, None) is not None:
             self.metrics.connections_refused.labels("header_timeout").inc()
-            transport.close()
+            handler.force_close()
 
     def _request(self, message: Any, payload: Any, protocol: RequestHandler, writer: Any,
                  task: asyncio.Task[None]) -> web.BaseRequest:
