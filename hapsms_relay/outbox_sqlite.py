@@ -217,6 +217,8 @@ class SQLiteOutbox:
                     f"{self.path} was written by a newer hapsms-relay (schema {version}); "
                     "upgrade this one"
                 )
+            if tables:  # read every row before writing anything: a damaged file stays as it is
+                conn.execute("SELECT count(*) FROM messages WHERE state >= 0").fetchone()
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StorageError(f"{self.path}: cannot switch to WAL mode (got {mode})")
