@@ -61,7 +61,7 @@ def _issue(ca: trustme.CA, tmp_path: Path, name: str) -> tuple[Path, Path, bytes
 
 
 async def _peer_cert(port: int, ctx: ssl.SSLContext) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
     try:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         assert der is not None
