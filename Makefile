@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/dev.toml
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest fuzz bench clean
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -30,6 +30,10 @@ pytest: $(VENV)/.test-extras
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The webhook fuzz test with 10,000 generated requests (make test runs 300).
+fuzz: $(VENV)/.test-extras
+	FUZZ_EXAMPLES=10000 $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -174,8 +174,8 @@ def _server(t: Table) -> ServerConfig:
 
 def _door(t: Table) -> dict[str, Any]:
     """TLS, allowed addresses, read deadlines and connection limits of ``[server]``."""
-    cert = t.string("tls_cert", "")
-    key = t.string("tls_key", "")
+    cert = t.string("tls_cert", "", nonempty=False)
+    key = t.string("tls_key", "", nonempty=False)
     if bool(cert) != bool(key):
         raise t.error("tls_key" if cert else "tls_cert", "set tls_cert and tls_key together")
     allow = t.str_list("allow_ips", [])

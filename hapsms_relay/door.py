@@ -12,13 +12,34 @@ import ipaddress
 import ssl
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from hapsms_relay import log
 from hapsms_relay.config import ServerConfig
 from hapsms_relay.metrics import Metrics
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, answering malformed HTTP in the relay's JSON."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None,
+                     ) -> web.StreamResponse:
+        # Only HTTP the parser rejects gets here (the relay's handler catches its own errors);
+        # debug level: anyone can send garbage, and it must not flood the journal.
+        log.debug("bad_http_request", client=request.remote, status=status, error=message or exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        code = "bad_request" if status < 500 else "internal_error"
+        detail = "malformed HTTP request" + (f": {message}" if message and status < 500 else "")
+        resp = web.Response(status=status, content_type="application/json",
+                            body=orjson.dumps({"ok": False, "error": code, "detail": detail}))
+        resp.force_close()
+        return resp
 
 
 class Door(web.Server):
@@ -34,6 +55,9 @@ class Door(web.Server):
         self._clients: dict[RequestHandler, str] = {}
         self._per_client: dict[str, int] = {}
         self._waiting: dict[RequestHandler, asyncio.TimerHandle] = {}
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

@@ -180,7 +180,8 @@ class Webhook:
             scheme, _, value = value.partition(" ")
             if scheme.lower() != "bearer":
                 value = ""
-        digest = hashlib.sha256(value.strip().encode()).digest()
+        # aiohttp hands over non-UTF-8 header bytes as surrogates: hash them, do not crash
+        digest = hashlib.sha256(value.strip().encode("utf-8", "surrogateescape")).digest()
         ok = False
         for known in self.token_digests:  # no early exit: every token is compared
             ok |= hmac.compare_digest(digest, known)
