@@ -46,6 +46,7 @@ class Attempt:
 
     transient: TransientError | None = None
     unsupported: UnsupportedError | None = None
+    delivered: bool = False
 
 
 @dataclass
@@ -222,8 +223,8 @@ class Dispatcher:
             return entries
         try:
             carried = await self._try_provider(provider, entries[:n], attempts)
-        finally:
-            budget.settle(name, n, 0)  # what went out was counted by _delivered
+        finally:  # the reservation becomes what was delivered; the rest is freed
+            budget.settle(name, n, sum(attempts[e.id].delivered for e in entries[:n]))
         return carried + held
 
     async def _try_provider(
@@ -239,6 +240,7 @@ class Dispatcher:
             for e, outcome in zip(chunk, outcomes, strict=True):
                 if outcome is None:
                     delivered.append((e, elapsed))
+                    attempts[e.id].delivered = True
                 elif isinstance(outcome, UnsupportedError):
                     attempts[e.id].unsupported = outcome
                     carried.append(e)
@@ -295,8 +297,6 @@ class Dispatcher:
 
     async def _delivered(self, provider: Provider, entries: list[tuple[Entry, float]]) -> None:
         name = provider.common.name
-        assert self.budget is not None
-        self.budget.settle(name, 0, len(entries))
         try:
             await self.outbox.delivered([e.id for e, _ in entries], name)
         except StorageError as exc:

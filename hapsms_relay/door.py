@@ -47,9 +47,10 @@ class Door(web.Server):
 
     def __init__(self, handler: Any, cfg: ServerConfig, metrics: Metrics, **kwargs: Any) -> None:
         # keepalive_timeout: an idle connection, or one dribbling its next request's header,
-        # is closed after header_timeout as well
+        # is closed after header_timeout as well. lingering_time: after an answer to a body
+        # that was not read whole (413, 408), wait 1s (not aiohttp's 10s) for the rest.
         super().__init__(handler, request_factory=self._request,
-                         keepalive_timeout=cfg.header_timeout, **kwargs)
+                         keepalive_timeout=cfg.header_timeout, lingering_time=1.0, **kwargs)
         self.cfg = cfg
         self.metrics = metrics
         self._clients: dict[RequestHandler, str] = {}

@@ -7,7 +7,6 @@ resets nothing and the hot path writes nothing more than the enqueue already doe
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -129,8 +128,9 @@ class Limiter:
 
     def __init__(self, cfg: LimitsConfig) -> None:
         self.cfg = cfg
-        # (kind, e164) -> acceptance times, newest last, as many as the largest window needs
-        self._log: dict[tuple[int, str], deque[float]] = {}
+        # kind -> e164 -> acceptance times, newest last, as many as the largest window needs
+        # (a short list: most numbers get one message a day, and a day of numbers is held)
+        self._log: dict[int, dict[str, list[float]]] = {KIND_SMS: {}, KIND_VOICE: {}}
 
     def check(self, kind: int, e164: str, region: str, now: float) -> Refusal | None:
         cfg = self.cfg
@@ -142,7 +142,7 @@ class Limiter:
             if ntype in cfg.deny_number_types:
                 return Refusal("number_type_not_allowed", 403,
                                f"{e164}: {ntype.replace('_', '-')} numbers are not allowed")
-        times = self._log.get((kind, e164))
+        times = self._log[kind].get(e164)
         if times:
             for w in self._windows(kind):
                 if len(times) >= w.count and times[-w.count] > now - w.seconds:
@@ -154,22 +154,23 @@ class Limiter:
 
     def take(self, kind: int, e164: str, at: float) -> None:
         """Count one message to ``e164`` at ``at`` (call in time order)."""
-        size = max((w.count for w in self._windows(kind)), default=0)
-        if not size:
+        windows = self._windows(kind)
+        if not windows:
             return
-        times = self._log.get((kind, e164))
-        if times is None or times.maxlen != size:
-            times = self._log[(kind, e164)] = deque(times or (), maxlen=size)
+        times = self._log[kind].get(e164)
+        if times is None:
+            self._log[kind][e164] = [at]
+            return
         times.append(at)
+        size = max(w.count for w in windows)
+        if len(times) > size:
+            del times[: len(times) - size]
 
     def untake(self, kind: int, e164: str, at: float) -> None:
         """Forget a ``take`` whose enqueue failed."""
-        times = self._log.get((kind, e164))
-        if times is not None:
-            try:
-                times.remove(at)
-            except ValueError:
-                pass
+        times = self._log[kind].get(e164)
+        if times is not None and at in times:
+            times.remove(at)
 
     def load(self, rows: Iterable[tuple[int, str, float]]) -> int:
         """Rebuild the windows from (kind, recipient, accepted at) rows in time order."""
@@ -182,8 +183,9 @@ class Limiter:
     def prune(self, now: float) -> None:
         """Drop numbers whose newest message is older than every window (memory)."""
         longest = self.cfg.retention
-        for key in [k for k, v in self._log.items() if not v or v[-1] <= now - longest]:
-            del self._log[key]
+        for log in self._log.values():
+            for key in [k for k, v in log.items() if not v or v[-1] <= now - longest]:
+                del log[key]
 
     def _windows(self, kind: int) -> tuple[Window, ...]:
         return self.cfg.voice if kind == KIND_VOICE else self.cfg.sms if kind == KIND_SMS else ()
