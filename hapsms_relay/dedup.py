@@ -31,11 +31,9 @@ class Reply:
 def body_key(entries: Sequence[NewEntry]) -> bytes:
     """Same type, recipients, text, signature and code: the same key."""
     e = entries[0]
-    h = hashlib.blake2b(b"body", digest_size=16)
-    for part in (str(e.kind), e.text, e.signature, e.code, *sorted(x.recipient for x in entries)):
-        h.update(part.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return h.digest()
+    parts = (str(e.kind), e.text, e.signature, e.code, *sorted(x.recipient for x in entries))
+    text = "\x00".join(parts).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=16, person=b"body").digest()
 
 
 def header_key(value: str) -> bytes:

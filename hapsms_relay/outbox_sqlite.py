@@ -48,13 +48,16 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS pending_due ON messages(due) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS dead_id ON messages(id) WHERE state = 3;
+-- dedup keys (dedup.py): appended in rowid order, read whole at start; a random-key index
+-- would touch a random page per request, so the only index is on the (nearly ordered) expiry
 CREATE TABLE IF NOT EXISTS replies (
-    key     BLOB    PRIMARY KEY,
+    key     BLOB    NOT NULL,
     first   INTEGER NOT NULL,
     count   INTEGER NOT NULL,
     note    BLOB    NOT NULL,
     expires REAL    NOT NULL
-) WITHOUT ROWID;
+);
+CREATE INDEX IF NOT EXISTS replies_expires ON replies(expires);
 """
 
 _ENTRY_COLS = (
@@ -252,7 +255,7 @@ class SQLiteOutbox:
             rows,
         )
         if keys:  # dedup keys commit with the messages they answer for, or not at all
-            self._conn.executemany("INSERT OR REPLACE INTO replies VALUES (?,?,?,?,?)", keys)
+            self._conn.executemany("INSERT INTO replies VALUES (?,?,?,?,?)", keys)
 
     def _op_claim(self, limit: int, now: float) -> list[Entry]:
         assert self._conn is not None
@@ -420,7 +423,7 @@ class SQLiteOutbox:
     async def replies(self, now: float) -> builtins.list[tuple[bytes, int, int, bytes, float]]:
         rows: builtins.list[tuple[bytes, int, int, bytes, float]] = await self._call(
             self._op_query, "SELECT key, first, count, note, expires FROM replies "
-            "WHERE expires > ?", (now,),
+            "WHERE expires > ? ORDER BY rowid", (now,),
         )
         return rows
 

@@ -198,12 +198,18 @@ class Webhook:
         too_large = BadRequest(413, "body_too_large", f"the body exceeds {limit} bytes")
         if length is not None and length > limit:
             raise too_large
+        content = request.content
+        if content.is_eof():  # the usual case: the whole (small) body is already buffered
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise too_large
+            return body
         chunks = bytearray()
         try:
             # a client trickling its body must not hold a request slot for long
             async with asyncio.timeout(self.config.server.body_timeout):
                 while True:
-                    chunk = await request.content.readany()
+                    chunk = await content.readany()
                     if not chunk:
                         break
                     chunks += chunk
