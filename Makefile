@@ -15,7 +15,7 @@ STAGED  := $(DESTDIR)$(PREFIX)
 # /run/systemd/system exists only when systemd is PID 1 (what sd_booted(3) checks).
 SYSTEMD_RUNNING = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
 
-.PHONY: run test lint typecheck pytest bench bench-smoke wrk bench-smtp clean install uninstall
+.PHONY: run test lint typecheck pytest fuzz bench bench-smoke wrk bench-smtp clean install uninstall
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -59,6 +59,10 @@ bench-smoke: $(BIN)/hapsms-relay wrk
 SERVER_CPU ?= 1
 bench-smtp: $(VENV)/.test-extras
 	taskset -c 0 $(BIN)/python bench/smtp_bench.py --server-cpu $(SERVER_CPU) $(BENCH_ARGS)
+
+# The webhook fuzz test with 10,000 generated requests (make test runs 300).
+fuzz: $(VENV)/.test-extras
+	FUZZ_EXAMPLES=10000 $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

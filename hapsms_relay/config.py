@@ -6,15 +6,20 @@ the file after ``load()`` returns. Providers validate their own tables through t
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import phonenumbers
 
+from hapsms_relay import breaker, limits
+from hapsms_relay.breaker import BreakerConfig
 from hapsms_relay.errors import ConfigError
+from hapsms_relay.limits import LimitsConfig
 from hapsms_relay.providers import REGISTRY, Provider
 from hapsms_relay.providers.base import DEFAULT_SIGNATURE_FORMAT, Common, check_template
 from hapsms_relay.secret import Secret
@@ -36,6 +41,14 @@ class ServerConfig:
     max_recipients: int = 1000
     max_message_chars: int = 2000
     shutdown_timeout: float = 10.0
+    # the front door (see door.py)
+    tls_cert: str = ""
+    tls_key: str = ""
+    allow_ips: tuple[str, ...] = ()  # CIDRs; empty: any address
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    max_connections: int = 1024
+    max_connections_per_client: int = 256
 
     @property
     def listen(self) -> str:
@@ -85,6 +98,8 @@ class Config:
     routes: RoutesConfig
     log_level: str = "info"
     source: str = field(default="", compare=False)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 def config_path(cli_value: str | None) -> str:
@@ -121,8 +136,10 @@ def parse(data: Mapping[str, object], source: str = "") -> Config:
     providers = _providers(root.tables("providers"))
     routes = _routes(root.table("routes", {}), providers)
     log_level = root.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    lim = limits.parse(root.table("limits", {}), providers)
+    brk = breaker.parse(root.table("breaker", {}))
     root.done()
-    return Config(server, queue, region, providers, routes, log_level, source)
+    return Config(server, queue, region, providers, routes, log_level, source, lim, brk)
 
 
 def _server(t: Table) -> ServerConfig:
@@ -149,9 +166,33 @@ def _server(t: Table) -> ServerConfig:
         max_recipients=t.integer("max_recipients", 1000, min=1, max=100_000),
         max_message_chars=t.integer("max_message_chars", 2000, min=1, max=100_000),
         shutdown_timeout=t.duration("shutdown_timeout", "10s"),
+        **_door(t),
     )
     t.done()
     return cfg
+
+
+def _door(t: Table) -> dict[str, Any]:
+    """TLS, allowed addresses, read deadlines and connection limits of ``[server]``."""
+    cert = t.string("tls_cert", "", nonempty=False)
+    key = t.string("tls_key", "", nonempty=False)
+    if bool(cert) != bool(key):
+        raise t.error("tls_key" if cert else "tls_cert", "set tls_cert and tls_key together")
+    allow = t.str_list("allow_ips", [])
+    for i, cidr in enumerate(allow):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"{t.path('allow_ips')}[{i}]",
+                              f"expected an address or CIDR such as \"10.0.0.0/8\"; got {cidr!r}"
+                              ) from None
+    return {
+        "tls_cert": cert, "tls_key": key, "allow_ips": tuple(allow),
+        "header_timeout": t.duration("header_timeout", "10s"),
+        "body_timeout": t.duration("body_timeout", "10s"),
+        "max_connections": t.integer("max_connections", 1024, min=1),
+        "max_connections_per_client": t.integer("max_connections_per_client", 256, min=1),
+    }
 
 
 def _queue(t: Table) -> QueueConfig:

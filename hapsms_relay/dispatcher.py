@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hapsms_relay import log
+from hapsms_relay.breaker import Breakers
+from hapsms_relay.budget import Budget
 from hapsms_relay.config import Config
 from hapsms_relay.errors import DeliveryError, StorageError, TransientError, UnsupportedError
 from hapsms_relay.metrics import Metrics
@@ -35,6 +37,7 @@ class Activity:
     dead: int = 0
     last_error: str = ""
     last_error_at: float = 0.0
+    circuits: dict[str, str] = field(default_factory=dict)  # providers whose circuit is open
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Attempt:
 
     transient: TransientError | None = None
     unsupported: UnsupportedError | None = None
+    delivered: bool = False
 
 
 @dataclass
@@ -58,6 +62,15 @@ class Dispatcher:
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     _stopping: bool = False
     _task: asyncio.Task[None] | None = None
+    budget: Budget | None = None  # shared with the webhook; one of its own if not given
+    breakers: Breakers = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = Budget(self.config.limits, self.metrics)
+        self.breakers = Breakers(self.config.breaker, self.metrics)
+        self.breakers.track(list(self.config.providers))
+        self.activity.circuits = self.breakers.not_closed
 
     @property
     def providers(self) -> dict[str, Provider]:
@@ -79,6 +92,8 @@ class Dispatcher:
         """
         self.config = config
         self._semaphores = {}
+        self.breakers.cfg = config.breaker
+        self.breakers.track(list(config.providers))
 
     async def stop(self, timeout: float) -> None:
         """Claim nothing more; give deliveries in flight ``timeout`` seconds, then stop them."""
@@ -178,7 +193,7 @@ class Dispatcher:
             if not pending:
                 break
             provider = config.providers[name]
-            pending = await self._try_provider(provider, pending, attempts, semaphores)
+            pending = await self._try_gated(provider, pending, attempts, semaphores)
         for e in pending:
             a = attempts[e.id]
             if a.transient is not None:
@@ -186,6 +201,42 @@ class Dispatcher:
             else:
                 assert a.unsupported is not None
                 await self._dead(e, a.unsupported.provider, a.unsupported.reason(), a.unsupported.code)
+
+    async def _try_gated(
+        self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt],
+        semaphores: dict[str, asyncio.Semaphore],
+    ) -> list[Entry]:
+        """``_try_provider`` within the provider's daily budget and circuit breaker: what
+        either holds back is handed on to the next provider of the route."""
+        name = provider.common.name
+        budget = self.budget
+        assert budget is not None
+        n = budget.reserve(name, len(entries))
+        held = entries[n:]
+        for e in held:
+            a = attempts[e.id]
+            if budget.hold and a.transient is None:
+                # no Retry-After: the usual backoff (at most retry_max) looks again, so a
+                # reload that raises the budget, or midnight, releases it soon
+                a.transient = TransientError(name, "over_budget", "daily budget used up")
+            elif not budget.hold and a.unsupported is None:
+                a.unsupported = UnsupportedError(name, "over_budget", "daily budget used up")
+        if not n:
+            return held
+        wait = self.breakers.allow(name)
+        if wait:
+            budget.settle(name, n, 0)
+            for e in entries[:n]:
+                if attempts[e.id].transient is None:
+                    attempts[e.id].transient = TransientError(
+                        name, "circuit_open", "skipped while its circuit is open (last failure: "
+                        f"{self.breakers.last_error(name) or 'unknown'})", retry_after=wait)
+            return entries
+        try:
+            carried = await self._try_provider(provider, entries[:n], attempts, semaphores)
+        finally:  # the reservation becomes what was delivered; the rest is freed
+            budget.settle(name, n, sum(attempts[e.id].delivered for e in entries[:n]))
+        return carried + held
 
     async def _try_provider(
         self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt],
@@ -204,6 +255,7 @@ class Dispatcher:
             for e, outcome in zip(chunk, outcomes, strict=True):
                 if outcome is None:
                     delivered.append((e, elapsed))
+                    attempts[e.id].delivered = True
                 elif isinstance(outcome, UnsupportedError):
                     attempts[e.id].unsupported = outcome
                     carried.append(e)
@@ -249,6 +301,7 @@ class Dispatcher:
         if len(outcomes) != len(entries):
             err = TransientError(name, "internal_error", "provider returned a wrong outcome count")
             outcomes = [err] * len(entries)
+        self.breakers.record(name, outcomes)
         return outcomes, elapsed
 
     def _message(self, e: Entry, provider: Provider) -> Message:

@@ -51,6 +51,33 @@ class Metrics:
             f"{PREFIX}_queue_depth", "Messages in the outbox not yet delivered or dead",
             registry=r,
         )
+        # abuse protection and fault tolerance (limits, guard, breaker, budget, door)
+        self.refused = Counter(
+            f"{PREFIX}_recipients_refused", "Recipients refused by a limit, by error code",
+            ["error"], registry=r,
+        )
+        self.duplicates = Counter(
+            f"{PREFIX}_duplicates", "Bodies answered again without a second send", registry=r,
+        )
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures", "Webhook requests with a missing or wrong token",
+            registry=r,
+        )
+        self.forbidden = Counter(
+            f"{PREFIX}_forbidden", "Requests from addresses outside server.allow_ips", registry=r,
+        )
+        self.connections_refused = Counter(
+            f"{PREFIX}_connections_refused", "Connections closed by the front door, by reason",
+            ["reason"], registry=r,
+        )
+        self.circuit = Gauge(
+            f"{PREFIX}_circuit_state", "Provider circuit breaker: 0 closed, 1 open, 2 half open",
+            ["provider"], registry=r,
+        )
+        self.budget_remaining = Gauge(
+            f"{PREFIX}_budget_remaining", "Messages left in today's budget (provider=all: overall)",
+            ["provider"], registry=r,
+        )
         self._status_children: dict[int, Counter] = {}
         # labels() takes a lock and a dict lookup per call: the hot path keeps the children
         self.accepted_by_kind = {k: self.accepted.labels(k) for k in ("sms", "voice")}

@@ -6,6 +6,7 @@ same Protocol without touching the server or the dispatcher.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -90,8 +91,15 @@ class Outbox(Protocol):
 
     async def close(self) -> None: ...
 
-    async def enqueue(self, entries: Sequence[NewEntry], ttl: float) -> list[int]:
-        """Store the entries durably; return their ids only once they are on disk."""
+    async def enqueue(
+        self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
+        note: bytes = b"",
+    ) -> list[int]:
+        """Store the entries durably; return their ids only once they are on disk.
+
+        ``keys`` (dedup and Idempotency-Key, with their expiry) are stored in the same
+        transaction, each answering for these ids and ``note`` (see ``replies``).
+        """
 
     async def claim(self, limit: int, now: float) -> list[Entry]:
         """Mark up to ``limit`` due pending entries in flight and return them."""
@@ -120,4 +128,15 @@ class Outbox(Protocol):
     async def purge_dead(self) -> int: ...
 
     async def cleanup(self, delivered_before: float) -> int:
-        """Forget delivered entries accepted before the given time."""
+        """Forget delivered entries accepted before the given time, and expired keys."""
+
+    # What the limits rebuild at start (see ``guard.Guard.load``).
+
+    async def recent(self, since: float) -> builtins.list[tuple[int, str, float]]:
+        """(kind, recipient, accepted at) of every entry accepted since ``since``, oldest first."""
+
+    async def replies(self, now: float) -> builtins.list[tuple[bytes, int, int, bytes, float]]:
+        """The keys stored with ``enqueue`` not yet expired: (key, first id, count, note, expires)."""
+
+    async def delivered_since(self, since: float) -> dict[str, int]:
+        """Entries delivered since ``since``, by provider."""

@@ -9,6 +9,7 @@ blocks on SQLite.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import fcntl
 import os
@@ -48,12 +49,23 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS pending_due ON messages(due) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS dead_id ON messages(id) WHERE state = 3;
+-- dedup keys (dedup.py): appended in rowid order, read whole at start; a random-key index
+-- would touch a random page per request, so the only index is on the (nearly ordered) expiry
+CREATE TABLE IF NOT EXISTS replies (
+    key     BLOB    NOT NULL,
+    first   INTEGER NOT NULL,
+    count   INTEGER NOT NULL,
+    note    BLOB    NOT NULL,
+    expires REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replies_expires ON replies(expires);
 """
 
 _ENTRY_COLS = (
     "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts"
 )
 
+_INSERT_REPLY = "INSERT INTO replies VALUES (?,?,?,?,?)"
 _INSERT = (
     "INSERT INTO messages (id, batch, kind, recipient, region, national, text, signature,"
     " code, created, due, expires, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -224,10 +236,13 @@ class SQLiteOutbox:
         runs them one by one and only the culprit fails."""
         sql = self._statement(ops[0])
         assert sql is not None
-        params = [p for _, args, _ in ops for p in args[-1]]
         try:
             conn.execute("SAVEPOINT merged")
-            conn.executemany(sql, params)
+            if sql is _INSERT:  # enqueue(rows, dedup keys): both, for every op, or none
+                conn.executemany(sql, [p for _, args, _ in ops for p in args[0]])
+                conn.executemany(_INSERT_REPLY, [k for _, args, _ in ops for k in args[1]])
+            else:
+                conn.executemany(sql, [p for _, args, _ in ops for p in args[-1]])
             conn.execute("RELEASE merged")
         except sqlite3.Error:
             with contextlib.suppress(sqlite3.Error):
@@ -264,6 +279,8 @@ class SQLiteOutbox:
                     f"{self.path} was written by a newer hapsms-relay (schema {version}); "
                     "upgrade this one"
                 )
+            if tables:  # read every row before writing anything: a damaged file stays as it is
+                conn.execute("SELECT count(*) FROM messages WHERE state >= 0").fetchone()
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StorageError(f"{self.path}: cannot switch to WAL mode (got {mode})")
@@ -292,9 +309,11 @@ class SQLiteOutbox:
         self._conn = conn
         return max_id + 1, undelivered
 
-    def _op_enqueue(self, rows: list[tuple[Any, ...]]) -> None:
+    def _op_enqueue(self, rows: list[tuple[Any, ...]], keys: list[tuple[Any, ...]]) -> None:
         assert self._conn is not None
         self._conn.executemany(_INSERT, rows)
+        if keys:  # dedup keys commit with the messages they answer for, or not at all
+            self._conn.executemany(_INSERT_REPLY, keys)
 
     def _op_claim(self, limit: int, now: float) -> list[Entry]:
         assert self._conn is not None
@@ -329,7 +348,10 @@ class SQLiteOutbox:
 
     # -- the Outbox interface --------------------------------------------------------------
 
-    async def enqueue(self, entries: Sequence[NewEntry], ttl: float) -> list[int]:
+    async def enqueue(
+        self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
+        note: bytes = b"",
+    ) -> list[int]:
         now = time.time()
         # ids grow with time (never below now in µs) so ordering and cleanup by id are safe
         first = max(self._next_id, int(now * 1_000_000))
@@ -341,7 +363,8 @@ class SQLiteOutbox:
              now, now, expires, now)
             for i, e in zip(ids, entries, strict=True)
         ]
-        await self._call(self._enqueue_op, rows)
+        key_rows = [(k, first, len(rows), note, exp) for k, exp in keys]
+        await self._call(self._enqueue_op, rows, key_rows)
         self._undelivered += len(rows)
         return ids
 
@@ -444,7 +467,30 @@ class SQLiteOutbox:
             self._op_change, "DELETE FROM messages WHERE id < ? AND state = 2",
             (int(delivered_before * 1_000_000),),
         )
+        await self._call(self._op_change, "DELETE FROM replies WHERE expires <= ?", (time.time(),))
         return n
+
+    async def recent(self, since: float) -> builtins.list[tuple[int, str, float]]:
+        # ids are at least their creation time in µs: the primary key finds the range
+        rows: builtins.list[tuple[int, str, float]] = await self._call(
+            self._op_query, "SELECT kind, recipient, created FROM messages WHERE id >= ? "
+            "AND created >= ? ORDER BY id", (int(since * 1_000_000), since),
+        )
+        return rows
+
+    async def replies(self, now: float) -> builtins.list[tuple[bytes, int, int, bytes, float]]:
+        rows: builtins.list[tuple[bytes, int, int, bytes, float]] = await self._call(
+            self._op_query, "SELECT key, first, count, note, expires FROM replies "
+            "WHERE expires > ? ORDER BY rowid", (now,),
+        )
+        return rows
+
+    async def delivered_since(self, since: float) -> dict[str, int]:
+        rows = await self._call(
+            self._op_query, "SELECT provider, count(*) FROM messages WHERE state = 2 AND "
+            "updated >= ? GROUP BY provider", (since,),
+        )
+        return {p: int(n) for p, n in rows}
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

@@ -16,9 +16,12 @@ import aiohttp
 from aiohttp import web
 
 from hapsms_relay import __version__, config, log
+from hapsms_relay.budget import Budget
 from hapsms_relay.config import Config
 from hapsms_relay.dispatcher import Dispatcher
+from hapsms_relay.door import Door, load_certificate, tls_context
 from hapsms_relay.errors import ConfigError, StorageError
+from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from hapsms_relay.providers import Provider
@@ -32,8 +35,13 @@ class Relay:
         self.config = cfg
         self.metrics = Metrics()
         self.outbox = SQLiteOutbox(cfg.queue.path)
-        self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused)
-        self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready)
+        # one budget: the dispatcher spends it, the webhook refuses when it is used up
+        budget = Budget(cfg.limits, self.metrics)
+        self.guard = Guard(cfg.limits, budget, self.metrics)
+        self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=budget)
+        self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready,
+                               self.guard)
+        self.tls = tls_context(cfg.server) if cfg.server.tls_cert else None
         self.session: aiohttp.ClientSession | None = None
         self.runner: web.ServerRunner | None = None
         self.address = ""
@@ -55,6 +63,7 @@ class Relay:
 
     async def _start(self, sock: socket.socket | None) -> None:
         await self.outbox.open()
+        await self.guard.load(self.outbox)  # limits survive restarts
         self.metrics.track_queue(lambda: self.outbox.undelivered)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
@@ -62,7 +71,7 @@ class Relay:
         )
         await _open_providers(self.config.providers.values(), self.session)
         self.dispatcher.start()
-        server = web.Server(self.webhook)
+        server = Door(self.webhook, self.config.server, self.metrics)
         self.runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=self.config.server.shutdown_timeout
         )
@@ -71,9 +80,10 @@ class Relay:
         site: web.BaseSite
         self._inherited_socket = sock is not None
         if sock is not None:
-            site = web.SockSite(self.runner, sock, backlog=1024)
+            site = web.SockSite(self.runner, sock, backlog=1024, ssl_context=self.tls)
         else:
-            site = web.TCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True)
+            site = web.TCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True,
+                               ssl_context=self.tls)
         await site.start()
         self.address = _address(self.runner)
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
@@ -127,6 +137,11 @@ class Relay:
             except ConfigError as exc:
                 return self._reload_failed(str(exc))
             new, restart_needed = self._keep_restart_only(new)
+            if self.tls is not None:
+                try:  # a renewed certificate: new connections get it
+                    load_certificate(self.tls, new.server)
+                except OSError as exc:
+                    return self._reload_failed(f"server.tls_cert: {exc}")
             assert self.session is not None
             try:
                 await _open_providers(new.providers.values(), self.session)
@@ -166,11 +181,19 @@ class Relay:
                             new.server.shutdown_timeout))
         if new.queue.path != run.queue.path:
             pending.append(("queue.path", run.queue.path, new.queue.path))
+        # Turning TLS on or off changes the listener itself; a new certificate does not.
+        tls_change = bool(new.server.tls_cert) != (self.tls is not None)
+        if tls_change:
+            pending.append(("server.tls_cert", run.server.tls_cert or "none",
+                            new.server.tls_cert or "none"))
         for setting, running, configured in pending:
             log.warning("reload_needs_restart", setting=setting, running=running,
                         configured=configured)
         server = dataclasses.replace(new.server, host=run.server.host, port=run.server.port,
                                      shutdown_timeout=run.server.shutdown_timeout)
+        if tls_change:
+            server = dataclasses.replace(server, tls_cert=run.server.tls_cert,
+                                         tls_key=run.server.tls_key)
         queue = dataclasses.replace(new.queue, path=run.queue.path)
         return (dataclasses.replace(new, server=server, queue=queue),
                 tuple(name for name, _, _ in pending))
@@ -202,14 +225,18 @@ class Relay:
             "accepting": self.webhook.accepting,
             "undelivered": self.outbox.undelivered,
             "providers": list(self.config.providers),
+            "circuits": self.dispatcher.breakers.states(list(self.config.providers)),
         }
 
     async def _housekeep(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             try:
-                removed = await self.outbox.cleanup(time.time() - self.config.queue.keep_delivered)
+                # delivered entries are the log the limits count on: keep them long enough
+                keep = max(self.config.queue.keep_delivered, self.config.limits.retention)
+                removed = await self.outbox.cleanup(time.time() - keep)
                 await self.outbox.refresh_count()
+                self.guard.prune(time.time())
             except StorageError as exc:
                 log.error("housekeeping_failed", error=str(exc))
                 continue

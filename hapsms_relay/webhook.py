@@ -19,13 +19,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hapsms_relay import log
+from hapsms_relay.budget import Budget
 from hapsms_relay.config import Config
+from hapsms_relay.door import AddressFilter
 from hapsms_relay.errors import QueueFullError, StorageError
+from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.numbers import InvalidNumber, normalise
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
 
 JSON = "application/json"
+IDEMPOTENCY_KEY = "Idempotency-Key"
 _SIGNATURE_BRACKETS = (("【", "】"), ("[", "]"))
 _PROBES = frozenset(("/healthz", "/readyz", "/metrics"))
 
@@ -34,17 +38,20 @@ class BadRequest(Exception):
     """A request the relay refuses; becomes ``{"ok": false, "error": code, "detail": ...}``."""
 
     def __init__(self, status: int, code: str, detail: str,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, refused: bytes = b"") -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers
+        self.refused = refused  # a JSON list of refused recipients, or b""
 
 
 def error_response(status: int, code: str, detail: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
+                   headers: dict[str, str] | None = None, refused: bytes = b"") -> web.Response:
     body = orjson.dumps({"ok": False, "error": code, "detail": detail})
+    if refused:
+        body = body[:-1] + b',"refused":' + refused + b"}"
     return web.Response(status=status, body=body, content_type=JSON, headers=headers)
 
 
@@ -53,7 +60,7 @@ class Webhook:
 
     def __init__(
         self, config: Config, outbox: Outbox, metrics: Metrics, notify: Callable[[], None],
-        ready: Callable[[], tuple[bool, dict[str, Any]]],
+        ready: Callable[[], tuple[bool, dict[str, Any]]], guard: Guard | None = None,
     ) -> None:
         self.outbox = outbox
         self.metrics = metrics
@@ -63,6 +70,7 @@ class Webhook:
         self.handling = 0  # requests being handled now
         self._idle = asyncio.Event()
         self._idle.set()
+        self.guard = guard or Guard(config.limits, Budget(config.limits, metrics), metrics)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -74,6 +82,8 @@ class Webhook:
         self.bearer = s.token_header.lower() == "authorization"
         # Compare digests: constant time whatever the length of what the client sent.
         self.token_digests = tuple(hashlib.sha256(t.reveal().encode()).digest() for t in s.tokens)
+        self.allowed = AddressFilter(s.allow_ips) if s.allow_ips else None
+        self.guard.set_config(config.limits)
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds until no request is being handled."""
@@ -92,6 +102,10 @@ class Webhook:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
+            if self.allowed is not None and not self.allowed(request.remote):
+                self.metrics.forbidden.inc()
+                raise BadRequest(403, "forbidden", "this address may not use the relay "
+                                 "(server.allow_ips)")
             if request.path == self.path:
                 response: web.StreamResponse = await self.webhook(request)
             elif request.path in _PROBES:
@@ -100,7 +114,9 @@ class Webhook:
                 raise BadRequest(404, "not_found", f"no endpoint at {request.path}; "
                                  f"HAP's webhook is POST {self.path}")
         except BadRequest as exc:
-            response = error_response(exc.status, exc.code, exc.detail, exc.headers)
+            response = error_response(exc.status, exc.code, exc.detail, exc.headers, exc.refused)
+            if exc.status == 408:
+                response.force_close()  # the rest of a slow body is not worth waiting for
         except Exception:  # a bug: answer in JSON, keep serving, log the traceback
             log.LOGGER.exception("internal_error path=%s", request.path)
             response = error_response(500, "internal_error", "the relay failed; see its log")
@@ -125,20 +141,42 @@ class Webhook:
             raise BadRequest(503, "shutting_down", "the relay is shutting down; retry shortly",
                              {"Retry-After": "5"})
         body = await self.read_body(request)
-        entries = self.parse(body)
-        if self.outbox.undelivered + len(entries) > self.config.queue.max_pending:
-            raise BadRequest(503, "queue_full", "the outbox is full; retry later",
-                             {"Retry-After": "30"})
+        key = request.headers.get(IDEMPOTENCY_KEY)
+        if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
+            raise BadRequest(400, "invalid_idempotency_key",
+                             "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        parsed = self.parse(body)
+        # limits and duplicates (guard.py): only admitted recipients are stored
+        adm = self.guard.admit(parsed, key)
+        while adm.duplicate is not None:
+            reply = adm.duplicate if not isinstance(adm.duplicate, asyncio.Future) \
+                else await adm.duplicate
+            if reply is not None:
+                self.metrics.duplicates.inc()
+                return self.answer(reply.ids, reply.note, duplicate=True)
+            adm = self.guard.admit(parsed, key)  # the first request failed: this one is first
+        if not adm.entries:
+            first = adm.refused[0][1]
+            raise BadRequest(first.status, first.code, first.detail, refused=adm.note())
+        entries = adm.entries
         try:
-            ids = await self.outbox.enqueue(entries, self.config.queue.ttl)
+            if self.outbox.undelivered + len(entries) > self.config.queue.max_pending:
+                raise QueueFullError
+            ids = await self.outbox.enqueue(entries, self.config.queue.ttl, keys=adm.keys,
+                                            note=adm.note())
         except QueueFullError:
+            self.guard.failed(adm)
             raise BadRequest(503, "queue_full", "the outbox is full; retry later",
                              {"Retry-After": "30"}) from None
-        except StorageError as exc:
+        except BaseException as exc:
+            self.guard.failed(adm)
+            if not isinstance(exc, StorageError):
+                raise
             log.error("enqueue_failed", error=str(exc), count=len(entries))
             raise BadRequest(503, "storage_unavailable",
                              "the relay cannot write its outbox; retry later",
                              {"Retry-After": "10"}) from None
+        self.guard.stored(adm, ids)
         self.notify()
         kind = "voice" if entries[0].kind == KIND_VOICE else "sms"
         self.metrics.accepted_by_kind[kind].inc(len(ids))
@@ -147,8 +185,17 @@ class Webhook:
         if log.LOGGER.isEnabledFor(logging.DEBUG):
             log.debug("accepted", ids=",".join(map(str, ids)), type=kind, count=len(ids),
                       client=request.remote)
-        return web.Response(body=orjson.dumps({"ok": True, "ids": [str(i) for i in ids]}),
-                            content_type=JSON)
+        return self.answer(ids, adm.note())
+
+    def answer(self, ids: Sequence[int], refused: bytes, duplicate: bool = False) -> web.Response:
+        """200 ``{"ok": true, "ids": [...]}``, with ``"duplicate": true`` for an answer given
+        again and ``"refused": [...]`` when some recipients were refused."""
+        body = orjson.dumps({"ok": True, "ids": [str(i) for i in ids]})
+        if duplicate:
+            body = body[:-1] + b',"duplicate":true}'
+        if refused:
+            body = body[:-1] + b',"refused":' + refused + b"}"
+        return web.Response(body=body, content_type=JSON)
 
     def authenticate(self, request: web.BaseRequest) -> None:
         value = request.headers.get(self.token_header, "")
@@ -156,11 +203,13 @@ class Webhook:
             scheme, _, value = value.partition(" ")
             if scheme.lower() != "bearer":
                 value = ""
-        digest = hashlib.sha256(value.strip().encode()).digest()
+        # aiohttp hands over non-UTF-8 header bytes as surrogates: hash them, do not crash
+        digest = hashlib.sha256(value.strip().encode("utf-8", "surrogateescape")).digest()
         ok = False
         for known in self.token_digests:  # no early exit: every token is compared
             ok |= hmac.compare_digest(digest, known)
         if not ok or not value:
+            self.metrics.auth_failures.inc()
             log.warning("auth_failed", client=request.remote, header=self.token_header)
             how = "Authorization: Bearer <token>" if self.bearer else f"{self.token_header}: <token>"
             raise BadRequest(401, "unauthorized", f"missing or wrong token; send {how}",
@@ -172,14 +221,26 @@ class Webhook:
         too_large = BadRequest(413, "body_too_large", f"the body exceeds {limit} bytes")
         if length is not None and length > limit:
             raise too_large
-        chunks = bytearray()
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            chunks += chunk
-            if len(chunks) > limit:
+        content = request.content
+        if content.is_eof():  # the usual case: the whole (small) body is already buffered
+            body = content.read_nowait()
+            if len(body) > limit:
                 raise too_large
+            return body
+        chunks = bytearray()
+        try:
+            # a client trickling its body must not hold a request slot for long
+            async with asyncio.timeout(self.config.server.body_timeout):
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    chunks += chunk
+                    if len(chunks) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise BadRequest(408, "request_timeout", "the body did not arrive within "
+                             f"{self.config.server.body_timeout:g}s") from None
         return bytes(chunks)
 
     def parse(self, body: bytes) -> list[NewEntry]:

@@ -83,6 +83,9 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "queue": {"path": str(tmp_path / "outbox.db"), "retry_base": "50ms", "retry_max": "200ms"},
         "providers": [{"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}],
         "routes": {"sms": ["dev"]},
+        # per-number windows and dedup off: most tests post the same body many times; the
+        # limits tests (test_limits.py) switch them on
+        "limits": {"sms": [], "voice": [], "dedup_window": "0s"},
     }
     for name, value in sections.items():
         if isinstance(value, Mapping) and isinstance(doc.get(name), Mapping):

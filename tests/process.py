@@ -1,4 +1,5 @@
-"""The relay as a subprocess, as systemd runs it: ``python -m hapsms_relay serve``.
+"""The relay as a subprocess, as systemd runs it: ``python -m hapsms_relay serve``, for
+kill -9, signals and resource limits.
 
 Its stdout is read line by line in the background (every line kept, for the log checks),
 and the address comes from its ``listening address=`` line.
@@ -14,6 +15,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.helpers import eventually, leaked
+
+# Sets the file-size limit (soft; the hard limit stays, so it can be raised again from
+# outside with prlimit), ignores SIGXFSZ so writes past it fail with EFBIG as on a full disk,
+# then becomes the relay.
+_LAUNCH = """
+import os, resource, signal, sys
+limit = int(sys.argv[1])
+if limit:
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+os.execv(sys.executable, [sys.executable, "-m", "hapsms_relay", *sys.argv[2:]])
+"""
 
 
 async def run_cli(*args: str, env: Mapping[str, str] | None = None,
@@ -43,10 +57,13 @@ class RelayProcess:
     """``hapsms-relay serve --config PATH`` in a subprocess; ``lines`` is its stdout so far."""
 
     def __init__(self, config: Path, env: Mapping[str, str] | None = None,
-                 args: Sequence[str] = ()) -> None:
+                 args: Sequence[str] = (), *, fsize: int = 0, paused: bool = False) -> None:
+        """``fsize``: a file-size limit in bytes (writes past it fail as on a full disk);
+        ``paused``: serve with ``--pause-delivery``."""
         self.config = config
         self.env = {**os.environ, **(env or {})}
-        self.args = list(args)
+        self.args = list(args) + (["--pause-delivery"] if paused else [])
+        self.fsize = fsize
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self.address = ""
@@ -56,9 +73,19 @@ class RelayProcess:
     def url(self) -> str:
         return f"http://{self.address}"
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
     async def start(self) -> RelayProcess:
+        """Start (or start again): the output and address of an earlier run are dropped."""
+        self.lines, self.address = [], ""
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hapsms_relay", "serve", "--config", str(self.config),
+            sys.executable, "-c", _LAUNCH, str(self.fsize), "serve", "--config", str(self.config),
             *self.args, env=self.env, cwd=self.config.parent,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
@@ -93,8 +120,13 @@ class RelayProcess:
         check_output("\n".join(self.lines))
         return code
 
-    async def stop(self) -> None:
-        """SIGTERM if still running, then reap (test teardown)."""
+    def kill(self) -> None:
+        """kill -9: no shutdown of any kind."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def stop(self) -> int:
+        """SIGTERM if still running, then reap (test teardown); the exit status."""
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
             try:
@@ -104,3 +136,4 @@ class RelayProcess:
                 await self.proc.wait()
         if self._reader is not None:
             await self._reader
+        return self.proc.returncode if self.proc is not None and self.proc.returncode is not None else 0

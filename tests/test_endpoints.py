@@ -28,7 +28,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 async def test_healthz_and_readyz(tmp_path: Path, relay_factory: Any,
                                   session: aiohttp.ClientSession) -> None:
-    """/healthz answers while the process serves; /readyz lists providers and undelivered."""
+    """/healthz answers while the process serves; /readyz lists providers, their circuits
+    and the undelivered count."""
     relay = await relay_factory(base_config(tmp_path), paused=True)
     for method in ("GET", "HEAD"):
         async with session.request(method, relay.url + "/healthz") as r:
@@ -37,7 +38,7 @@ async def test_healthz_and_readyz(tmp_path: Path, relay_factory: Any,
     async with session.get(relay.url + "/readyz") as r:
         assert r.status == 200
         assert await r.json() == {"ok": True, "accepting": True, "undelivered": 1,
-                                  "providers": ["dev"]}
+                                  "providers": ["dev"], "circuits": {"dev": "closed"}}
 
 
 async def _metrics(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple[Any, ...]], float]:

@@ -1,0 +1,116 @@
+"""A circuit breaker per provider: after ``failures`` consecutive calls that failed
+transiently the provider is skipped for ``cool_off``; then one call goes through as a probe,
+and its outcome closes the circuit or opens it again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hapsms_relay import log
+from hapsms_relay.errors import PermanentError, TransientError
+from hapsms_relay.metrics import Metrics
+from hapsms_relay.providers.base import Outcome
+from hapsms_relay.table import Table
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_GAUGE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failures: int = 5  # 0: no breaker
+    cool_off: float = 30.0
+
+
+def parse(t: Table) -> BreakerConfig:
+    cfg = BreakerConfig(t.integer("failures", 5, min=0), t.duration("cool_off", "30s"))
+    t.done()
+    return cfg
+
+
+@dataclass
+class _Circuit:
+    failures: int = 0
+    opened_at: float = 0.0  # monotonic; 0: closed
+    probe_at: float = 0.0  # when the probe in flight started; 0: none
+    last_error: str = ""  # the provider's last transient failure, "code: text"
+
+
+class Breakers:
+    def __init__(self, cfg: BreakerConfig, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._circuits: dict[str, _Circuit] = {}
+        self.not_closed: dict[str, str] = {}  # provider -> open / half_open (status line)
+
+    def allow(self, name: str) -> float:
+        """0 when a call to ``name`` may go now (a probe, if half open); else the seconds
+        until it may be probed."""
+        c = self._circuits.get(name)
+        if c is None or not c.opened_at:
+            return 0.0
+        now = time.monotonic()
+        wait = c.opened_at + self.cfg.cool_off - now
+        if wait > 0:
+            return wait
+        # half open: one probe at a time (a probe lost to a crash frees the slot after cool_off)
+        if c.probe_at and now - c.probe_at < self.cfg.cool_off:
+            return self.cfg.cool_off - (now - c.probe_at)
+        c.probe_at = now
+        self._publish(name, HALF_OPEN)
+        return 0.0
+
+    def record(self, name: str, outcomes: Sequence[Outcome]) -> None:
+        """One call's outcomes: any answer (delivered or refused) closes; all transient fails."""
+        if self.cfg.failures <= 0:
+            return
+        c = self._circuits.setdefault(name, _Circuit())
+        if any(o is None or isinstance(o, PermanentError) for o in outcomes):
+            if c.opened_at:
+                log.info("circuit_closed", provider=name)
+            c.failures, c.opened_at, c.probe_at = 0, 0.0, 0.0
+            self._publish(name, CLOSED)
+        elif outcomes and all(isinstance(o, TransientError) for o in outcomes):
+            c.failures += 1
+            last = outcomes[-1]
+            assert last is not None
+            c.last_error = f"{last.code}" + (f": {last.text}" if last.text else "")
+            if c.opened_at or c.failures >= self.cfg.failures:
+                if not c.opened_at or c.probe_at:
+                    log.warning("circuit_open", provider=name, failures=c.failures,
+                                cool_off_s=self.cfg.cool_off)
+                c.opened_at, c.probe_at = time.monotonic(), 0.0
+                self._publish(name, OPEN)
+        else:  # the provider could not carry these messages: says nothing of its health
+            c.probe_at = 0.0
+
+    def last_error(self, name: str) -> str:
+        """The failure that kept the circuit open, for the reasons of messages it holds back."""
+        c = self._circuits.get(name)
+        return c.last_error if c is not None else ""
+
+    def state(self, name: str) -> str:
+        c = self._circuits.get(name)
+        if c is None or not c.opened_at:
+            return CLOSED
+        if time.monotonic() - c.opened_at >= self.cfg.cool_off:
+            return HALF_OPEN
+        return OPEN
+
+    def states(self, names: Sequence[str]) -> dict[str, str]:
+        return {n: self.state(n) for n in names}
+
+    def track(self, names: Sequence[str]) -> None:
+        """Show these providers' circuits in the metrics from the start."""
+        for name in names:
+            self._publish(name, self.state(name))
+
+    def _publish(self, name: str, state: str) -> None:
+        self.metrics.circuit.labels(name).set(_GAUGE[state])
+        if state == CLOSED:
+            self.not_closed.pop(name, None)
+        else:
+            self.not_closed[name] = state

@@ -1,0 +1,101 @@
+"""The webhook's admission step for a valid body: duplicates, per-recipient limits, budget.
+
+``admit`` is synchronous and in memory (it runs on the hot path); ``stored`` and ``failed``
+close an admission once the enqueue has committed or failed, so concurrent requests see
+each other's reservations and duplicates of a body being stored wait for its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import orjson
+
+from hapsms_relay.budget import Budget, day_start
+from hapsms_relay.dedup import Replies, Reply, body_key, header_key
+from hapsms_relay.limits import RATE_LIMITED, Limiter, LimitsConfig, Refusal
+from hapsms_relay.metrics import Metrics
+from hapsms_relay.outbox import NewEntry, Outbox
+
+
+@dataclass
+class Admission:
+    entries: list[NewEntry] = field(default_factory=list)  # to enqueue
+    refused: list[tuple[NewEntry, Refusal]] = field(default_factory=list)
+    keys: list[tuple[bytes, float]] = field(default_factory=list)  # stored with the entries
+    at: float = 0.0
+    duplicate: Reply | asyncio.Future[Reply | None] | None = None
+
+    def note(self) -> bytes:
+        """The refused recipients as the response lists them (JSON), or b""."""
+        if not self.refused:
+            return b""
+        return orjson.dumps([{"mobile": e.recipient, "error": r.code, "detail": r.detail}
+                             for e, r in self.refused])
+
+
+class Guard:
+    def __init__(self, cfg: LimitsConfig, budget: Budget, metrics: Metrics) -> None:
+        self.limiter = Limiter(cfg)
+        self.replies = Replies()
+        self.budget = budget
+        self.metrics = metrics
+        self.cfg = cfg
+
+    def set_config(self, cfg: LimitsConfig) -> None:
+        self.cfg = cfg
+        self.limiter.cfg = cfg
+        self.budget.set_config(cfg)
+
+    def admit(self, entries: Sequence[NewEntry], idempotency_key: str | None) -> Admission:
+        now = time.time()
+        cfg = self.cfg
+        adm = Admission(at=now)
+        keys = []
+        if idempotency_key is not None:
+            keys.append((header_key(idempotency_key), now + cfg.idempotency_ttl))
+        if cfg.dedup_window > 0:
+            keys.append((body_key(entries), now + cfg.dedup_window))
+        if keys:
+            found = self.replies.find((k for k, _ in keys), now)
+            if found is not None:
+                adm.duplicate = found
+                return adm
+        over = None
+        if not self.budget.hold and self.budget.exhausted():
+            over = Refusal(RATE_LIMITED, 429, f"the daily budget of {cfg.daily_budget} messages "
+                           "is used up (limits.daily_budget)")
+        for e in entries:
+            refusal = over or self.limiter.check(e.kind, e.recipient, e.region, now)
+            if refusal is None:
+                adm.entries.append(e)
+                self.limiter.take(e.kind, e.recipient, now)
+            else:
+                adm.refused.append((e, refusal))
+                self.metrics.refused.labels(refusal.code).inc()
+        if adm.entries:
+            adm.keys = keys
+            self.replies.storing(k for k, _ in keys)
+        return adm
+
+    def stored(self, adm: Admission, ids: Sequence[int]) -> None:
+        self.replies.stored(adm.keys, ids[0], len(ids), adm.note())
+
+    def failed(self, adm: Admission) -> None:
+        for e in adm.entries:
+            self.limiter.untake(e.kind, e.recipient, adm.at)
+        self.replies.failed(k for k, _ in adm.keys)
+
+    async def load(self, outbox: Outbox) -> None:
+        """Windows, answers and today's budget use from what the outbox holds."""
+        now = time.time()
+        self.limiter.load(await outbox.recent(now - self.cfg.retention))
+        self.replies.load(await outbox.replies(now))
+        self.budget.load(await outbox.delivered_since(day_start(now)))
+
+    def prune(self, now: float) -> None:
+        self.limiter.prune(now)
+        self.replies.prune(now)

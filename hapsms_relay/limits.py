@@ -1,0 +1,244 @@
+"""Abuse limits on recipients: per-number sliding windows, countries and number types.
+
+Checks run in memory on the webhook's hot path. The windows are rebuilt at start from the
+outbox itself (every accepted message is a row with its recipient and time), so a restart
+resets nothing and the hot path writes nothing more than the enqueue already does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import phonenumbers
+
+from hapsms_relay.outbox import KIND_SMS, KIND_VOICE
+from hapsms_relay.table import Table, parse_duration
+
+#: The number types phonenumbers knows, by the lower-case names the config uses.
+NUMBER_TYPES = {
+    name.lower(): getattr(phonenumbers.PhoneNumberType, name)
+    for name in dir(phonenumbers.PhoneNumberType) if name.isupper()
+}
+RATE_LIMITED = "rate_limited"
+
+
+@dataclass(frozen=True)
+class Window:
+    """At most ``count`` messages to one number in any ``seconds`` (sliding)."""
+
+    count: int
+    seconds: float
+    text: str  # as configured, "5/10m", for the refusal's detail
+
+    @classmethod
+    def parse(cls, text: str) -> Window:
+        count, sep, span = text.partition("/")
+        if not sep or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"expected COUNT/DURATION such as \"5/10m\"; got {text!r}")
+        return cls(int(count), parse_duration(span), text.replace(" ", ""))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    sms: tuple[Window, ...] = (Window(5, 600.0, "5/10m"), Window(20, 86400.0, "20/1d"))
+    voice: tuple[Window, ...] = (Window(3, 600.0, "3/10m"),)
+    allow_countries: frozenset[str] = frozenset()
+    deny_countries: frozenset[str] = frozenset()
+    deny_number_types: frozenset[str] = frozenset({"premium_rate", "shared_cost"})
+    daily_budget: int = 0  # messages a day across providers; 0: no budget
+    provider_budgets: Mapping[str, int] = field(default_factory=dict)
+    over_budget: str = "hold"  # "hold": keep in the outbox; "refuse": answer 429 / dead
+    budget_warning: float = 0.9  # log budget_low once this share of a budget is used
+    dedup_window: float = 10.0  # 0: off
+    idempotency_ttl: float = 86400.0
+
+    @property
+    def retention(self) -> float:
+        """How long the outbox must keep accepted messages for these limits to hold."""
+        spans = [w.seconds for w in (*self.sms, *self.voice)]
+        if self.daily_budget or self.provider_budgets:
+            spans.append(86400.0)
+        return max(spans, default=0.0)
+
+
+def parse(t: Table, providers: Iterable[str]) -> LimitsConfig:
+    """The ``[limits]`` table; ``providers`` are the names a budget may refer to."""
+    d = LimitsConfig()
+    windows = {}
+    for kind, default in (("sms", d.sms), ("voice", d.voice)):
+        try:
+            windows[kind] = tuple(
+                Window.parse(s) for s in t.str_list(kind, [w.text for w in default])
+            )
+        except ValueError as exc:
+            raise t.error(kind, str(exc)) from None
+    allow = _regions(t, "allow_countries")
+    deny = _regions(t, "deny_countries")
+    if allow and deny:
+        raise t.error("deny_countries", "set allow_countries or deny_countries, not both")
+    types = frozenset(t.str_list("deny_number_types", sorted(d.deny_number_types)))
+    for name in types - NUMBER_TYPES.keys():
+        raise t.error("deny_number_types", f"unknown number type {name!r}; known: "
+                      f"{', '.join(sorted(NUMBER_TYPES))}")
+    budgets = {}
+    known = set(providers)
+    if t.has("provider_budgets"):
+        bt = t.table("provider_budgets")
+        for name in list(bt.data):
+            if name not in known:
+                raise bt.error(name, f"unknown provider {name!r}")
+            budgets[name] = bt.integer(name, min=1)
+    warning = t.raw("budget_warning", d.budget_warning)
+    if not isinstance(warning, int | float) or isinstance(warning, bool) or not 0 < warning <= 1:
+        raise t.error("budget_warning", "expected a share between 0 and 1, such as 0.9")
+    cfg = LimitsConfig(
+        sms=windows["sms"], voice=windows["voice"], allow_countries=allow, deny_countries=deny,
+        deny_number_types=types,
+        daily_budget=t.integer("daily_budget", 0, min=0),
+        provider_budgets=budgets,
+        over_budget=t.choice("over_budget", ("hold", "refuse"), d.over_budget),
+        budget_warning=float(warning),
+        dedup_window=t.duration("dedup_window", "10s", positive=False),
+        idempotency_ttl=t.duration("idempotency_ttl", "24h"),
+    )
+    t.done()
+    return cfg
+
+
+def _regions(t: Table, key: str) -> frozenset[str]:
+    regions = frozenset(r.upper() for r in t.str_list(key, []))
+    for r in sorted(regions - phonenumbers.SUPPORTED_REGIONS):
+        raise t.error(key, f"unknown region {r!r}; use ISO 3166 codes such as \"CN\"")
+    return regions
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why one recipient gets no message: an error code, a status and which limit."""
+
+    code: str
+    status: int
+    detail: str
+
+
+class Limiter:
+    """Countries, number types and sliding windows per (type, number)."""
+
+    def __init__(self, cfg: LimitsConfig) -> None:
+        self.cfg = cfg
+        # kind -> e164 -> acceptance times, newest last, as many as the largest window needs
+        # (a short list: most numbers get one message a day, and a day of numbers is held)
+        self._log: dict[int, dict[str, list[float]]] = {KIND_SMS: {}, KIND_VOICE: {}}
+
+    def check(self, kind: int, e164: str, region: str, now: float) -> Refusal | None:
+        cfg = self.cfg
+        if (cfg.allow_countries and region not in cfg.allow_countries) or region in cfg.deny_countries:
+            return Refusal("country_not_allowed", 403,
+                           f"{e164}: numbers in {region or 'an unknown region'} are not allowed")
+        if cfg.deny_number_types:
+            ntype = denied_type(cfg.deny_number_types, e164, region)
+            if ntype is not None:
+                return Refusal("number_type_not_allowed", 403,
+                               f"{e164}: {ntype.replace('_', '-')} numbers are not allowed")
+        times = self._log[kind].get(e164)
+        if times:
+            for w in self._windows(kind):
+                if len(times) >= w.count and times[-w.count] > now - w.seconds:
+                    key = "voice" if kind == KIND_VOICE else "sms"
+                    return Refusal(RATE_LIMITED, 429,
+                                   f"{e164}: at most {w.count} {key} messages per "
+                                   f"{_span(w.seconds)} to one number (limits.{key} {w.text})")
+        return None
+
+    def take(self, kind: int, e164: str, at: float) -> None:
+        """Count one message to ``e164`` at ``at`` (call in time order)."""
+        windows = self._windows(kind)
+        if not windows:
+            return
+        times = self._log[kind].get(e164)
+        if times is None:
+            self._log[kind][e164] = [at]
+            return
+        times.append(at)
+        size = max(w.count for w in windows)
+        if len(times) > size:
+            del times[: len(times) - size]
+
+    def untake(self, kind: int, e164: str, at: float) -> None:
+        """Forget a ``take`` whose enqueue failed."""
+        times = self._log[kind].get(e164)
+        if times is not None and at in times:
+            times.remove(at)
+
+    def load(self, rows: Iterable[tuple[int, str, float]]) -> int:
+        """Rebuild the windows from (kind, recipient, accepted at) rows in time order."""
+        n = 0
+        for kind, recipient, at in rows:
+            self.take(kind, recipient, at)
+            n += 1
+        return n
+
+    def prune(self, now: float) -> None:
+        """Drop numbers whose newest message is older than every window (memory)."""
+        longest = self.cfg.retention
+        for log in self._log.values():
+            for key in [k for k, v in log.items() if not v or v[-1] <= now - longest]:
+                del log[key]
+
+    def _windows(self, kind: int) -> tuple[Window, ...]:
+        return self.cfg.voice if kind == KIND_VOICE else self.cfg.sms if kind == KIND_SMS else ()
+
+
+# Types phonenumbers tells apart by their own pattern (checked before fixed line and mobile).
+_SPECIAL = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager",
+            "uan", "voicemail")
+
+
+def denied_type(denied: frozenset[str], e164: str, region: str) -> str | None:
+    """The type of ``e164`` if it is one of ``denied``, else None.
+
+    The special types are matched against the region's own patterns (a few µs: this runs for
+    every new number on the hot path); the others need phonenumbers' full classification.
+    """
+    if denied.issubset(_SPECIAL):
+        national = e164[1 + len(str(phonenumbers.country_code_for_region(region))):]
+        for name in _SPECIAL:
+            if name in denied:
+                pattern = _pattern(region, name)
+                if pattern is not None and pattern.fullmatch(national):
+                    return name
+        return None
+    t = number_type(e164)
+    return t if t in denied else None
+
+
+@lru_cache(maxsize=4096)
+def _pattern(region: str, name: str) -> re.Pattern[str] | None:
+    meta = phonenumbers.PhoneMetadata.metadata_for_region(region) if region else None
+    desc = getattr(meta, name, None) if meta is not None else None
+    text = getattr(desc, "national_number_pattern", None)
+    return re.compile(text) if text else None
+
+
+@lru_cache(maxsize=65536)
+def number_type(e164: str) -> str:
+    """phonenumbers' type of a valid E.164 number, as a config name (``premium_rate``)."""
+    try:
+        t = phonenumbers.number_type(phonenumbers.parse(e164))
+    except phonenumbers.NumberParseException:
+        return "unknown"
+    for name, value in NUMBER_TYPES.items():
+        if value == t:
+            return name
+    return "unknown"
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds:g} seconds"

@@ -1,0 +1,225 @@
+"""Storage faults: a bounded outbox, a full disk (RLIMIT_FSIZE, and a small tmpfs as root),
+a read-only state directory, and corrupt or foreign outbox files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from hapsms_relay.errors import StorageError
+from hapsms_relay.outbox_sqlite import APPLICATION_ID, SQLiteOutbox
+from tests.fakes import FakeAPI
+from tests.helpers import AUTH, SMS_BODY, base_config, eventually, write_config
+from tests.process import RelayProcess
+
+
+def http_provider(api: FakeAPI) -> list[dict[str, Any]]:
+    return [{"name": "api", "type": "http", "url": api.url + "/send",
+             "body": {"to": "{to}", "ref": "{id}"}}]
+
+
+def big_body(n: int, recipients: int = 40) -> dict[str, Any]:
+    mobiles = [f"1380013{n % 1000:03d}{i:01d}" if i < 10 else f"1390{n % 10000:04d}{i:03d}"
+               for i in range(recipients)]
+    return {"Type": 1, "Data": {"Mobiles": mobiles, "Message": "短信" * 900, "Signature": "Acme"}}
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+    async with session.post(url + "/sms/webhook", json=body, headers=AUTH) as r:
+        return r.status, await r.json(content_type=None), dict(r.headers)
+
+
+async def test_queue_full_leaves_accepted_untouched(tmp_path: Path, relay_factory, session) -> None:
+    """Past max_pending: 503 queue_full with Retry-After; what was accepted is delivered intact."""
+    relay = await relay_factory(base_config(tmp_path, queue={"max_pending": 3}), paused=True)
+    ids = []
+    for i in range(3):
+        status, body = await relay.post(session, {"Type": 1, "Data": {
+            "Mobiles": [f"1380013800{i}"], "Message": f"m{i}"}})
+        assert status == 200
+        ids += body["ids"]
+    async with session.post(relay.webhook_url, json=SMS_BODY, headers=AUTH) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "30"
+        assert (await r.json())["error"] == "queue_full"
+    rows = await relay.relay.outbox.list(None, 10)
+    assert sorted(str(r.id) for r in rows) == sorted(ids) and all(r.attempts == 0 for r in rows)
+    relay.relay.dispatcher.paused = False
+    relay.relay.dispatcher.notify()
+    sent = tmp_path / "sent.jsonl"
+    await eventually(lambda: sent.exists() and len(sent.read_bytes().splitlines()) == 3,
+                     what="the three accepted delivered")
+    assert sorted(line.split(b'"text":"')[1][:2].decode() for line in sent.read_bytes().splitlines()) \
+        == ["m0", "m1", "m2"]
+
+
+async def _fill_until_refused(session: aiohttp.ClientSession, url: str) -> tuple[list[str], str]:
+    """Post big bodies until the relay says storage_unavailable; return the acknowledged ids."""
+    acked: list[str] = []
+    for n in range(500):
+        status, body, headers = await post(session, url, big_body(n))
+        if status == 200:
+            acked += body["ids"]
+            continue
+        assert status == 503, body
+        assert body["error"] == "storage_unavailable" and headers["Retry-After"] == "10"
+        return acked, body["detail"]
+    raise AssertionError("the outbox never filled up")
+
+
+async def _recovers(session: aiohttp.ClientSession, url: str, acked: list[str]) -> None:
+    async def accepted() -> bool:
+        status, body, _ = await post(session, url, {"Type": 1, "Data": {
+            "Mobiles": ["13700137000"], "Message": f"after {len(acked)}"}})
+        if status == 200:
+            acked.extend(body["ids"])
+        return status == 200
+
+    await eventually(accepted, timeout=30, what="the relay to accept again")
+
+
+def _integrity(db: Path) -> str:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+async def test_disk_full_by_file_size_limit(tmp_path: Path, session, fake_api: FakeAPI) -> None:
+    """Under RLIMIT_FSIZE writes fail as on a full disk: 503 storage_unavailable and a log line,
+    never a 200 for what is not on disk; raising the limit (space returning) recovers without a
+    restart; every acknowledged message reaches the provider and the file is intact."""
+    doc = base_config(tmp_path, providers=http_provider(fake_api), routes={"sms": ["api"]})
+    relay = RelayProcess(write_config(tmp_path, doc), fsize=2 * 1024 * 1024)
+    await relay.start()
+    try:
+        acked, detail = await _fill_until_refused(session, relay.url)
+        assert acked and "cannot write its outbox" in detail
+        await eventually(lambda: "enqueue_failed" in relay.text(), what="the error log line")
+        status, _, _ = await post(session, relay.url, big_body(9999))
+        assert status == 503  # still full: still refused
+        # Space returns: raise the soft limit from outside (the hard limit was left as it was).
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(relay.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        await _recovers(session, relay.url, acked)
+        await eventually(lambda: {r.json()["ref"] for r in fake_api.accepted} >= set(acked),
+                         timeout=60, what="every acknowledged message delivered")
+        assert {r.json()["ref"] for r in fake_api.accepted} == set(acked)
+    finally:
+        assert await relay.stop() == 0
+    assert _integrity(tmp_path / "outbox.db") == "ok"
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, *options: str) -> Iterator[Path]:
+    path.mkdir()
+    opts = ",".join([f"size={size}", *options])
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                              capture_output=True, check=False)
+    except FileNotFoundError:
+        pytest.skip("no mount command")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+async def test_disk_full_on_small_tmpfs(tmp_path: Path, session, fake_api: FakeAPI) -> None:
+    """On a real full filesystem (ENOSPC): 503 until a file is deleted, then 200 again."""
+    with tmpfs(tmp_path / "state", "3m") as state:
+        filler = state / "filler"
+        filler.write_bytes(b"\0" * (2 * 1024 * 1024))
+        doc = base_config(tmp_path, providers=http_provider(fake_api), routes={"sms": ["api"]},
+                          queue={"path": str(state / "outbox.db")})
+        relay = RelayProcess(write_config(tmp_path, doc))
+        await relay.start()
+        try:
+            acked, _ = await _fill_until_refused(session, relay.url)
+            assert "enqueue_failed" in relay.text() or await _logged(relay, "enqueue_failed")
+            filler.unlink()  # space returns
+            await _recovers(session, relay.url, acked)
+            await eventually(lambda: {r.json()["ref"] for r in fake_api.accepted} == set(acked),
+                             timeout=60, what="every acknowledged message delivered")
+        finally:
+            assert await relay.stop() == 0
+        assert _integrity(state / "outbox.db") == "ok"
+
+
+async def _logged(relay: RelayProcess, event: str) -> bool:
+    await eventually(lambda: event in relay.text(), what=event)
+    return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_read_only_state_directory_refuses_to_start(tmp_path: Path) -> None:
+    """A read-only state directory: the relay exits 1 and says it cannot open the outbox."""
+    with tmpfs(tmp_path / "state", "1m", "ro") as state:
+        doc = base_config(tmp_path, queue={"path": str(state / "outbox.db")})
+        done = subprocess.run(
+            [sys.executable, "-m", "hapsms_relay", "serve", "--config", str(write_config(tmp_path, doc))],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert done.returncode == 1
+    assert "start_failed" in done.stdout and "outbox.db" in done.stdout
+    assert "Read-only file system" in done.stdout
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(64 * 1024))
+
+
+def _truncated(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, state INTEGER, pad BLOB)")
+        conn.executemany("INSERT INTO messages VALUES (?, 0, randomblob(3000))",
+                         [(i,) for i in range(300)])
+        conn.commit()
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek(size // 2)
+        fh.write(os.urandom(size // 4))  # overwrite b-tree pages in the middle
+
+
+def _foreign(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.commit()
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (_garbage, "is not a usable SQLite database"),
+    (_truncated, "is not a usable SQLite database"),
+    (_foreign, "is not a hapsms-relay outbox"),
+])
+async def test_corrupt_or_foreign_outbox_refused(tmp_path: Path, make: Any, says: str) -> None:
+    """A corrupt or foreign outbox file is refused with what to do, and left as it was."""
+    path = tmp_path / "outbox.db"
+    make(path)
+    before = path.read_bytes()
+    outbox = SQLiteOutbox(str(path))
+    with pytest.raises(StorageError, match=says) as info:
+        await outbox.open()
+    assert "move" in str(info.value)  # says what to do
+    assert path.read_bytes() == before
+
+
+def test_corrupt_outbox_stops_serve(tmp_path: Path) -> None:
+    """`hapsms-relay serve` on a corrupt outbox exits 1 with start_failed and the remedy."""
+    _garbage(tmp_path / "outbox.db")
+    cfg = write_config(tmp_path, base_config(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "hapsms_relay", "serve", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "start_failed" in done.stdout and "move it away" in done.stdout
