@@ -61,6 +61,8 @@ class Dispatcher:
     _inflight_entries: int = 0
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     _stopping: bool = False
+    #: an outcome could not be recorded: entries may sit in flight with nobody delivering them
+    stranded: bool = False
     _task: asyncio.Task[None] | None = None
     budget: Budget | None = None  # shared with the webhook; one of its own if not given
     breakers: Breakers = field(init=False)
@@ -119,6 +121,21 @@ class Dispatcher:
         if tasks:
             await asyncio.wait(tasks)
 
+    async def release_stranded(self, grace: float = 10.0) -> int:
+        """After an outcome could not be written (disk full) or a delivery task failed, put
+        the entries left in flight back to pending, so they are delivered without a restart
+        (again, if only the record of their delivery was lost: at least once). ``grace``
+        keeps entries claimed moments ago, not yet registered as in flight, out of it."""
+        if not self.stranded:
+            return 0
+        keep = [i for ids in self._inflight.values() for i in ids]
+        n = await self.outbox.release_stranded(keep, time.time() - grace)
+        self.stranded = False
+        if n:
+            log.warning("released_stranded", count=n)
+            self._wakeup.set()
+        return n
+
     # -- the claim loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -169,6 +186,7 @@ class Dispatcher:
         ids = self._inflight.pop(task, [])
         self._inflight_entries -= len(ids)
         if not task.cancelled() and task.exception() is not None:
+            self.stranded = True
             log.error("delivery_task_failed", error=repr(task.exception()))
         self._wakeup.set()
 
@@ -314,7 +332,8 @@ class Dispatcher:
         try:
             await self.outbox.delivered([e.id for e, _ in entries], name)
         except StorageError as exc:
-            # Sent, but not recorded: it will be sent again after a restart (at least once).
+            # Sent, but not recorded: release_stranded() sends it again (at least once).
+            self.stranded = True
             log.error("outbox_update_failed", error=str(exc), count=len(entries))
         self.activity.delivered += len(entries)
         for e, elapsed in entries:
@@ -338,6 +357,7 @@ class Dispatcher:
         try:
             await self.outbox.retry(e.id, due, err.provider, err.reason())
         except StorageError as exc:
+            self.stranded = True
             log.error("outbox_update_failed", error=str(exc), id=e.id)
             return
         log.info("retry_scheduled", id=e.id, to=log.mask(e.recipient), in_s=round(delay, 2),
@@ -347,6 +367,7 @@ class Dispatcher:
         try:
             await self.outbox.dead(e.id, provider, reason)
         except StorageError as exc:
+            self.stranded = True
             log.error("outbox_update_failed", error=str(exc), id=e.id)
             return
         self.activity.dead += 1

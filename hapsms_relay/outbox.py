@@ -118,6 +118,10 @@ class Outbox(Protocol):
     async def release(self, ids: Sequence[int]) -> None:
         """Put in-flight entries back to pending, due now (shutdown)."""
 
+    async def release_stranded(self, keep: Sequence[int], claimed_before: float) -> int:
+        """Entries in flight that nobody delivers any more (their outcome could not be
+        written) back to pending: all claimed before ``claimed_before`` but ``keep``."""
+
     async def stats(self) -> Stats: ...
 
     async def list(self, state: State | None, limit: int) -> list[Row]: ...

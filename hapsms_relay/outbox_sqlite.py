@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from hapsms_relay.errors import StorageError
 from hapsms_relay.outbox import Entry, NewEntry, Row, State, Stats
 
@@ -364,8 +366,14 @@ class SQLiteOutbox:
             for i, e in zip(ids, entries, strict=True)
         ]
         key_rows = [(k, first, len(rows), note, exp) for k, exp in keys]
-        await self._call(self._enqueue_op, rows, key_rows)
+        # Counted before the commit, so that concurrent requests checking max_pending see
+        # each other's rows (no await between the check and here); uncounted on failure.
         self._undelivered += len(rows)
+        try:
+            await self._call(self._enqueue_op, rows, key_rows)
+        except BaseException:
+            self._undelivered -= len(rows)
+            raise
         return ids
 
     async def claim(self, limit: int, now: float) -> list[Entry]:
@@ -409,6 +417,15 @@ class SQLiteOutbox:
             "WHERE id = ? AND state = 1",
             [(now, i) for i in ids],
         )
+
+    async def release_stranded(self, keep: Sequence[int], claimed_before: float) -> int:
+        n: int = await self._call(
+            self._op_change,
+            "UPDATE messages SET state = 0, due = ? WHERE state = 1 AND updated < ? "
+            "AND id NOT IN (SELECT value FROM json_each(?))",
+            (time.time(), claimed_before, orjson.dumps(list(keep)).decode()),
+        )
+        return n
 
     async def stats(self) -> Stats:
         rows = await self._call(

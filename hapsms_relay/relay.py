@@ -31,10 +31,13 @@ HOUSEKEEPING_EVERY = 30.0
 
 
 class Relay:
-    def __init__(self, cfg: Config, *, paused: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, *, paused: bool = False, outbox: SQLiteOutbox | None = None
+    ) -> None:
+        """``outbox``: storage other than the one ``queue.path`` names (tests inject faults)."""
         self.config = cfg
         self.metrics = Metrics()
-        self.outbox = SQLiteOutbox(cfg.queue.path)
+        self.outbox = outbox or SQLiteOutbox(cfg.queue.path)
         # one budget: the dispatcher spends it, the webhook refuses when it is used up
         budget = Budget(cfg.limits, self.metrics)
         self.guard = Guard(cfg.limits, budget, self.metrics)
@@ -235,6 +238,7 @@ class Relay:
                 # delivered entries are the log the limits count on: keep them long enough
                 keep = max(self.config.queue.keep_delivered, self.config.limits.retention)
                 removed = await self.outbox.cleanup(time.time() - keep)
+                await self.dispatcher.release_stranded()
                 await self.outbox.refresh_count()
                 self.guard.prune(time.time())
             except StorageError as exc:

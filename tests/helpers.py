@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from hapsms_relay import config
+from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from hapsms_relay.relay import Relay
 
 TOKEN = "test-token-5f2c"
@@ -157,9 +158,10 @@ class RunningRelay:
         await self.relay.stop()
 
 
-async def start_relay(doc: Mapping[str, Any], *, paused: bool = False) -> RunningRelay:
+async def start_relay(doc: Mapping[str, Any], *, paused: bool = False,
+                      outbox: SQLiteOutbox | None = None) -> RunningRelay:
     cfg = config.parse(tomllib.loads(to_toml(doc)))
-    relay = Relay(cfg, paused=paused)
+    relay = Relay(cfg, paused=paused, outbox=outbox)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -223,3 +223,19 @@ def test_corrupt_outbox_stops_serve(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "start_failed" in done.stdout and "move it away" in done.stdout
+
+
+async def test_max_pending_holds_under_concurrent_posts(tmp_path: Path, relay_factory, session) -> None:
+    """Fifty posts at once against max_pending = 10: exactly ten are accepted, not more."""
+    import asyncio
+
+    relay = await relay_factory(base_config(tmp_path, queue={"max_pending": 10}), paused=True)
+
+    async def post(i: int) -> int:
+        body = {"Type": 1, "Data": {"Mobiles": [f"1390000{i:04d}"], "Message": f"m{i}"}}
+        return (await relay.post(session, body))[0]
+
+    statuses = await asyncio.gather(*(post(i) for i in range(50)))
+    assert statuses.count(200) == 10 and statuses.count(503) == 40
+    stats = await relay.relay.outbox.stats()
+    assert stats.pending == 10 == relay.relay.outbox.undelivered
