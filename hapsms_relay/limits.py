@@ -133,13 +133,19 @@ class Limiter:
         # (a short list: most numbers get one message a day, and a day of numbers is held)
         self._log: dict[int, dict[str, list[float]]] = {KIND_SMS: {}, KIND_VOICE: {}}
 
-    def check(self, kind: int, e164: str, region: str, now: float) -> Refusal | None:
+    def check(self, kind: int, e164: str, region: str, now: float,
+              number_type: str = "") -> Refusal | None:
+        """Why ``e164`` may not get a message now, or None; ``number_type`` is its type if
+        normalising already found it (numbers.py's fast path), else it is looked up."""
         cfg = self.cfg
         if (cfg.allow_countries and region not in cfg.allow_countries) or region in cfg.deny_countries:
             return Refusal("country_not_allowed", 403,
                            f"{e164}: numbers in {region or 'an unknown region'} are not allowed")
         if cfg.deny_number_types:
-            ntype = denied_type(cfg.deny_number_types, e164, region)
+            if number_type:
+                ntype = number_type if number_type in cfg.deny_number_types else None
+            else:
+                ntype = denied_type(cfg.deny_number_types, e164, region)
             if ntype is not None:
                 return Refusal("number_type_not_allowed", 403,
                                f"{e164}: {ntype.replace('_', '-')} numbers are not allowed")
