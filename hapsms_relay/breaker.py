@@ -69,10 +69,11 @@ class Breakers:
             return
         c = self._circuits.setdefault(name, _Circuit())
         if any(o is None or isinstance(o, PermanentError) for o in outcomes):
-            if c.opened_at:
-                log.info("circuit_closed", provider=name)
-            c.failures, c.opened_at, c.probe_at = 0, 0.0, 0.0
-            self._publish(name, CLOSED)
+            if c.failures or c.opened_at or c.probe_at:  # else closed already: nothing to do
+                if c.opened_at:
+                    log.info("circuit_closed", provider=name)
+                c.failures, c.opened_at, c.probe_at = 0, 0.0, 0.0
+                self._publish(name, CLOSED)
         elif outcomes and all(isinstance(o, TransientError) for o in outcomes):
             c.failures += 1
             last = outcomes[-1]

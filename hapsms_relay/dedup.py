@@ -9,23 +9,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hapsms_relay.outbox import NewEntry
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """What a body was answered with: consecutive ids, and the refused list (JSON) if any."""
 
     first: int
-    count: int
+    size: int  # how many ids
     note: bytes
     expires: float
 
     @property
     def ids(self) -> list[int]:
-        return list(range(self.first, self.first + self.count))
+        return list(range(self.first, self.first + self.size))
 
 
 def body_key(entries: Sequence[NewEntry]) -> bytes:
@@ -44,7 +43,10 @@ class Replies:
     """Answers by key, and the keys whose first request is still being stored."""
 
     def __init__(self) -> None:
-        self._done: dict[bytes, Reply] = {}
+        # plain tuples (Reply's fields): a tuple of ints, bytes and a float is no work for the
+        # garbage collector (a subclass such as Reply stays tracked), and a window of answers
+        # is held: 200,000 tracked objects made each full collection ~20 ms longer (the p99)
+        self._done: dict[bytes, tuple[int, int, bytes, float]] = {}
         self._storing: dict[bytes, list[asyncio.Future[Reply | None]]] = {}
 
     def __len__(self) -> int:
@@ -53,9 +55,9 @@ class Replies:
     def find(self, keys: Iterable[bytes], now: float) -> Reply | asyncio.Future[Reply | None] | None:
         """The stored answer for any of ``keys``, a future for one being stored, or None."""
         for key in keys:
-            reply = self._done.get(key)
-            if reply is not None and reply.expires > now:
-                return reply
+            done = self._done.get(key)
+            if done is not None and done[3] > now:
+                return Reply(*done)
             waiters = self._storing.get(key)
             if waiters is not None:
                 fut: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
@@ -70,11 +72,10 @@ class Replies:
     def stored(self, keys: Iterable[tuple[bytes, float]], first: int, count: int, note: bytes) -> None:
         """The body is on disk: remember its answer and wake its duplicates."""
         for key, expires in keys:
-            reply = Reply(first, count, note, expires)
-            self._done[key] = reply
+            self._done[key] = (first, count, note, expires)
             for fut in self._storing.pop(key, ()):
                 if not fut.done():
-                    fut.set_result(reply)
+                    fut.set_result(Reply(first, count, note, expires))
 
     def failed(self, keys: Iterable[bytes]) -> None:
         """Storing failed: duplicates that waited are handled as first requests."""
@@ -85,8 +86,8 @@ class Replies:
 
     def load(self, rows: Iterable[tuple[bytes, int, int, bytes, float]]) -> None:
         for key, first, count, note, expires in rows:
-            self._done[key] = Reply(first, count, note, expires)
+            self._done[key] = (first, count, note, expires)
 
     def prune(self, now: float) -> None:
-        for key in [k for k, r in self._done.items() if r.expires <= now]:
+        for key in [k for k, r in self._done.items() if r[3] <= now]:
             del self._done[key]

@@ -315,7 +315,7 @@ class Dispatcher:
                 log.LOGGER.exception("provider_crashed provider=%s", name)
                 outcomes = [TransientError(name, "internal_error", type(exc).__name__)] * len(entries)
             elapsed = time.monotonic() - started
-        self.metrics.latency.labels(name).observe(elapsed)
+        self.metrics.provider_latency(name).observe(elapsed)
         if len(outcomes) != len(entries):
             err = TransientError(name, "internal_error", "provider returned a wrong outcome count")
             outcomes = [err] * len(entries)
@@ -337,7 +337,7 @@ class Dispatcher:
             log.error("outbox_update_failed", error=str(exc), count=len(entries))
         self.activity.delivered += len(entries)
         for e, elapsed in entries:
-            self.metrics.delivered.labels(name, _kind(e)).inc()
+            self.metrics.delivered_to(name, _kind(e)).inc()
             log.info(
                 "delivered", id=e.id, to=log.mask(e.recipient), provider=name,
                 type=_kind(e), attempt=e.attempts, latency_ms=round(elapsed * 1000, 1),

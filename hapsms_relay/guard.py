@@ -69,7 +69,7 @@ class Guard:
             over = Refusal(RATE_LIMITED, 429, f"the daily budget of {cfg.daily_budget} messages "
                            "is used up (limits.daily_budget)")
         for e in entries:
-            refusal = over or self.limiter.check(e.kind, e.recipient, e.region, now)
+            refusal = over or self.limiter.check(e.kind, e.recipient, e.region, now, e.number_type)
             if refusal is None:
                 adm.entries.append(e)
                 self.limiter.take(e.kind, e.recipient, now)

@@ -130,16 +130,24 @@ class Limiter:
     def __init__(self, cfg: LimitsConfig) -> None:
         self.cfg = cfg
         # kind -> e164 -> acceptance times, newest last, as many as the largest window needs
-        # (a short list: most numbers get one message a day, and a day of numbers is held)
-        self._log: dict[int, dict[str, list[float]]] = {KIND_SMS: {}, KIND_VOICE: {}}
+        # (short: most numbers get one message a day, and a day of numbers is held). Tuples,
+        # not lists: a tuple of floats is no work for the garbage collector, while 100,000
+        # lists made each full collection a 20-50 ms pause (the p99 at 1,000 messages/s).
+        self._log: dict[int, dict[str, tuple[float, ...]]] = {KIND_SMS: {}, KIND_VOICE: {}}
 
-    def check(self, kind: int, e164: str, region: str, now: float) -> Refusal | None:
+    def check(self, kind: int, e164: str, region: str, now: float,
+              number_type: str = "") -> Refusal | None:
+        """Why ``e164`` may not get a message now, or None; ``number_type`` is its type if
+        normalising already found it (numbers.py's fast path), else it is looked up."""
         cfg = self.cfg
         if (cfg.allow_countries and region not in cfg.allow_countries) or region in cfg.deny_countries:
             return Refusal("country_not_allowed", 403,
                            f"{e164}: numbers in {region or 'an unknown region'} are not allowed")
         if cfg.deny_number_types:
-            ntype = denied_type(cfg.deny_number_types, e164, region)
+            if number_type:
+                ntype = number_type if number_type in cfg.deny_number_types else None
+            else:
+                ntype = denied_type(cfg.deny_number_types, e164, region)
             if ntype is not None:
                 return Refusal("number_type_not_allowed", 403,
                                f"{e164}: {ntype.replace('_', '-')} numbers are not allowed")
@@ -158,20 +166,20 @@ class Limiter:
         windows = self._windows(kind)
         if not windows:
             return
-        times = self._log[kind].get(e164)
+        log = self._log[kind]
+        times = log.get(e164)
         if times is None:
-            self._log[kind][e164] = [at]
+            log[e164] = (at,)
             return
-        times.append(at)
         size = max(w.count for w in windows)
-        if len(times) > size:
-            del times[: len(times) - size]
+        log[e164] = (*times, at)[-size:]
 
     def untake(self, kind: int, e164: str, at: float) -> None:
         """Forget a ``take`` whose enqueue failed."""
         times = self._log[kind].get(e164)
         if times is not None and at in times:
-            times.remove(at)
+            i = times.index(at)
+            self._log[kind][e164] = times[:i] + times[i + 1:]
 
     def load(self, rows: Iterable[tuple[int, str, float]]) -> int:
         """Rebuild the windows from (kind, recipient, accepted at) rows in time order."""

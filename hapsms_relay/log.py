@@ -110,6 +110,12 @@ def setup(level: str = "info", stream: IO[str] | None = None) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
+    # What the lines leave out, not gathered per record (the logging HOWTO's "Optimization"):
+    # ~1.4 us of the 6.6 us a `delivered` line cost, once per delivered message.
+    logging._srcfile = None  # the caller's file and line
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     LOGGER.setLevel(level.upper())
     # aiohttp's access log would print every request; the relay logs its own events instead.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

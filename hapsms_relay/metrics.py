@@ -79,6 +79,8 @@ class Metrics:
             ["provider"], registry=r,
         )
         self._status_children: dict[int, Counter] = {}
+        self._delivered_children: dict[tuple[str, str], Counter] = {}
+        self._latency_children: dict[str, Histogram] = {}
         # labels() takes a lock and a dict lookup per call: the hot path keeps the children
         self.accepted_by_kind = {k: self.accepted.labels(k) for k in ("sms", "voice")}
 
@@ -87,6 +89,19 @@ class Metrics:
         if child is None:
             child = self._status_children[status] = self.requests.labels(str(status))
         child.inc()
+
+    def delivered_to(self, provider: str, kind: str) -> Counter:
+        """``delivered.labels(provider, kind)``, kept: it runs for every delivered message."""
+        child = self._delivered_children.get((provider, kind))
+        if child is None:
+            child = self._delivered_children[provider, kind] = self.delivered.labels(provider, kind)
+        return child
+
+    def provider_latency(self, provider: str) -> Histogram:
+        child = self._latency_children.get(provider)
+        if child is None:
+            child = self._latency_children[provider] = self.latency.labels(provider)
+        return child
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

@@ -1,22 +1,29 @@
-"""Phone numbers from HAP to E.164, with phonenumbers, cached.
+"""Phone numbers from HAP to E.164: a fast path for the default region's mobiles, else
+phonenumbers, cached.
 
 HAP passes numbers as its users typed them: ``+8613800138000``, ``008613800138000``,
-``8613800138000`` or ``13800138000``. Parsing is the costliest step of a webhook request, and
-the same numbers recur, so results are cached.
+``8613800138000`` or ``13800138000``. Parsing with phonenumbers is the costliest step of a
+webhook request (~16 µs for a number not seen before), so the dominant case, a mobile of the
+default region in one of those forms, is checked against phonenumbers' own metadata instead
+(~1 µs); anything else goes through phonenumbers, and its results are cached.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
 import phonenumbers
+from phonenumbers import PhoneMetadata, PhoneNumberDesc
 
 
 class Number(NamedTuple):
     e164: str
     region: str
     national: str
+    type: str = ""  # phonenumbers' type by its config name ("mobile") when known, else ""
 
 
 class InvalidNumber(ValueError):
@@ -25,9 +32,12 @@ class InvalidNumber(ValueError):
 
 def normalise(raw: str, default_region: str) -> Number:
     """E.164 for ``raw`` or ``InvalidNumber``; see the module docstring for accepted forms."""
-    result = _cached(raw, default_region)
+    fast = _fast_path(default_region)
+    result = fast.normalise(raw) if fast is not None else None
     if result is None:
-        raise InvalidNumber(raw)
+        result = _cached(raw, default_region)
+        if result is None:
+            raise InvalidNumber(raw)
     return result
 
 
@@ -36,6 +46,11 @@ def normalise(raw: str, default_region: str) -> Number:
 # 26 MB of RSS and 24 ms per collection, a latency spike).
 @lru_cache(maxsize=4096)
 def _cached(raw: str, default_region: str) -> Number | None:
+    return slow(raw, default_region)
+
+
+def slow(raw: str, default_region: str) -> Number | None:
+    """What phonenumbers makes of ``raw``: the reference the fast path must agree with."""
     text = raw.strip()
     if not text or len(text) > 32 or "\x00" in text:
         return None
@@ -61,3 +76,117 @@ def _cached(raw: str, default_region: str) -> Number | None:
                 phonenumbers.national_significant_number(n),
             )
     return None
+
+
+# -- the fast path ---------------------------------------------------------------------------
+
+_TYPES_BEFORE_MOBILE = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number",
+                        "pager", "uan", "voicemail", "fixed_line")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Mobiles of one region, by the rules phonenumbers applies, from its own metadata.
+
+    A national significant number (NSN) is taken here only when phonenumbers would find it
+    valid and of type mobile: it matches the region's general and mobile descriptions
+    (pattern and possible lengths) and none of the descriptions phonenumbers tries before
+    mobile (``_number_type_helper``'s order). Whatever could make phonenumbers read the
+    digits differently (a national prefix or carrier code in front, the country code at the
+    start of a national number, a leading zero) is left to phonenumbers.
+    """
+
+    region: str
+    cc: str
+    general: re.Pattern[str]
+    general_lengths: frozenset[int]
+    mobile: re.Pattern[str]
+    mobile_lengths: frozenset[int]
+    earlier: dict[int, re.Pattern[str] | None]  # by NSN length: the types checked before mobile
+    national_prefix: re.Pattern[str] | None
+    international_prefix: re.Pattern[str] | None
+
+    @classmethod
+    def build(cls, region: str) -> FastPath | None:
+        meta = PhoneMetadata.metadata_for_region(region)
+        if meta is None or meta.mobile is None or meta.same_mobile_and_fixed_line_pattern:
+            return None
+        cc = str(meta.country_code)
+        codes = phonenumbers.COUNTRY_CODE_TO_REGION_CODE
+        # "+<cc>..." must be read as this region: one region on the code, and no shorter
+        # code that phonenumbers' left-to-right extraction would take first
+        if tuple(codes.get(int(cc), ())) != (region,) or any(
+            int(cc[:i]) in codes for i in range(1, len(cc))
+        ):
+            return None
+        general, mobile = meta.general_desc, meta.mobile
+        if not (general and general.national_number_pattern and mobile.national_number_pattern):
+            return None
+        lengths = set(mobile.possible_length) or set(general.possible_length)
+        earlier: dict[int, re.Pattern[str] | None] = {}
+        for n in lengths:
+            alternatives = [
+                d.national_number_pattern
+                for d in (getattr(meta, name) for name in _TYPES_BEFORE_MOBILE)
+                if _applies(d, n)
+            ]
+            earlier[n] = re.compile("|".join(f"(?:{p})" for p in alternatives)) if alternatives else None
+        prefix = meta.national_prefix_for_parsing
+        idd = meta.international_prefix
+        return cls(
+            region, cc, re.compile(general.national_number_pattern),
+            frozenset(general.possible_length), re.compile(mobile.national_number_pattern),
+            frozenset(mobile.possible_length), earlier, re.compile(prefix) if prefix else None,
+            re.compile(idd) if idd else None,
+        )
+
+    def normalise(self, raw: str) -> Number | None:
+        """The number if ``raw`` is one of this region's mobiles in a plain form, else None
+        (which says nothing about validity: ask phonenumbers)."""
+        text = raw.strip()
+        if not text.isascii():
+            return None
+        cc = self.cc
+        if text[:1] == "+":
+            nsn = text[1 + len(cc):] if text.startswith(cc, 1) else ""
+        elif text[:2] == "00":
+            nsn = text[2 + len(cc):] if text.startswith(cc, 2) else ""
+        elif text.startswith(cc):
+            # "<cc><nsn>" is read as international first only for CN's exact mobile shape
+            # (see slow()); anything else starting with the code is phonenumbers' to untangle
+            if self.region != "CN" or len(text) != 13 or text[2] != "1":
+                return None
+            nsn = text[2:]
+        elif self.international_prefix is not None and self.international_prefix.match(text):
+            return None  # phonenumbers would read it as an international call prefix
+        else:
+            nsn = text
+        return self.mobile_number(nsn)
+
+    def mobile_number(self, nsn: str) -> Number | None:
+        n = len(nsn)
+        if (
+            n not in self.earlier or not nsn.isdigit() or nsn[0] == "0"
+            or (self.general_lengths and n not in self.general_lengths)
+            or (self.mobile_lengths and n not in self.mobile_lengths)
+            or (self.national_prefix is not None and self.national_prefix.match(nsn))
+            or not self.general.fullmatch(nsn) or not self.mobile.fullmatch(nsn)
+        ):
+            return None
+        earlier = self.earlier[n]
+        if earlier is not None and earlier.fullmatch(nsn):
+            return None
+        return Number("+" + self.cc + nsn, self.region, nsn, "mobile")
+
+
+def _applies(desc: PhoneNumberDesc | None, length: int) -> bool:
+    """Whether phonenumbers' ``_is_number_matching_desc`` would try this desc's pattern on an
+    NSN of ``length`` digits."""
+    if desc is None or not desc.national_number_pattern:
+        return False
+    return not desc.possible_length or length in desc.possible_length
+
+
+@lru_cache(maxsize=64)
+def _fast_path(region: str) -> FastPath | None:
+    return FastPath.build(region)

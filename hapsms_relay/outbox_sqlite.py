@@ -360,11 +360,8 @@ class SQLiteOutbox:
         ids = list(range(first, first + len(entries)))
         self._next_id = first + len(entries)
         expires = now + ttl
-        rows = [
-            (i, first, e.kind, e.recipient, e.region, e.national, e.text, e.signature, e.code,
-             now, now, expires, now)
-            for i, e in zip(ids, entries, strict=True)
-        ]
+        # kind, recipient, region, national, text, signature, code: NewEntry's first seven
+        rows = [(i, first, *e[:7], now, now, expires, now) for i, e in zip(ids, entries, strict=True)]
         key_rows = [(k, first, len(rows), note, exp) for k, exp in keys]
         # Counted before the commit, so that concurrent requests checking max_pending see
         # each other's rows (no await between the check and here); uncounted on failure.

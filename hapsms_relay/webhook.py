@@ -25,7 +25,7 @@ from hapsms_relay.door import AddressFilter
 from hapsms_relay.errors import QueueFullError, StorageError
 from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.numbers import InvalidNumber, normalise
+from hapsms_relay.numbers import InvalidNumber, Number, normalise
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
 
 JSON = "application/json"
@@ -286,7 +286,8 @@ class Webhook:
             raise BadRequest(400, "invalid_body", "Data.Message and Data.Signature cannot contain NUL")
         signature = strip_signature(signature)
         numbers = self.numbers(mobiles, "Data.Mobiles")
-        return [NewEntry(KIND_SMS, n[0], n[1], n[2], message, signature) for n in numbers]
+        return [NewEntry(KIND_SMS, n.e164, n.region, n.national, message, signature, "", n.type)
+                for n in numbers]
 
     def parse_voice(self, data: dict[str, Any]) -> list[NewEntry]:
         mobile = data.get("Mobile")
@@ -297,11 +298,11 @@ class Webhook:
                 or not code.isdigit():
             raise BadRequest(400, "invalid_code", "Data.Code must be a string of 4 to 10 digits")
         (n,) = self.numbers([mobile], "Data.Mobile")
-        return [NewEntry(KIND_VOICE, n[0], n[1], n[2], "", "", code)]
+        return [NewEntry(KIND_VOICE, n.e164, n.region, n.national, "", "", code, n.type)]
 
-    def numbers(self, raw: Sequence[object], key: str) -> list[tuple[str, str, str]]:
+    def numbers(self, raw: Sequence[object], key: str) -> list[Number]:
         region = self.config.default_region
-        seen: dict[str, tuple[str, str, str]] = {}
+        seen: dict[str, Number] = {}
         for i, value in enumerate(raw):
             if not isinstance(value, str):
                 raise BadRequest(400, "invalid_body", f"{key}[{i}] must be a string")
@@ -311,7 +312,7 @@ class Webhook:
                 shown = value if value.isprintable() and len(value) <= 40 else repr(value[:40])
                 raise BadRequest(400, "invalid_number",
                                  f"{key}: {shown} is not a valid phone number") from None
-            seen.setdefault(n.e164, (n.e164, n.region, n.national))
+            seen.setdefault(n.e164, n)
         return list(seen.values())
 
     # -- probes ----------------------------------------------------------------------------
