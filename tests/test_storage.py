@@ -103,8 +103,13 @@ async def test_disk_full_by_file_size_limit(tmp_path: Path, session, fake_api: F
         acked, detail = await _fill_until_refused(session, relay.url)
         assert acked and "cannot write its outbox" in detail
         await eventually(lambda: "enqueue_failed" in relay.text(), what="the error log line")
-        status, _, _ = await post(session, relay.url, big_body(9999))
-        assert status == 503  # still full: still refused
+        # Whether the next write fits depends on where SQLite's WAL stands after a checkpoint
+        # (the WAL restarts from its head, inside the limit): refused, or accepted and then
+        # held to the same promise as every 200, delivered (checked below).
+        status, body, _ = await post(session, relay.url, big_body(9999))
+        assert status in (200, 503), body
+        if status == 200:
+            acked += body["ids"]
         # Space returns: raise the soft limit from outside (the hard limit was left as it was).
         hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         resource.prlimit(relay.pid, resource.RLIMIT_FSIZE, (hard, hard))
