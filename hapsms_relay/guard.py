@@ -96,6 +96,7 @@ class Guard:
         self.replies.load(await outbox.replies(now))
         self.budget.load(await outbox.delivered_since(day_start(now)))
 
-    def prune(self, now: float) -> None:
-        self.limiter.prune(now)
-        self.replies.prune(now)
+    def prune(self, now: float, limit: int = 1 << 62) -> int:
+        """Forget up to ``limit`` expired windows and answers; return how many."""
+        n = self.limiter.prune(now, limit)
+        return n + self.replies.prune(now, limit - n)
