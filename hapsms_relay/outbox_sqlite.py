@@ -514,18 +514,21 @@ class SQLiteOutbox:
             pass
         return n
 
-    async def recent(self, since: float) -> builtins.list[tuple[int, str, float]]:
+    async def recent(self, since: float, after: int,
+                     limit: int) -> builtins.list[tuple[int, int, str, float]]:
         # ids are at least their creation time in µs: the primary key finds the range
-        rows: builtins.list[tuple[int, str, float]] = await self._call(
-            self._op_query, "SELECT kind, recipient, created FROM messages WHERE id >= ? "
-            "AND created >= ? ORDER BY id", (int(since * 1_000_000), since),
+        rows: builtins.list[tuple[int, int, str, float]] = await self._call(
+            self._op_query, "SELECT id, kind, recipient, created FROM messages WHERE id >= ? "
+            "AND id > ? AND created >= ? ORDER BY id LIMIT ?",
+            (int(since * 1_000_000), after, since, limit),
         )
         return rows
 
-    async def replies(self, now: float) -> builtins.list[tuple[bytes, int, int, bytes, float]]:
-        rows: builtins.list[tuple[bytes, int, int, bytes, float]] = await self._call(
-            self._op_query, "SELECT key, first, count, note, expires FROM replies "
-            "WHERE expires > ? ORDER BY rowid", (now,),
+    async def replies(self, now: float, after: int,
+                      limit: int) -> builtins.list[tuple[int, bytes, int, int, bytes, float]]:
+        rows: builtins.list[tuple[int, bytes, int, int, bytes, float]] = await self._call(
+            self._op_query, "SELECT rowid, key, first, count, note, expires FROM replies "
+            "WHERE rowid > ? AND expires > ? ORDER BY rowid LIMIT ?", (after, now, limit),
         )
         return rows
 

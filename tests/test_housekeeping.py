@@ -1,5 +1,6 @@
 """Housekeeping forgets what has expired and nothing else: limits windows and dedup answers
-in memory (a chunk at a time), delivered entries and expired answers on disk (in chunks)."""
+in memory (a chunk at a time), delivered entries and expired answers on disk (in chunks);
+and the start rebuilds windows and answers from the outbox read in chunks."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import sqlite3
 import time
 from pathlib import Path
 
-from hapsms_relay import outbox_sqlite
+from hapsms_relay import guard, outbox_sqlite
+from hapsms_relay.budget import Budget
 from hapsms_relay.dedup import Replies
 from hapsms_relay.limits import Limiter, LimitsConfig, Window
+from hapsms_relay.metrics import Metrics
 from hapsms_relay.outbox import KIND_SMS, NewEntry
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 
@@ -91,3 +94,31 @@ async def test_cleanup_deletes_in_chunks_only_old_delivered(tmp_path: Path) -> N
         keys = [r[0] for r in conn.execute("SELECT key FROM replies")]
     assert left == [*kept_pending, *newer]
     assert keys == [b"live"]
+
+
+async def test_guard_load_reads_a_day_in_chunks(tmp_path: Path) -> None:
+    """Windows and answers rebuilt at start count every accepted entry (pending ones too),
+    across the chunks the outbox is read in."""
+    path = str(tmp_path / "outbox.db")
+    outbox = SQLiteOutbox(path)
+    await outbox.open()
+    try:
+        n = guard.LOAD_CHUNK + 5
+        many = [NewEntry(KIND_SMS, f"+86139{i:08d}", "CN", f"139{i:08d}", "hi", "Acme")
+                for i in range(1, n)]
+        await outbox.enqueue(many, DAY)
+        again = NewEntry(KIND_SMS, "+8613900000001", "CN", "13900000001", "hi", "Acme")
+        for _ in range(4):  # the first number's 2nd..5th message, in the last chunk
+            await outbox.enqueue([again], DAY)
+        await outbox.enqueue([many[1]], DAY, keys=[(b"answer", time.time() + 60)])
+        g = guard.Guard(LimitsConfig(), Budget(LimitsConfig(), Metrics()), Metrics())
+        await g.load(outbox)
+    finally:
+        await outbox.close()
+    now = time.time()
+    refused = g.limiter.check(KIND_SMS, "+8613900000001", "CN", now, "mobile")
+    assert refused is not None and refused.code == "rate_limited"
+    assert g.limiter.check(KIND_SMS, "+8613900000002", "CN", now, "mobile") is None
+    assert g.limiter.check(KIND_SMS, f"+86139{n - 1:08d}", "CN", now, "mobile") is None
+    found = g.replies.find([b"answer"], now)
+    assert isinstance(found, tuple) and found.size == 1
