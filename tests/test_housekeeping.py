@@ -122,3 +122,20 @@ async def test_guard_load_reads_a_day_in_chunks(tmp_path: Path) -> None:
     assert g.limiter.check(KIND_SMS, f"+86139{n - 1:08d}", "CN", now, "mobile") is None
     found = g.replies.find([b"answer"], now)
     assert isinstance(found, tuple) and found.size == 1
+
+
+def test_replies_give_back_what_was_stored() -> None:
+    """An answer comes back with its ids, count and refused list, whether or not it has one,
+    until its expiry (to the millisecond) and not after."""
+    r = Replies()
+    first = int(time.time() * 1_000_000)
+    r.stored([(b"plain", 100.25)], first, 7, b"")
+    r.stored([(b"noted", 100.5)], first + 7, 2, b'[{"mobile":"+1"}]')
+    plain = r.find([b"plain"], 100.0)
+    noted = r.find([b"noted"], 100.0)
+    assert isinstance(plain, tuple) and plain.ids == list(range(first, first + 7))
+    assert plain.note == b"" and plain.expires == 100.25
+    assert isinstance(noted, tuple) and (noted.first, noted.size) == (first + 7, 2)
+    assert noted.note == b'[{"mobile":"+1"}]'
+    assert r.find([b"plain"], 100.25) is None
+    assert isinstance(r.find([b"noted"], 100.25), tuple)
