@@ -7,6 +7,7 @@ resets nothing and the hot path writes nothing more than the enqueue already doe
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ class Limiter:
         # each full collection a 20-50 ms pause). Each map is ordered by the numbers' newest
         # time (take() moves a number to the end), so prune() stops at the first live one.
         self._log: dict[int, dict[int, float | tuple[float, ...]]] = {KIND_SMS: {}, KIND_VOICE: {}}
+        self._tick = 0.0  # the latest time taken, shared by all takes in its millisecond
 
     def check(self, kind: int, e164: str, region: str, now: float,
               number_type: str = "") -> Refusal | None:
@@ -173,6 +175,7 @@ class Limiter:
         windows = self._windows(kind)
         if not windows:
             return
+        at = self._share(at)
         log = self._log[kind]
         # popped and added again: the map stays ordered by each number's newest time
         held = log.pop(key, None)
@@ -187,6 +190,7 @@ class Limiter:
         """Forget a ``take`` whose enqueue failed."""
         log = self._log[kind]
         key = _key(e164)
+        at = _ceil_ms(at)
         held = log.get(key)
         times = (held,) if isinstance(held, float) else held
         if times is not None and at in times:
@@ -200,11 +204,7 @@ class Limiter:
     def load(self, rows: Iterable[tuple[int, int, str, float]]) -> int:
         """Rebuild the windows from (id, kind, recipient, accepted at) rows in time order."""
         n = 0
-        last = 0.0
         for _, kind, recipient, at in rows:
-            if at == last:  # one float for the recipients of one body (memory)
-                at = last
-            last = at
             self._take(kind, _key(recipient), at)
             n += 1
         return n
@@ -226,6 +226,15 @@ class Limiter:
                 del log[key]
             removed += len(dead)
         return removed
+
+    def _share(self, at: float) -> float:
+        """``at`` rounded up to the millisecond, as one float object per millisecond: a
+        float per number held was 32 of its ~95 bytes, and at 15,000 posts/s fifteen share
+        one. Rounding up keeps a window closed a little longer, never shorter."""
+        t = _ceil_ms(at)
+        if t != self._tick:
+            self._tick = t
+        return self._tick
 
     def _windows(self, kind: int) -> tuple[Window, ...]:
         return self.cfg.voice if kind == KIND_VOICE else self.cfg.sms if kind == KIND_SMS else ()
@@ -273,6 +282,10 @@ def number_type(e164: str) -> str:
         if value == t:
             return name
     return "unknown"
+
+
+def _ceil_ms(at: float) -> float:
+    return math.ceil(at * 1000) / 1000
 
 
 def _key(e164: str) -> int:
