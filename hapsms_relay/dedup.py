@@ -75,7 +75,8 @@ class Replies:
         # at 15,000 posts/s, and neither an int nor a plain tuple is work for the garbage
         # collector (a subclass such as Reply stays tracked; 200,000 tracked objects made
         # each full collection ~20 ms longer: the p99).
-        self._lanes: list[dict[bytes, _Packed]] = []
+        # keyed by the key as an int (48 bytes; the 16 bytes as bytes take 64)
+        self._lanes: list[dict[int, _Packed]] = []
         self._last: list[float] = []  # each lane's latest expiry
         self._storing: dict[bytes, list[asyncio.Future[Reply | None]]] = {}
 
@@ -85,8 +86,9 @@ class Replies:
     def find(self, keys: Iterable[bytes], now: float) -> Reply | asyncio.Future[Reply | None] | None:
         """The stored answer for any of ``keys``, a future for one being stored, or None."""
         for key in keys:
+            k = int.from_bytes(key)
             for lane in self._lanes:
-                done = lane.get(key)
+                done = lane.get(k)
                 if done is not None and _expires(done) > now:
                     return _unpack(done)
             waiters = self._storing.get(key)
@@ -124,7 +126,7 @@ class Replies:
         answers, not all those held."""
         removed = 0
         for lane in self._lanes:
-            dead: list[bytes] = []
+            dead: list[int] = []
             for key, reply in lane.items():
                 if _expires(reply) > now or removed + len(dead) >= limit:
                     break
@@ -137,7 +139,8 @@ class Replies:
                 del self._lanes[i], self._last[i]
         return removed
 
-    def _keep(self, key: bytes, reply: _Packed) -> None:
+    def _keep(self, key_bytes: bytes, reply: _Packed) -> None:
+        key = int.from_bytes(key_bytes)
         expires = _expires(reply)
         best = -1
         for i, last in enumerate(self._last):
