@@ -20,6 +20,8 @@ from hapsms_relay.limits import RATE_LIMITED, Limiter, LimitsConfig, Refusal
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.outbox import NewEntry, Outbox
 
+LOAD_CHUNK = 10_000  # rows read at a time at start
+
 
 @dataclass
 class Admission:
@@ -92,10 +94,18 @@ class Guard:
     async def load(self, outbox: Outbox) -> None:
         """Windows, answers and today's budget use from what the outbox holds."""
         now = time.time()
-        self.limiter.load(await outbox.recent(now - self.cfg.retention))
-        self.replies.load(await outbox.replies(now))
+        # a chunk at a time: a day of rows in one list (1,000,000 of a backlog) was ~230 MB
+        after = -1
+        while rows := await outbox.recent(now - self.cfg.retention, after, LOAD_CHUNK):
+            self.limiter.load(rows)
+            after = rows[-1][0]
+        after = -1
+        while keys := await outbox.replies(now, after, LOAD_CHUNK):
+            self.replies.load(k[1:] for k in keys)
+            after = keys[-1][0]
         self.budget.load(await outbox.delivered_since(day_start(now)))
 
-    def prune(self, now: float) -> None:
-        self.limiter.prune(now)
-        self.replies.prune(now)
+    def prune(self, now: float, limit: int = 1 << 62) -> int:
+        """Forget up to ``limit`` expired windows and answers; return how many."""
+        n = self.limiter.prune(now, limit)
+        return n + self.replies.prune(now, limit - n)

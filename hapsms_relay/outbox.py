@@ -138,13 +138,18 @@ class Outbox(Protocol):
     async def cleanup(self, delivered_before: float) -> int:
         """Forget delivered entries accepted before the given time, and expired keys."""
 
-    # What the limits rebuild at start (see ``guard.Guard.load``).
+    # What the limits rebuild at start (see ``guard.Guard.load``), read a chunk at a time: a
+    # day can be millions of entries.
 
-    async def recent(self, since: float) -> builtins.list[tuple[int, str, float]]:
-        """(kind, recipient, accepted at) of every entry accepted since ``since``, oldest first."""
+    async def recent(self, since: float, after: int,
+                     limit: int) -> builtins.list[tuple[int, int, str, float]]:
+        """Up to ``limit`` entries accepted since ``since`` with ids above ``after``, oldest
+        first: (id, kind, recipient, accepted at)."""
 
-    async def replies(self, now: float) -> builtins.list[tuple[bytes, int, int, bytes, float]]:
-        """The keys stored with ``enqueue`` not yet expired: (key, first id, count, note, expires)."""
+    async def replies(self, now: float, after: int,
+                      limit: int) -> builtins.list[tuple[int, bytes, int, int, bytes, float]]:
+        """Up to ``limit`` keys stored with ``enqueue``, not yet expired, in the order they
+        were stored, after position ``after``: (position, key, first id, count, note, expires)."""
 
     async def delivered_since(self, since: float) -> dict[str, int]:
         """Entries delivered since ``since``, by provider."""

@@ -28,6 +28,10 @@ from hapsms_relay.providers import Provider
 from hapsms_relay.webhook import Webhook
 
 HOUSEKEEPING_EVERY = 30.0
+# Expired windows and answers are forgotten every second, a chunk at a time with the event
+# loop free between chunks: one pass over a 30 s pile stalled requests for ~65 ms.
+PRUNE_EVERY = 1.0
+PRUNE_CHUNK = 2000
 
 
 class Relay:
@@ -231,7 +235,22 @@ class Relay:
             "circuits": self.dispatcher.breakers.states(list(self.config.providers)),
         }
 
+    async def _prune(self) -> None:
+        while True:
+            # a full chunk: more may have expired, go on as soon as the loop is free
+            full = self.guard.prune(time.time(), PRUNE_CHUNK) >= PRUNE_CHUNK
+            await asyncio.sleep(0 if full else PRUNE_EVERY)
+
     async def _housekeep(self) -> None:
+        prune = asyncio.create_task(self._prune(), name="prune")
+        try:
+            await self._housekeep_storage()
+        finally:
+            prune.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prune
+
+    async def _housekeep_storage(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             try:
@@ -240,7 +259,6 @@ class Relay:
                 removed = await self.outbox.cleanup(time.time() - keep)
                 await self.dispatcher.release_stranded()
                 await self.outbox.refresh_count()
-                self.guard.prune(time.time())
             except StorageError as exc:
                 log.error("housekeeping_failed", error=str(exc))
                 continue
