@@ -74,10 +74,6 @@ class Dispatcher:
         self.breakers.track(list(self.config.providers))
         self.activity.circuits = self.breakers.not_closed
 
-    @property
-    def providers(self) -> dict[str, Provider]:
-        return dict(self.config.providers)
-
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dispatcher")
 

@@ -24,10 +24,6 @@ class StorageError(RelayError, OSError):
     """The outbox could not read or write its storage (disk full, read-only, corrupt)."""
 
 
-class QueueFullError(RelayError):
-    """The outbox holds ``max_pending`` undelivered entries already."""
-
-
 class DeliveryError(RelayError):
     """A provider did not deliver a message.
 

@@ -19,10 +19,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hapsms_relay import log
-from hapsms_relay.budget import Budget
 from hapsms_relay.config import Config
 from hapsms_relay.door import AddressFilter
-from hapsms_relay.errors import QueueFullError, StorageError
+from hapsms_relay.errors import StorageError
 from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.numbers import InvalidNumber, Number, normalise
@@ -60,7 +59,7 @@ class Webhook:
 
     def __init__(
         self, config: Config, outbox: Outbox, metrics: Metrics, notify: Callable[[], None],
-        ready: Callable[[], tuple[bool, dict[str, Any]]], guard: Guard | None = None,
+        ready: Callable[[], tuple[bool, dict[str, Any]]], guard: Guard,
     ) -> None:
         self.outbox = outbox
         self.metrics = metrics
@@ -70,7 +69,7 @@ class Webhook:
         self.handling = 0  # requests being handled now
         self._idle = asyncio.Event()
         self._idle.set()
-        self.guard = guard or Guard(config.limits, Budget(config.limits, metrics), metrics)
+        self.guard = guard
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -159,15 +158,14 @@ class Webhook:
             first = adm.refused[0][1]
             raise BadRequest(first.status, first.code, first.detail, refused=adm.note())
         entries = adm.entries
-        try:
-            if self.outbox.undelivered + len(entries) > self.config.queue.max_pending:
-                raise QueueFullError
-            ids = await self.outbox.enqueue(entries, self.config.queue.ttl, keys=adm.keys,
-                                            note=adm.note())
-        except QueueFullError:
+        if self.outbox.undelivered + len(entries) > self.config.queue.max_pending:
             self.guard.failed(adm)
             raise BadRequest(503, "queue_full", "the outbox is full; retry later",
-                             {"Retry-After": "30"}) from None
+                             {"Retry-After": "30"})
+        note = adm.note()
+        try:
+            ids = await self.outbox.enqueue(entries, self.config.queue.ttl, keys=adm.keys,
+                                            note=note)
         except BaseException as exc:
             self.guard.failed(adm)
             if not isinstance(exc, StorageError):
@@ -185,7 +183,7 @@ class Webhook:
         if log.LOGGER.isEnabledFor(logging.DEBUG):
             log.debug("accepted", ids=",".join(map(str, ids)), type=kind, count=len(ids),
                       client=request.remote)
-        return self.answer(ids, adm.note())
+        return self.answer(ids, note)
 
     def answer(self, ids: Sequence[int], refused: bytes, duplicate: bool = False) -> web.Response:
         """200 ``{"ok": true, "ids": [...]}``, with ``"duplicate": true`` for an answer given
