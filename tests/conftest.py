@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,24 +20,11 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
-class _CurrentStdout:
-    """Whatever ``sys.stdout`` is at the moment: pytest swaps it between test phases."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-
 @pytest.fixture(autouse=True)
 def _relay_logging(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
     """The relay logs to stdout as in production, at debug level; after each test its whole
     log is checked: no secret of the suite and no unmasked phone number in any line."""
-    log.setup("debug", stream=_CurrentStdout())  # type: ignore[arg-type]
+    log.setup("debug")  # to whatever sys.stdout is when a line is written: pytest's capture
     yield
     out = capsys.readouterr().out
     leaks = [line for line in out.splitlines() if leaked(line)]
