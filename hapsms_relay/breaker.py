@@ -5,11 +5,11 @@ and its outcome closes the circuit or opens it again.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hapsms_relay import log
+from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.errors import PermanentError, TransientError
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.providers.base import Outcome
@@ -40,8 +40,9 @@ class _Circuit:
 
 
 class Breakers:
-    def __init__(self, cfg: BreakerConfig, metrics: Metrics) -> None:
+    def __init__(self, cfg: BreakerConfig, metrics: Metrics, clock: Clock = SYSTEM) -> None:
         self.cfg = cfg
+        self.clock = clock
         self.metrics = metrics
         self._circuits: dict[str, _Circuit] = {}
         self.not_closed: dict[str, str] = {}  # provider -> open / half_open (status line)
@@ -52,7 +53,7 @@ class Breakers:
         c = self._circuits.get(name)
         if c is None or not c.opened_at:
             return 0.0
-        now = time.monotonic()
+        now = self.clock.monotonic()
         wait = c.opened_at + self.cfg.cool_off - now
         if wait > 0:
             return wait
@@ -83,7 +84,7 @@ class Breakers:
                 if not c.opened_at or c.probe_at:
                     log.warning("circuit_open", provider=name, failures=c.failures,
                                 cool_off_s=self.cfg.cool_off)
-                c.opened_at, c.probe_at = time.monotonic(), 0.0
+                c.opened_at, c.probe_at = self.clock.monotonic(), 0.0
                 self._publish(name, OPEN)
         else:  # the provider could not carry these messages: says nothing of its health
             c.probe_at = 0.0
@@ -97,7 +98,7 @@ class Breakers:
         c = self._circuits.get(name)
         if c is None or not c.opened_at:
             return CLOSED
-        if time.monotonic() - c.opened_at >= self.cfg.cool_off:
+        if self.clock.monotonic() - c.opened_at >= self.cfg.cool_off:
             return HALF_OPEN
         return OPEN
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Mapping
 
 from hapsms_relay import log
+from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.limits import LimitsConfig
 from hapsms_relay.metrics import Metrics
 
@@ -22,12 +23,13 @@ def day_start(now: float) -> float:
 
 
 class Budget:
-    def __init__(self, cfg: LimitsConfig, metrics: Metrics) -> None:
+    def __init__(self, cfg: LimitsConfig, metrics: Metrics, clock: Clock = SYSTEM) -> None:
         self.metrics = metrics
+        self.clock = clock
         self.used: dict[str, int] = {}  # provider -> delivered today; ALL: the sum
         self.reserved: dict[str, int] = {}
         self._warned: set[tuple[str, str]] = set()
-        self._day = day_start(time.time())
+        self._day = day_start(clock.time())
         self._next_day = day_start(self._day + 90000)  # the next local midnight, DST or not
         self.set_config(cfg)
 
@@ -105,7 +107,7 @@ class Budget:
             self.metrics.budget_remaining.labels(name).set(left)
 
     def _roll(self) -> None:
-        now = time.time()
+        now = self.clock.time()
         if now < self._next_day:
             return
         today = day_start(now)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hapsms_relay import log
 from hapsms_relay.breaker import Breakers
 from hapsms_relay.budget import Budget
+from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import Config
 from hapsms_relay.errors import DeliveryError, StorageError, TransientError, UnsupportedError
 from hapsms_relay.metrics import Metrics
@@ -65,12 +65,13 @@ class Dispatcher:
     stranded: bool = False
     _task: asyncio.Task[None] | None = None
     budget: Budget | None = None  # shared with the webhook; one of its own if not given
+    clock: Clock = SYSTEM
     breakers: Breakers = field(init=False)
 
     def __post_init__(self) -> None:
         if self.budget is None:
             self.budget = Budget(self.config.limits, self.metrics)
-        self.breakers = Breakers(self.config.breaker, self.metrics)
+        self.breakers = Breakers(self.config.breaker, self.metrics, self.clock)
         self.breakers.track(list(self.config.providers))
         self.activity.circuits = self.breakers.not_closed
 
@@ -125,7 +126,7 @@ class Dispatcher:
         if not self.stranded:
             return 0
         keep = [i for ids in self._inflight.values() for i in ids]
-        n = await self.outbox.release_stranded(keep, time.time() - grace)
+        n = await self.outbox.release_stranded(keep, self.clock.time() - grace)
         self.stranded = False
         if n:
             log.warning("released_stranded", count=n)
@@ -145,7 +146,7 @@ class Dispatcher:
                 await self._sleep(IDLE_POLL)
                 workers = self.config.queue.workers
                 continue
-            now = time.time()
+            now = self.clock.time()
             try:
                 entries = await self.outbox.claim(min(CLAIM_BATCH, workers - self._inflight_entries), now)
             except StorageError as exc:
@@ -157,7 +158,7 @@ class Dispatcher:
                     due = await self.outbox.next_due()
                 except StorageError:
                     due = None
-                wait = IDLE_POLL if due is None else min(max(due - time.time(), 0.0), IDLE_POLL)
+                wait = IDLE_POLL if due is None else min(max(due - self.clock.time(), 0.0), IDLE_POLL)
                 await self._sleep(wait)
                 continue
             live = []
@@ -174,8 +175,7 @@ class Dispatcher:
 
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), seconds)
+            await self.clock.wait(self._wakeup, seconds)
         self._wakeup.clear()
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -300,7 +300,7 @@ class Dispatcher:
             sem = semaphores[name] = asyncio.Semaphore(provider.common.concurrency)
         messages = [self._message(e, provider) for e in entries]
         async with sem:
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 # a guard above the provider's own timeout: a provider bug must not hang a slot
                 async with asyncio.timeout(provider.common.timeout + 5.0):  # no extra task
@@ -310,7 +310,7 @@ class Dispatcher:
             except Exception as exc:  # a provider bug: keep the message, say so loudly
                 log.LOGGER.exception("provider_crashed provider=%s", name)
                 outcomes = [TransientError(name, "internal_error", type(exc).__name__)] * len(entries)
-            elapsed = time.monotonic() - started
+            elapsed = self.clock.monotonic() - started
         self.metrics.provider_latency(name).observe(elapsed)
         if len(outcomes) != len(entries):
             err = TransientError(name, "internal_error", "provider returned a wrong outcome count")
@@ -341,7 +341,7 @@ class Dispatcher:
 
     async def _retry(self, e: Entry, err: TransientError) -> None:
         q = self.config.queue
-        now = time.time()
+        now = self.clock.time()
         delay = backoff(e.attempts, q.retry_base, q.retry_max, err.retry_after)
         due = now + delay
         if due >= e.expires:
@@ -373,7 +373,7 @@ class Dispatcher:
 
     def _note_error(self, err: DeliveryError) -> None:
         self.activity.last_error = f"{err.provider} {err.code}"
-        self.activity.last_error_at = time.time()
+        self.activity.last_error_at = self.clock.time()
 
     @property
     def inflight(self) -> int:

@@ -8,13 +8,13 @@ each other's reservations and duplicates of a body being stored wait for its ans
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
 
 from hapsms_relay.budget import Budget, day_start
+from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.dedup import Replies, Reply, body_key, header_key
 from hapsms_relay.limits import RATE_LIMITED, Limiter, LimitsConfig, Refusal
 from hapsms_relay.metrics import Metrics
@@ -40,7 +40,9 @@ class Admission:
 
 
 class Guard:
-    def __init__(self, cfg: LimitsConfig, budget: Budget, metrics: Metrics) -> None:
+    def __init__(self, cfg: LimitsConfig, budget: Budget, metrics: Metrics,
+                 clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         self.limiter = Limiter(cfg)
         self.replies = Replies()
         self.budget = budget
@@ -53,7 +55,7 @@ class Guard:
         self.budget.set_config(cfg)
 
     def admit(self, entries: Sequence[NewEntry], idempotency_key: str | None) -> Admission:
-        now = time.time()
+        now = self.clock.time()
         cfg = self.cfg
         adm = Admission(at=now)
         keys = []
@@ -93,7 +95,7 @@ class Guard:
 
     async def load(self, outbox: Outbox) -> None:
         """Windows, answers and today's budget use from what the outbox holds."""
-        now = time.time()
+        now = self.clock.time()
         # a chunk at a time: a day of rows in one list (1,000,000 of a backlog) was ~230 MB
         after = -1
         while rows := await outbox.recent(now - self.cfg.retention, after, LOAD_CHUNK):

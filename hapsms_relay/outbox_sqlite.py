@@ -16,13 +16,13 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.errors import StorageError
 from hapsms_relay.outbox import Entry, NewEntry, Row, State, Stats
 
@@ -87,8 +87,10 @@ class SQLiteOutbox:
     """``Outbox`` on a local SQLite file. One process owns the file (an flock enforces it);
     ``exclusive=False`` opens an existing outbox beside its owner (the ``queue`` commands)."""
 
-    def __init__(self, path: str, *, busy_timeout: float = 5.0, exclusive: bool = True) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = 5.0, exclusive: bool = True,
+                 clock: Clock = SYSTEM) -> None:
         self.path = path
+        self.clock = clock
         self._busy_timeout = busy_timeout
         self._exclusive = exclusive
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
@@ -376,7 +378,7 @@ class SQLiteOutbox:
         self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
         note: bytes = b"",
     ) -> list[int]:
-        now = time.time()
+        now = self.clock.time()
         # ids grow with time (never below now in µs) so ordering and cleanup by id are safe
         first = max(self._next_id, int(now * 1_000_000))
         ids = list(range(first, first + len(entries)))
@@ -404,7 +406,7 @@ class SQLiteOutbox:
         return due
 
     async def delivered(self, ids: Sequence[int], provider: str) -> None:
-        now = time.time()
+        now = self.clock.time()
         await self._call(
             self._set_op,
             "UPDATE messages SET state = 2, provider = ?, updated = ? WHERE id = ?",
@@ -417,19 +419,19 @@ class SQLiteOutbox:
             self._set_op,
             "UPDATE messages SET state = 0, due = ?, provider = ?, error = ?, updated = ? "
             "WHERE id = ?",
-            [(due, provider, error, time.time(), id)],
+            [(due, provider, error, self.clock.time(), id)],
         )
 
     async def dead(self, id: int, provider: str, error: str) -> None:
         await self._call(
             self._set_op,
             "UPDATE messages SET state = 3, provider = ?, error = ?, updated = ? WHERE id = ?",
-            [(provider, error, time.time(), id)],
+            [(provider, error, self.clock.time(), id)],
         )
         self._undelivered -= 1
 
     async def release(self, ids: Sequence[int]) -> None:
-        now = time.time()
+        now = self.clock.time()
         await self._call(
             self._set_op,
             "UPDATE messages SET state = 0, due = ?, attempts = max(attempts - 1, 0) "
@@ -442,7 +444,7 @@ class SQLiteOutbox:
             self._op_change,
             "UPDATE messages SET state = 0, due = ? WHERE state = 1 AND updated < ? "
             "AND id NOT IN (SELECT value FROM json_each(?))",
-            (time.time(), claimed_before, orjson.dumps(list(keep)).decode()),
+            (self.clock.time(), claimed_before, orjson.dumps(list(keep)).decode()),
         )
         return n
 
@@ -482,7 +484,7 @@ class SQLiteOutbox:
         return [Row(r[0], r[1], r[2], State(r[3]), *r[4:]) for r in rows]
 
     async def requeue(self, ids: Sequence[int] | None, ttl: float) -> int:
-        now = time.time()
+        now = self.clock.time()
         sql = ("UPDATE messages SET state = 0, due = ?, expires = ?, attempts = 0, updated = ? "
                "WHERE state = 3")
         if ids is None:
@@ -506,7 +508,7 @@ class SQLiteOutbox:
             deleted, low = await self._call(
                 self._op_cleanup, low, int(delivered_before * 1_000_000))
             n += deleted
-        now = time.time()
+        now = self.clock.time()
         while await self._call(
             self._op_change, "DELETE FROM replies WHERE rowid IN (SELECT rowid FROM replies "
             "WHERE expires <= ? LIMIT ?)", (now, CLEANUP_CHUNK),

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from hapsms_relay import __version__, config, log
 from hapsms_relay.budget import Budget
+from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import Config
 from hapsms_relay.dispatcher import Dispatcher
 from hapsms_relay.door import Door, load_certificate, tls_context
@@ -36,16 +36,20 @@ PRUNE_CHUNK = 2000
 
 class Relay:
     def __init__(
-        self, cfg: Config, *, paused: bool = False, outbox: SQLiteOutbox | None = None
+        self, cfg: Config, *, paused: bool = False, outbox: SQLiteOutbox | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
-        """``outbox``: storage other than the one ``queue.path`` names (tests inject faults)."""
+        """``outbox``: storage other than the one ``queue.path`` names (tests inject faults);
+        ``clock``: where every part of the relay reads the time (tests move a ManualClock)."""
         self.config = cfg
+        self.clock = clock
         self.metrics = Metrics()
-        self.outbox = outbox or SQLiteOutbox(cfg.queue.path)
+        self.outbox = outbox or SQLiteOutbox(cfg.queue.path, clock=clock)
         # one budget: the dispatcher spends it, the webhook refuses when it is used up
-        budget = Budget(cfg.limits, self.metrics)
-        self.guard = Guard(cfg.limits, budget, self.metrics)
-        self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=budget)
+        budget = Budget(cfg.limits, self.metrics, clock)
+        self.guard = Guard(cfg.limits, budget, self.metrics, clock)
+        self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=budget,
+                                     clock=clock)
         self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready,
                                self.guard)
         self.tls = tls_context(cfg.server) if cfg.server.tls_cert else None
@@ -219,7 +223,7 @@ class Relay:
             state += " (delivery paused)"
         parts = [state, f"queue {self.outbox.undelivered} ({a.dead} dead)", f"delivered {a.delivered}"]
         if a.last_error:
-            parts.append(f"last error: {a.last_error} {_ago(time.time() - a.last_error_at)} ago")
+            parts.append(f"last error: {a.last_error} {_ago(self.clock.time() - a.last_error_at)} ago")
         if self.reload_error:
             parts.append(f"reload failed, old config in force: {self.reload_error}")
         if self.restart_needed:
@@ -238,8 +242,8 @@ class Relay:
     async def _prune(self) -> None:
         while True:
             # a full chunk: more may have expired, go on as soon as the loop is free
-            full = self.guard.prune(time.time(), PRUNE_CHUNK) >= PRUNE_CHUNK
-            await asyncio.sleep(0 if full else PRUNE_EVERY)
+            full = self.guard.prune(self.clock.time(), PRUNE_CHUNK) >= PRUNE_CHUNK
+            await self.clock.sleep(0 if full else PRUNE_EVERY)
 
     async def _housekeep(self) -> None:
         prune = asyncio.create_task(self._prune(), name="prune")
@@ -252,11 +256,11 @@ class Relay:
 
     async def _housekeep_storage(self) -> None:
         while True:
-            await asyncio.sleep(HOUSEKEEPING_EVERY)
+            await self.clock.sleep(HOUSEKEEPING_EVERY)
             try:
                 # delivered entries are the log the limits count on: keep them long enough
                 keep = max(self.config.queue.keep_delivered, self.config.limits.retention)
-                removed = await self.outbox.cleanup(time.time() - keep)
+                removed = await self.outbox.cleanup(self.clock.time() - keep)
                 await self.dispatcher.release_stranded()
                 await self.outbox.refresh_count()
             except StorageError as exc:

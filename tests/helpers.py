@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from hapsms_relay import config
+from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from hapsms_relay.relay import Relay
 
@@ -159,9 +160,9 @@ class RunningRelay:
 
 
 async def start_relay(doc: Mapping[str, Any], *, paused: bool = False,
-                      outbox: SQLiteOutbox | None = None) -> RunningRelay:
+                      outbox: SQLiteOutbox | None = None, clock: Clock = SYSTEM) -> RunningRelay:
     cfg = config.parse(tomllib.loads(to_toml(doc)))
-    relay = Relay(cfg, paused=paused, outbox=outbox)
+    relay = Relay(cfg, paused=paused, outbox=outbox, clock=clock)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
