@@ -74,6 +74,9 @@ class TencentFake:
         if self.errors:
             return Reply(200, tencent_error(self.errors.popleft()))
         request_id = str(uuid.uuid4())
+        refused = self._vendor_rules(action, body)
+        if refused:
+            return Reply(200, tencent_error(refused))
         if action == "SendCodeVoice":
             return Reply(200, {"Response": {"SendStatus": {"CallId": str(uuid.uuid4()),
                                                            "SessionContext": ""},
@@ -90,6 +93,17 @@ class TencentFake:
                 "IsoCode": "CN" if number.startswith("+86") else "",
             })
         return Reply(200, {"Response": {"SendStatusSet": statuses, "RequestId": request_id}})
+
+    @staticmethod
+    def _vendor_rules(action: str, body: dict[str, Any]) -> str:
+        """What Tencent refuses although the request is well signed (its documented rules)."""
+        if action == "SendCodeVoice" and not str(body.get("CalledNumber", "")).startswith("+86"):
+            return "InvalidParameterValue.IncorrectPhoneNumber"  # VMS: mainland mobiles only
+        if action == "SendSms":
+            numbers = body.get("PhoneNumberSet") or []
+            if len({str(n).startswith("+86") for n in numbers}) > 1:
+                return "UnsupportedOperation.ContainDomesticAndInternationalPhoneNumber"
+        return ""
 
     def _check_signature(self, rec: Recorded, service: str) -> str:
         """What Tencent's gateway checks, the final HMAC done by Tencent's SDK."""
@@ -146,6 +160,34 @@ def aliyun_error(code: str, message: str = "") -> dict[str, Any]:
 class AliyunCall:
     action: str
     params: dict[str, str]
+    mainland: bool = False  # whether Alibaba reads the call's number as a mainland one
+
+
+def ali_reads_sms(number: str) -> str | None:
+    """The mainland number SendSms reads ``PhoneNumbers`` as, or None for an international one.
+
+    SendSms's documented forms: a mainland number is "+/+86/0086/86 or no prefix" and 11
+    digits; anything else is "international code + number".
+    """
+    for prefix in ("+86", "0086", "86", "+"):
+        if number.startswith(prefix):
+            rest = number[len(prefix):]
+            break
+    else:
+        rest = number
+    return rest if len(rest) == 11 and rest.isdigit() and rest[0] == "1" else None
+
+
+def ali_reads_voice(number: str) -> str | None:
+    """The mainland number SingleCallByTts reads ``CalledNumber`` as, or None for an
+    international call (the voice number-format guide: ``00``/``+`` and a code other than 86;
+    anything without a prefix is domestic)."""
+    for prefix in ("+86", "0086"):
+        if number.startswith(prefix):
+            return number[len(prefix):]
+    if number.startswith(("+", "00")):
+        return None
+    return number
 
 
 @dataclass
@@ -174,9 +216,13 @@ class AliyunFake:
                 problem, "Specified signature is not matched with our calculation."
                 if problem == "SignatureDoesNotMatch" else ""))
         action = rec.headers["x-acs-action"]
-        self.calls.append(AliyunCall(action, dict(rec.query)))
         number = rec.query.get("PhoneNumbers") or rec.query.get("CalledNumber", "")
+        read = ali_reads_voice(number) if action == "SingleCallByTts" else ali_reads_sms(number)
+        self.calls.append(AliyunCall(action, dict(rec.query), read is not None))
         code = self.errors.popleft() if self.errors else self.number_codes.get(number, "OK")
+        if code == "OK" and action == "SingleCallByTts" and read is None:
+            # the domestic voice service calls no international number
+            code = "isv.MOBILE_NUMBER_ILLEGAL"
         if code != "OK":
             return Reply(ALI_STATUS.get(code, 200), aliyun_error(code))
         request_id = str(uuid.uuid4()).upper()

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from Tea.request import TeaRequest
 
+from hapsms_relay.numbers import normalise
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError, UnsupportedError
 from hapsms_relay.outbox import State
 from hapsms_relay.providers.aliyun import AliyunProvider, acs3_authorization, canonical_query
@@ -201,6 +202,84 @@ async def test_no_template_is_unsupported(provider: AliyunProvider, aliyun: Aliy
     """A text no mapping matches is not sent: no_template."""
     (outcome,) = await provider.send([sms(text="Hello from HAP")])
     assert isinstance(outcome, UnsupportedError) and outcome.code == "no_template"
+    assert aliyun.calls == []
+
+
+# -- numbers outside mainland China ----------------------------------------------------------
+
+def message(raw: str, kind: str = "sms", text: str = CODE_TEXT) -> Message:
+    """The message the dispatcher builds for ``raw`` as HAP sent it (parsed as the webhook does)."""
+    n = normalise(raw, "CN")
+    return Message(1, kind, n.e164, n.region, n.national, text, "", "123456" if kind == "voice" else "")  # type: ignore[arg-type]
+
+
+# HAP's number -> SendSms's PhoneNumbers, or None: never sent to SendSms (Alibaba would read
+# the international form, 1 + ten digits, as a bare mainland mobile).
+TRICKY_NUMBERS = [
+    ("+13125551234", None),  # USA: 1312... is the shape of a mainland 131 mobile
+    ("+12125551234", None),  # USA
+    ("+14165551234", None),  # Canada
+    ("+8613125551234", "13125551234"),  # mainland, the same digits as the first
+    ("13800138000", "13800138000"),  # mainland written without a prefix,
+    ("8613800138000", "13800138000"),  # with 86,
+    ("008613800138000", "13800138000"),  # with 0086,
+    ("+8613800138000", "13800138000"),  # and with +86
+    ("+85291234567", "85291234567"),  # Hong Kong
+    ("+85366123456", "85366123456"),  # Macao
+    ("+886912345678", "886912345678"),  # Taiwan
+    ("+6581234567", "6581234567"),  # Singapore
+]
+
+
+@pytest.mark.parametrize(("raw", "sent"), TRICKY_NUMBERS)
+async def test_phone_numbers_are_never_read_as_another_number(
+    provider: AliyunProvider, aliyun: AliyunFake, raw: str, sent: str | None
+) -> None:
+    """Each number goes to SendSms in the form Alibaba reads as that number: mainland ones
+    as their 11 digits, others with their country code, +1 ones not at all (cannot carry)."""
+    m = message(raw)
+    (outcome,) = await provider.send([m])
+    if sent is None:
+        assert isinstance(outcome, UnsupportedError) and outcome.code == "ambiguous_number"
+        assert aliyun.calls == []
+        return
+    (call,) = aliyun.calls
+    assert call.params["PhoneNumbers"] == sent
+    assert call.mainland == (m.country_code == "86")
+
+
+@pytest.mark.parametrize("raw", ["+13125551234", "+85291234567", "+6581234567"])
+async def test_voice_codes_outside_mainland_are_not_called(
+    provider: AliyunProvider, aliyun: AliyunFake, raw: str
+) -> None:
+    """SingleCallByTts calls mainland numbers only: others get the fallback SMS (or, when
+    SendSms cannot carry them either, nothing is sent)."""
+    await provider.send([message(raw, "voice", "Your verification code is 123456")])
+    assert [c.action for c in aliyun.calls] in ([], ["SendSms"])
+    assert all(c.params.get("PhoneNumbers") == raw[1:] for c in aliyun.calls)
+
+
+async def test_mainland_voice_code_calls_the_mainland_number(
+    provider: AliyunProvider, aliyun: AliyunFake
+) -> None:
+    """A mainland voice code is called at its 11 digits, which Alibaba reads as domestic."""
+    assert await provider.send([message("+8613125551234", "voice")]) == [None]
+    (call,) = aliyun.calls
+    assert (call.action, call.params["CalledNumber"], call.mainland) == (
+        "SingleCallByTts", "13125551234", True)
+
+
+async def test_us_voice_code_goes_to_the_next_provider(
+    tmp_path: Path, relay_factory, session, aliyun: AliyunFake
+) -> None:
+    """A voice code to a +1 number makes no Alibaba call and is delivered by the next provider."""
+    relay = await relay_factory(base_config(
+        tmp_path, providers=[aliyun_table(aliyun.api.url),
+                             {"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}],
+        routes={"sms": ["aliyun", "dev"], "voice": ["aliyun", "dev"]}))
+    (row,) = await post_settled(relay, session, {"Type": 2, "Data": {
+        "Mobile": "+13125551234", "Code": "123456"}})
+    assert (row.state, row.provider) == (State.DELIVERED, "dev")
     assert aliyun.calls == []
 
 

@@ -150,6 +150,20 @@ async def test_mainland_and_other_numbers_go_in_separate_calls(
         ["+8613800138000", "+8613800138001"], ["+12025550123"]]
 
 
+async def test_voice_codes_outside_mainland_go_as_sms(
+    provider: TencentProvider, tencent: TencentFake
+) -> None:
+    """VMS calls mainland numbers only: of one voice batch the +86 number is called and the
+    others get the fallback SMS, with no SendCodeVoice to them."""
+    text = "Your verification code is 123456"
+    batch = [Message(1, "voice", "+8613800138000", "CN", "13800138000", text, "", "123456"),
+             Message(2, "voice", "+85291234567", "HK", "91234567", text, "", "123456")]
+    assert await provider.send(batch) == [None, None]
+    assert [(c.action, c.body.get("CalledNumber") or c.body.get("PhoneNumberSet"))
+            for c in tencent.calls] == [
+        ("SendCodeVoice", "+8613800138000"), ("SendSms", ["+85291234567"])]
+
+
 async def test_hap_signature_used_without_sign_name(
     fake_api: FakeAPI, session: aiohttp.ClientSession, tencent: TencentFake
 ) -> None:

@@ -5,6 +5,20 @@ SingleCallByTts https://help.aliyun.com/zh/vms/developer-reference/api-dyvmsapi-
 error codes https://help.aliyun.com/zh/sms/developer-reference/api-error-codes, signature V3
 https://help.aliyun.com/zh/sdk/product-overview/v3-request-structure-and-signature.
 
+Numbers, by the vendor's rules:
+
+- SendSms ``PhoneNumbers`` (the SendSms page above): a mainland number is written
+  "+/+86/0086/86 or no prefix" before the 11-digit number; any other is "international
+  code + number" (``85291234567``). So a +1 number in that form (``13125551234``) is exactly
+  a bare mainland mobile: the relay never sends one to SendSms (``ambiguous_number``, cannot
+  carry) and sends mainland numbers as their bare 11 digits. ``reads_as_mainland`` is the
+  check every non-mainland ``PhoneNumbers`` value passes first.
+- SingleCallByTts: the voice number-format guide
+  https://help.aliyun.com/zh/vms/product-overview/number-format-standards-guide reads
+  a number without ``00``/``+`` as domestic and says the domestic voice service places no
+  international calls (the SingleCallByTts page: outside the mainland discontinued since
+  March 2022). Voice codes to other numbers are not called: they go as the fallback SMS.
+
 Signed with ACS3-HMAC-SHA256 (signature V3), not the RPC HMAC-SHA1 one: Alibaba documents V2
 as discontinued in favour of V3, V3 signs the Host, the headers and a hash of the body rather
 than the parameters alone, and SHA-1 is past its time.
@@ -19,7 +33,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 from urllib.parse import quote
 
@@ -27,6 +41,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from hapsms_relay import log
 from hapsms_relay.errors import DeliveryError, PermanentError, TransientError, UnsupportedError
 from hapsms_relay.providers.base import BaseProvider, Common, Message, classify_http_status
 from hapsms_relay.providers.signing import hmac_sha256, host_header, read_endpoint, sha256_hex
@@ -120,11 +135,13 @@ class AliyunProvider(BaseProvider):
         )
 
     async def send_one(self, message: Message) -> None:
-        # mainland numbers national, others with their country code, never a '+'
-        number = message.national if message.country_code == "86" else message.to[1:]
+        mainland = message.country_code == "86"
+        if message.kind == "voice" and not mainland:
+            # mainland-only voice API: the code goes as the fallback SMS, no call wasted
+            message = replace(message, kind="sms")
         if message.kind == "voice":
             params = {
-                "CalledNumber": number,
+                "CalledNumber": message.national,
                 "TtsCode": self.voice_template,
                 "TtsParam": _json(self.voice_params.fill({"code": message.code}).as_dict()),
                 "PlayTimes": str(self.play_times),
@@ -139,11 +156,25 @@ class AliyunProvider(BaseProvider):
             raise UnsupportedError(self.name, "no_sign_name",
                                    "set sign_name: this message has no signature")
         await self._call(self.endpoint, "SendSms", {
-            "PhoneNumbers": number,
+            "PhoneNumbers": self.sendsms_number(message),
             "SignName": sign,
             "TemplateCode": match.template,
             "TemplateParam": _json(match.params.as_dict()),
         })
+
+    def sendsms_number(self, message: Message) -> str:
+        """``PhoneNumbers`` for one recipient: a mainland number as its bare 11 digits, any
+        other as country code + number, unless Alibaba would read that as a mainland one."""
+        if message.country_code == "86":
+            return message.national
+        number = message.to[1:]
+        if reads_as_mainland(number):
+            raise UnsupportedError(
+                self.name, "ambiguous_number",
+                f"SendSms reads {log.mask(message.to)} written as its country code and number "
+                "as a mainland number; route it to another provider",
+            )
+        return number
 
     async def _call(self, url: URL, action: str, params: Mapping[str, str]) -> None:
         """One signed RPC call, parameters in the query and an empty body."""
@@ -176,6 +207,20 @@ class AliyunProvider(BaseProvider):
             raise TransientError(self.name, "bad_response", text[:_TEXT_LIMIT])
         if doc["Code"] != "OK":
             raise classify(self.name, doc["Code"], str(doc.get("Message", "")), status)
+
+
+_MAINLAND_PREFIXES = ("+86", "0086", "86", "+")  # SendSms's mainland forms, longest first
+
+
+def reads_as_mainland(number: str) -> bool:
+    """Whether SendSms would take ``number`` for a mainland one: one of the documented
+    mainland prefixes (or none) before an 11-digit number starting with 1 (a mainland mobile).
+    ``13125551234`` (+1 312...) does; ``85291234567`` (+852) does not."""
+    for prefix in _MAINLAND_PREFIXES:
+        if number.startswith(prefix):
+            number = number[len(prefix):]
+            break
+    return len(number) == 11 and number.isdigit() and number[0] == "1"
 
 
 def _json(params: Mapping[str, str]) -> str:

@@ -3,6 +3,12 @@
 SendSms https://cloud.tencent.com/document/api/382/55981 (errors: /382/59177, /382/52075),
 SendCodeVoice https://cloud.tencent.com/document/api/1128/51559, signature v3 (TC3-HMAC-SHA256)
 https://cloud.tencent.com/document/api/382/52072. Up to 200 numbers go in one SendSms call.
+
+Numbers, by the vendor's rules: SendSms takes E.164 (``+`` and the country code, so no
+number reads as another country's) and one call carries only mainland or only other numbers
+(SendSms page, ``PhoneNumberSet``). VMS reaches mainland mobiles only ("仅支持中国大陆地区手机
+号码", https://cloud.tencent.com/document/api/1128/51568): voice codes to other numbers are
+not called but go as the fallback SMS.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -112,7 +118,14 @@ class TencentProvider(BaseProvider):
         if not batch:
             return []
         if batch[0].kind == "voice":
-            return await super().send(batch)
+            if all(m.country_code == "86" for m in batch):
+                return await super().send(batch)
+            # VMS calls mainland numbers only: the others get the fallback SMS, no call wasted
+            calls = [m for m in batch if m.country_code == "86"]
+            texts = [replace(m, kind="sms") for m in batch if m.country_code != "86"]
+            outcomes = dict(zip((m.id for m in calls), await super().send(calls), strict=True))
+            outcomes.update(zip((m.id for m in texts), await self.send(texts), strict=True))
+            return [outcomes[m.id] for m in batch]
         try:
             match = self.templates.resolve(self.name, batch[0].text)
         except DeliveryError as exc:
