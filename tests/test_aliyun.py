@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from Tea.request import TeaRequest
 
-from hapsms_relay.numbers import normalise
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError, UnsupportedError
+from hapsms_relay.numbers import normalise
 from hapsms_relay.outbox import State
 from hapsms_relay.providers.aliyun import AliyunProvider, acs3_authorization, canonical_query
 from hapsms_relay.providers.base import Message
