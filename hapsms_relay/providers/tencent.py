@@ -123,9 +123,9 @@ class TencentProvider(BaseProvider):
             # VMS calls mainland numbers only: the others get the fallback SMS, no call wasted
             calls = [m for m in batch if m.country_code == "86"]
             texts = [replace(m, kind="sms") for m in batch if m.country_code != "86"]
-            outcomes = dict(zip((m.id for m in calls), await super().send(calls), strict=True))
-            outcomes.update(zip((m.id for m in texts), await self.send(texts), strict=True))
-            return [outcomes[m.id] for m in batch]
+            by_id = dict(zip((m.id for m in calls), await super().send(calls), strict=True))
+            by_id.update(zip((m.id for m in texts), await self.send(texts), strict=True))
+            return [by_id[m.id] for m in batch]
         try:
             match = self.templates.resolve(self.name, batch[0].text)
         except DeliveryError as exc:
