@@ -12,6 +12,8 @@ import re
 import sys
 from typing import IO
 
+import phonenumbers
+
 LOGGER = logging.getLogger("hapsms_relay")
 _SPECIAL = re.compile(r'[ "=\\]')  # characters that make a value need quotes
 
@@ -24,13 +26,31 @@ _PREFIX = {
 }
 
 
+# ITU calling codes are prefix-free, so at most one of a number's first 1-3 digits is one.
+_CALLING_CODES = frozenset(str(c) for c in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+_TAIL = 4  # at most this many last digits are shown
+
+
 def mask(number: str) -> str:
-    """``+8613800138000`` -> ``+86138****8000``: enough to tell numbers apart, not to dial."""
-    if len(number) >= 11:
-        return number[:6] + "****" + number[-4:]
-    if len(number) >= 6:
-        return number[:3] + "****" + number[-2:]
-    return "****"
+    """A number as logs show it: enough to tell numbers apart, not to dial.
+
+    The rule, for every region: an E.164 number keeps ``+`` and its calling code; of the
+    national number the last ``min(4, len // 2)`` digits are shown and every other digit is
+    a ``*`` (one per digit), so at least half of it is always hidden.
+    ``+8613800138000`` -> ``+86*******8000``, ``+85291234567`` -> ``+852****4567``,
+    ``+6581234567`` -> ``+65****4567``. Anything else (no ``+``, an unknown calling code) is
+    all national number: ``12345`` -> ``***45``.
+    """
+    head, national = "", number
+    if number[:1] == "+":
+        for n in (1, 2, 3):
+            if number[1 : 1 + n] in _CALLING_CODES:
+                head, national = number[: 1 + n], number[1 + n :]
+                break
+        else:
+            head, national = "+", number[1:]
+    shown = min(_TAIL, len(national) // 2)
+    return head + "*" * (len(national) - shown) + national[len(national) - shown :]
 
 
 def _value(v: object) -> str:
