@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -99,63 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(cfg: Config, path: str, *, paused: bool = False) -> int:
     import uvloop
 
+    from hapsms_relay import relay
+
     log.setup(cfg.log_level)
-    return uvloop.run(_serve(cfg, path, paused))
-
-
-async def _serve(cfg: Config, path: str, paused: bool) -> int:
-    from hapsms_relay import systemd
-    from hapsms_relay.relay import Relay
-
-    notifier = systemd.Notifier.from_environment()
-    relay = Relay(cfg, paused=paused)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    background: set[asyncio.Task[None]] = set()
-
-    running = False  # READY=1 sent and no STOPPING=1 yet: the span where reloads make sense
-
-    async def reload() -> None:
-        notifier.reloading()
-        await relay.reload(path)
-        if running:
-            notifier.ready(relay.status())
-
-    def on_hup() -> None:
-        if not running:
-            log.warning("reload_ignored", reason="not running (starting or stopping)")
-            return
-        task = asyncio.create_task(reload())
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    try:
-        await relay.start(systemd.listen_socket())
-    except (StorageError, OSError) as exc:
-        log.error("start_failed", error=str(exc))
-        await relay.stop()
-        notifier.notify(STATUS=f"start failed: {exc}")
-        return EX_FAIL
-    # What start-up built (modules, phonenumbers' metadata, config) lives as long as the
-    # process: keep it out of every collection. A full collection of it took ~9 ms, a
-    # latency spike for every request waiting meanwhile.
-    gc.freeze()
-    # The outbox is open and the listener accepts: only now may systemd route traffic here.
-    notifier.ready(relay.status())
-    running = True
-    keep_alive = asyncio.create_task(notifier.keep_alive(relay.status), name="sd_notify")
-    await stop.wait()
-    log.info("stopping")
-    running = False
-    notifier.stopping(f"stopping: {relay.dispatcher.inflight} deliveries in flight")
-    await relay.stop()  # waits for a reload in progress; the watchdog keeps pinging meanwhile
-    keep_alive.cancel()
-    await asyncio.gather(keep_alive, *background, return_exceptions=True)
-    notifier.close()
-    return EX_OK
+    return EX_OK if uvloop.run(relay.serve(cfg, path, paused=paused)) else EX_FAIL
 
 
 # -- check-config ----------------------------------------------------------------------------
