@@ -12,12 +12,12 @@ import ipaddress
 import ssl
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from hapsms_relay import log
 from hapsms_relay.config import ServerConfig
+from hapsms_relay.errors import BadRequest
 from hapsms_relay.metrics import Metrics
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -34,10 +34,12 @@ class _Handler(RequestHandler):
         log.debug("bad_http_request", client=request.remote, status=status, error=message or exc)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
-        code = "bad_request" if status < 500 else "internal_error"
-        detail = "malformed HTTP request" + (f": {message}" if message and status < 500 else "")
-        resp = web.Response(status=status, content_type="application/json",
-                            body=orjson.dumps({"ok": False, "error": code, "detail": detail}))
+        if status < 500:
+            detail = "malformed HTTP request" + (f": {message}" if message else "")
+            error = BadRequest(status, "bad_request", detail)
+        else:
+            error = BadRequest(status, "internal_error", "the relay failed; see its log")
+        resp = web.Response(status=status, content_type="application/json", body=error.body())
         resp.force_close()
         return resp
 

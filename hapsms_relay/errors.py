@@ -1,14 +1,38 @@
 """The one errors tree of hapsms-relay.
 
-Config errors name the key at fault. Delivery errors say whether retrying can help
-(transient) or not (permanent) and carry the provider's own code and text for the logs.
+Config errors name the key at fault; a refused request carries its HTTP status and error
+code. Delivery errors say whether retrying can help (transient) or not (permanent) and
+carry the provider's own code and text for the logs.
 """
 
 from __future__ import annotations
 
+import orjson
+
 
 class RelayError(Exception):
     """Base of every error hapsms-relay raises on purpose."""
+
+
+class BadRequest(RelayError):
+    """A request the relay refuses: answered ``status`` with :meth:`body`, the one JSON
+    error body (``{"ok": false, "error": code, "detail": ...}``) of the webhook, the probes
+    and the front door."""
+
+    def __init__(self, status: int, code: str, detail: str,
+                 headers: dict[str, str] | None = None, refused: bytes = b"") -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+        self.refused = refused  # a JSON list of refused recipients, or b""
+
+    def body(self) -> bytes:
+        body = orjson.dumps({"ok": False, "error": self.code, "detail": self.detail})
+        if self.refused:
+            body = body[:-1] + b',"refused":' + self.refused + b"}"
+        return body
 
 
 class ConfigError(RelayError, ValueError):

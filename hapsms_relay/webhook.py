@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from hapsms_relay import log
 from hapsms_relay.config import Config
 from hapsms_relay.door import AddressFilter
-from hapsms_relay.errors import StorageError
+from hapsms_relay.errors import BadRequest, StorageError
 from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.numbers import InvalidNumber, Number, normalise
@@ -33,25 +33,9 @@ _SIGNATURE_BRACKETS = (("【", "】"), ("[", "]"))
 _PROBES = frozenset(("/healthz", "/readyz", "/metrics"))
 
 
-class BadRequest(Exception):
-    """A request the relay refuses; becomes ``{"ok": false, "error": code, "detail": ...}``."""
-
-    def __init__(self, status: int, code: str, detail: str,
-                 headers: dict[str, str] | None = None, refused: bytes = b"") -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-        self.headers = headers
-        self.refused = refused  # a JSON list of refused recipients, or b""
-
-
-def error_response(status: int, code: str, detail: str,
-                   headers: dict[str, str] | None = None, refused: bytes = b"") -> web.Response:
-    body = orjson.dumps({"ok": False, "error": code, "detail": detail})
-    if refused:
-        body = body[:-1] + b',"refused":' + refused + b"}"
-    return web.Response(status=status, body=body, content_type=JSON, headers=headers)
+def error_response(exc: BadRequest) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body(), content_type=JSON,
+                        headers=exc.headers)
 
 
 class Webhook:
@@ -113,12 +97,13 @@ class Webhook:
                 raise BadRequest(404, "not_found", f"no endpoint at {request.path}; "
                                  f"HAP's webhook is POST {self.path}")
         except BadRequest as exc:
-            response = error_response(exc.status, exc.code, exc.detail, exc.headers, exc.refused)
+            response = error_response(exc)
             if exc.status == 408:
                 response.force_close()  # the rest of a slow body is not worth waiting for
         except Exception:  # a bug: answer in JSON, keep serving, log the traceback
             log.LOGGER.exception("internal_error path=%s", request.path)
-            response = error_response(500, "internal_error", "the relay failed; see its log")
+            response = error_response(BadRequest(500, "internal_error",
+                                                 "the relay failed; see its log"))
         if request.path not in _PROBES:  # a scrape every 15 s would drown HAP's requests
             self.metrics.request(response.status)
         return response
