@@ -12,7 +12,7 @@ import ipaddress
 import ssl
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from hapsms_relay import log
@@ -23,6 +23,29 @@ from hapsms_relay.metrics import Metrics
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# What was wrong with a request the parser refused, by aiohttp's exception class (most
+# specific first). Never the parser's own message: it quotes the offending line, and that
+# line may be an Authorization header holding a valid token.
+_MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
+    (http_exceptions.LineTooLong, "a line of the request is too long"),
+    (http_exceptions.BadHttpMethod, "bad method"),
+    (http_exceptions.BadStatusLine, "bad request line"),
+    (http_exceptions.InvalidHeader, "bad header"),
+    (http_exceptions.InvalidURLError, "bad URL"),
+    (http_exceptions.TransferEncodingError, "bad Transfer-Encoding"),
+    (http_exceptions.ContentLengthError, "bad Content-Length"),
+    (http_exceptions.BadHttpMessage, "bad header or framing"),
+)
+
+
+def malformed(exc: BaseException | None) -> str:
+    """A fixed description of what the parser refused, which quotes nothing the client sent."""
+    for cls, text in _MALFORMED:
+        if isinstance(exc, cls):
+            return "malformed HTTP request: " + text
+    return "malformed HTTP request"
+
+
 class _Handler(RequestHandler):
     """aiohttp's connection handler, answering malformed HTTP in the relay's JSON."""
 
@@ -30,13 +53,14 @@ class _Handler(RequestHandler):
                      exc: BaseException | None = None, message: str | None = None,
                      ) -> web.StreamResponse:
         # Only HTTP the parser rejects gets here (the relay's handler catches its own errors);
-        # debug level: anyone can send garbage, and it must not flood the journal.
-        log.debug("bad_http_request", client=request.remote, status=status, error=message or exc)
+        # debug level: anyone can send garbage, and it must not flood the journal. Neither
+        # the line nor the answer carries ``message`` (see _MALFORMED).
+        log.debug("bad_http_request", client=request.remote, status=status,
+                  error=type(exc).__name__ if exc is not None else None)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         if status < 500:
-            detail = "malformed HTTP request" + (f": {message}" if message else "")
-            error = BadRequest(status, "bad_request", detail)
+            error = BadRequest(status, "bad_request", malformed(exc))
         else:
             error = BadRequest(status, "internal_error", "the relay failed; see its log")
         resp = web.Response(status=status, content_type="application/json", body=error.body())

@@ -1,0 +1,69 @@
+"""HTTP at the edges, as attackers and real clients send it: request-line versions,
+``Expect: 100-continue``, clients leaving mid-body, and header bytes that must never be
+echoed or logged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.helpers import SMS_BODY, TOKEN, base_config
+
+BODY = orjson.dumps(SMS_BODY)
+
+
+def head(token: str = TOKEN, *, version: str = "1.1", extra: str = "",
+         length: int = len(BODY), auth: str = "Authorization: Bearer {token}") -> bytes:
+    return (f"POST /sms/webhook HTTP/{version}\r\nHost: relay\r\n"
+            "Content-Type: application/json\r\n" + auth.format(token=token) + "\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a new connection; everything the relay answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def port_of(relay: Any) -> int:
+    return int(relay.url.rsplit(":", 1)[1])
+
+
+async def metric(session: aiohttp.ClientSession, url: str, line_start: str) -> float | None:
+    async with session.get(url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.mark.parametrize("header", ["Authorization", "X-Api-Key"])
+@pytest.mark.parametrize("tail", ["\x01", "\x7f", "\r", "\x00"])
+async def test_token_with_control_character_is_never_echoed(
+    tmp_path: Path, relay_factory: Any, caplog: pytest.LogCaptureFixture, header: str,
+    tail: str,
+) -> None:
+    """At debug level, a token header the parser refuses (a control character after a valid
+    token) is neither logged nor echoed in the 400."""
+    server = {"token_header": header} if header != "Authorization" else {}
+    relay = await relay_factory(base_config(tmp_path, server=server, log_level="debug"),
+                                paused=True)
+    caplog.set_level(logging.DEBUG)
+    auth = "Authorization: Bearer {token}" if header == "Authorization" else header + ": {token}"
+    answer = await exchange(port_of(relay), head(TOKEN + tail, auth=auth) + BODY)
+    assert b" 400 " in answer.split(b"\r\n", 1)[0], answer
+    assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "bad_request"
+    assert TOKEN.encode() not in answer
+    assert "bad_http_request" in caplog.text  # it was logged, without the token
+    assert TOKEN not in caplog.text
+    assert relay.relay.outbox.undelivered == 0
