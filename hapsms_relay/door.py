@@ -75,8 +75,10 @@ class Door(web.Server):
         # keepalive_timeout: an idle connection, or one dribbling its next request's header,
         # is closed after header_timeout as well. lingering_time: after an answer to a body
         # that was not read whole (413, 408), wait 1s (not aiohttp's 10s) for the rest.
+        # auto_decompress off: the webhook refuses a Content-Encoding rather than decoding.
         super().__init__(handler, request_factory=self._request,
-                         keepalive_timeout=cfg.header_timeout, lingering_time=1.0, **kwargs)
+                         keepalive_timeout=cfg.header_timeout, lingering_time=1.0,
+                         auto_decompress=False, **kwargs)
         self.cfg = cfg
         self.metrics = metrics
         self._clients: dict[RequestHandler, str] = {}

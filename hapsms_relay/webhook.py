@@ -121,6 +121,11 @@ class Webhook:
         ):
             raise BadRequest(415, "unsupported_media_type",
                              "send Content-Type: application/json (UTF-8)")
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+            # HAP posts plain JSON; a decoder would be one more thing to bound (gzip bombs)
+            raise BadRequest(415, "unsupported_encoding", "send the body uncompressed (no "
+                             "Content-Encoding)", {"Accept-Encoding": "identity"})
         if not self.accepting:
             raise BadRequest(503, "shutting_down", "the relay is shutting down; retry shortly",
                              {"Retry-After": "5"})

@@ -5,6 +5,7 @@ echoed or logged."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,48 @@ async def test_token_with_control_character_is_never_echoed(
     assert "bad_http_request" in caplog.text  # it was logged, without the token
     assert TOKEN not in caplog.text
     assert relay.relay.outbox.undelivered == 0
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "GZIP", "identity, gzip"])
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_content_encoding_is_refused(tmp_path: Path, relay_factory: Any,
+                                           session: aiohttp.ClientSession,
+                                           caplog: pytest.LogCaptureFixture,
+                                           encoding: str, compressed: bool) -> None:
+    """Any Content-Encoding but identity gets 415 unsupported_encoding, whether or not the
+    body really is compressed; never a 500 or an error line."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    data = gzip.compress(BODY) if compressed else BODY
+    async with session.post(relay.webhook_url, data=data, headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json",
+        "Content-Encoding": encoding,
+    }) as r:
+        answer = await r.json()
+        assert (r.status, answer["error"]) == (415, "unsupported_encoding"), answer
+        assert r.headers["Accept-Encoding"] == "identity"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert relay.relay.outbox.undelivered == 0
+
+
+async def test_gzip_bomb_is_refused_unread(tmp_path: Path, relay_factory: Any,
+                                           session: aiohttp.ClientSession) -> None:
+    """A gzip bomb (100 MB of zeros in ~100 KB) is refused as an encoding, never inflated."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    bomb = gzip.compress(b"0" * 100_000_000, compresslevel=9)
+    async with session.post(relay.webhook_url, data=bomb, headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+    }) as r:
+        assert r.status in (413, 415)
+        assert (await r.json())["error"] in ("body_too_large", "unsupported_encoding")
+
+
+async def test_identity_encoding_is_accepted(tmp_path: Path, relay_factory: Any,
+                                             session: aiohttp.ClientSession) -> None:
+    """``Content-Encoding: identity`` (no encoding) is served as usual."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    async with session.post(relay.webhook_url, data=BODY, headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json",
+        "Content-Encoding": "identity",
+    }) as r:
+        assert r.status == 200

@@ -100,6 +100,11 @@ CASES = [
          headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"}),
     Case("latin-1 charset", 415, "unsupported_media_type",
          headers={**AUTH, "Content-Type": "application/json; charset=latin-1"}),
+    Case("gzip on a plain body", 415, "unsupported_encoding",
+         headers={**JSON_AUTH, "Content-Encoding": "gzip"}),
+    Case("deflate on a plain body", 415, "unsupported_encoding",
+         headers={**JSON_AUTH, "Content-Encoding": "deflate"}),
+    Case("brotli", 415, "unsupported_encoding", headers={**JSON_AUTH, "Content-Encoding": "br"}),
     Case("no token", 401, "unauthorized", headers={"Content-Type": "application/json"}),
     Case("wrong token", 401, "unauthorized",
          headers={"Authorization": "Bearer nope", "Content-Type": "application/json"}),
@@ -173,7 +178,8 @@ def test_every_documented_error_code_is_in_the_table() -> None:
     covered = {c.error for c in CASES}
     expected = {"invalid_json", "invalid_body", "unknown_type", "invalid_number", "invalid_code",
                 "too_many_recipients", "message_too_long", "unauthorized", "not_found",
-                "method_not_allowed", "body_too_large", "unsupported_media_type"}
+                "method_not_allowed", "body_too_large", "unsupported_media_type",
+                "unsupported_encoding"}
     assert expected <= covered
 
 
