@@ -35,6 +35,10 @@ class BadRequest(RelayError):
         return body
 
 
+class ClientGone(RelayError, ConnectionError):
+    """The client disconnected before its request was read whole: nobody to answer."""
+
+
 class ConfigError(RelayError, ValueError):
     """The configuration is invalid; ``key`` names the offending setting."""
 

@@ -63,6 +63,10 @@ class Metrics:
             f"{PREFIX}_auth_failures", "Webhook requests with a missing or wrong token",
             registry=r,
         )
+        self.aborted = Counter(
+            f"{PREFIX}_requests_aborted", "Webhook requests whose client disconnected before "
+            "the whole body arrived (nothing stored, not counted in requests_total)", registry=r,
+        )
         self.forbidden = Counter(
             f"{PREFIX}_forbidden", "Requests from addresses outside server.allow_ips", registry=r,
         )

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from hapsms_relay import log
 from hapsms_relay.config import Config
 from hapsms_relay.door import AddressFilter
-from hapsms_relay.errors import BadRequest, StorageError
+from hapsms_relay.errors import BadRequest, ClientGone, StorageError
 from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.numbers import InvalidNumber, Number, normalise
@@ -100,6 +100,14 @@ class Webhook:
             response = error_response(exc)
             if exc.status == 408:
                 response.force_close()  # the rest of a slow body is not worth waiting for
+        except ClientGone:
+            # not an error of the relay: nothing was stored, there is nobody to answer
+            self.metrics.aborted.inc()
+            log.debug("client_gone", client=request.remote, path=request.path)
+            response = error_response(BadRequest(400, "incomplete_body", "the connection "
+                                                 "closed before the whole body arrived"))
+            response.force_close()
+            return response  # counted as aborted, not as an answer
         except Exception:  # a bug: answer in JSON, keep serving, log the traceback
             log.LOGGER.exception("internal_error path=%s", request.path)
             response = error_response(BadRequest(500, "internal_error",
@@ -229,6 +237,8 @@ class Webhook:
         except TimeoutError:
             raise BadRequest(408, "request_timeout", "the body did not arrive within "
                              f"{self.config.server.body_timeout:g}s") from None
+        except ConnectionError:  # the client went away mid-body (aiohttp's "Connection lost")
+            raise ClientGone() from None
         return bytes(chunks)
 
     def parse(self, body: bytes) -> list[NewEntry]:

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.helpers import SMS_BODY, TOKEN, base_config
+from tests.helpers import SMS_BODY, TOKEN, base_config, eventually
 
 BODY = orjson.dumps(SMS_BODY)
 
@@ -46,6 +46,30 @@ async def metric(session: aiohttp.ClientSession, url: str, line_start: str) -> f
             if line.startswith(line_start + " "):
                 return float(line.rsplit(" ", 1)[1])
     return None
+
+
+async def test_client_leaving_mid_body_is_not_an_error(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that disconnects mid-body: no error line, no 500 in the metrics (counted in
+    requests_aborted_total), nothing stored; the relay serves the next request."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    for i in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(relay))
+        writer.write(head() + BODY[: 10 + i])
+        await writer.drain()
+        await eventually(lambda: relay.relay.webhook.handling == 1, what="the request read")
+        writer.close()
+        await eventually(lambda: relay.relay.webhook.handling == 0, what="the request over")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "internal_error" not in caplog.text
+    aborted = await metric(session, relay.url, "hapsms_relay_requests_aborted_total")
+    assert aborted == 3
+    async with session.get(relay.url + "/metrics") as r:
+        assert 'status="500"' not in await r.text()
+    assert relay.relay.outbox.undelivered == 0
+    assert (await relay.post(session, SMS_BODY))[0] == 200
 
 
 @pytest.mark.parametrize("header", ["Authorization", "X-Api-Key"])
