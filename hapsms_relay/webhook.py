@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hapsms_relay import log
@@ -31,6 +31,8 @@ JSON = "application/json"
 IDEMPOTENCY_KEY = "Idempotency-Key"
 _SIGNATURE_BRACKETS = (("【", "】"), ("[", "]"))
 _PROBES = frozenset(("/healthz", "/readyz", "/metrics"))
+_HTTP_VERSIONS = frozenset((HttpVersion10, HttpVersion11))
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def error_response(exc: BadRequest) -> web.Response:
@@ -89,6 +91,9 @@ class Webhook:
                 self.metrics.forbidden.inc()
                 raise BadRequest(403, "forbidden", "this address may not use the relay "
                                  "(server.allow_ips)")
+            if request.version not in _HTTP_VERSIONS:  # aiohttp's parser lets 0.9 and 2.0 by
+                raise BadRequest(505, "http_version_not_supported",
+                                 "the relay speaks HTTP/1.1 (and 1.0)", {"Connection": "close"})
             if request.path == self.path:
                 response: web.StreamResponse = await self.webhook(request)
             elif request.path in _PROBES:
@@ -98,8 +103,10 @@ class Webhook:
                                  f"HAP's webhook is POST {self.path}")
         except BadRequest as exc:
             response = error_response(exc)
-            if exc.status == 408:
-                response.force_close()  # the rest of a slow body is not worth waiting for
+            if exc.status in (408, 505) or self.unread_expected(request):
+                # 408: the rest of a slow body is not worth waiting for. A client waiting for
+                # 100 Continue sends no body: there is nothing to read before the next request.
+                response.force_close()
         except ClientGone:
             # not an error of the relay: nothing was stored, there is nobody to answer
             self.metrics.aborted.inc()
@@ -129,7 +136,8 @@ class Webhook:
         ):
             raise BadRequest(415, "unsupported_media_type",
                              "send Content-Type: application/json (UTF-8)")
-        encoding = request.headers.get("Content-Encoding")
+        headers = request.headers
+        encoding = headers.get("Content-Encoding")
         if encoding is not None and encoding.strip().lower() not in ("", "identity"):
             # HAP posts plain JSON; a decoder would be one more thing to bound (gzip bombs)
             raise BadRequest(415, "unsupported_encoding", "send the body uncompressed (no "
@@ -137,11 +145,11 @@ class Webhook:
         if not self.accepting:
             raise BadRequest(503, "shutting_down", "the relay is shutting down; retry shortly",
                              {"Retry-After": "5"})
-        body = await self.read_body(request)
-        key = request.headers.get(IDEMPOTENCY_KEY)
+        key = headers.get(IDEMPOTENCY_KEY)
         if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
             raise BadRequest(400, "invalid_idempotency_key",
                              "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        body = await self.read_body(request, headers.get("Expect"))
         parsed = self.parse(body)
         # limits and duplicates (guard.py): only admitted recipients are stored
         adm = self.guard.admit(parsed, key)
@@ -211,12 +219,14 @@ class Webhook:
             raise BadRequest(401, "unauthorized", f"missing or wrong token; send {how}",
                              {"WWW-Authenticate": "Bearer"} if self.bearer else None)
 
-    async def read_body(self, request: web.BaseRequest) -> bytes:
+    async def read_body(self, request: web.BaseRequest, expect: str | None) -> bytes:
         limit = self.config.server.max_body_bytes
         length = request.content_length
         too_large = BadRequest(413, "body_too_large", f"the body exceeds {limit} bytes")
         if length is not None and length > limit:
             raise too_large
+        if expect is not None:
+            await self.expect(request, expect)
         content = request.content
         if content.is_eof():  # the usual case: the whole (small) body is already buffered
             body = content.read_nowait()
@@ -240,6 +250,28 @@ class Webhook:
         except ConnectionError:  # the client went away mid-body (aiohttp's "Connection lost")
             raise ClientGone() from None
         return bytes(chunks)
+
+    async def expect(self, request: web.BaseRequest, expect: str) -> None:
+        """``Expect: 100-continue``: every check that needs no body has passed, so ask for
+        it (curl waits a second for this before sending a body over 1 KiB)."""
+        if expect.strip().lower() != "100-continue":
+            raise BadRequest(417, "expectation_failed",
+                             "the only expectation the relay meets is Expect: 100-continue")
+        # RFC 9110 15.2.1: not to HTTP/1.0 clients, nor once the body is here anyway
+        if request.version == HttpVersion11 and request.content.total_bytes == 0 \
+                and not request.content.is_eof():
+            try:
+                await request.writer.write(CONTINUE)
+            except ConnectionError:
+                raise ClientGone() from None
+            request.writer.output_size = 0  # as aiohttp's own expect handler: no answer yet
+
+    @staticmethod
+    def unread_expected(request: web.BaseRequest) -> bool:
+        """Whether the client waits for 100 Continue that it will not get: its body never
+        comes, so the connection cannot carry another request."""
+        return (request.content.total_bytes == 0 and not request.content.is_eof()
+                and "Expect" in request.headers)
 
     def parse(self, body: bytes) -> list[NewEntry]:
         """HAP's body to outbox entries, or ``BadRequest``; nothing half-accepted."""

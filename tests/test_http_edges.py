@@ -48,6 +48,75 @@ async def metric(session: aiohttp.ClientSession, url: str, line_start: str) -> f
     return None
 
 
+@pytest.mark.parametrize("version", ["2.0", "0.9"])
+async def test_other_http_versions_get_505(tmp_path: Path, relay_factory: Any,
+                                           version: str) -> None:
+    """A request line claiming HTTP/2.0 or HTTP/0.9 is answered 505 and closed, not served."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    answer = await exchange(port_of(relay), head(version=version) + BODY)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split(b" ")[1] == b"505", answer
+    body = orjson.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["error"] == "http_version_not_supported"
+    assert relay.relay.outbox.undelivered == 0
+
+
+async def test_expect_100_continue(tmp_path: Path, relay_factory: Any) -> None:
+    """``Expect: 100-continue`` is answered 100 once the headers pass, then the body gets
+    its 200 on the same connection."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(relay))
+    try:
+        writer.write(head(extra="Expect: 100-continue\r\n"))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(BODY)
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert final.startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+    assert relay.relay.outbox.undelivered == 1
+
+
+async def test_expect_100_continue_from_aiohttp(tmp_path: Path, relay_factory: Any,
+                                                session: aiohttp.ClientSession) -> None:
+    """A real client that waits for 100 Continue (aiohttp's ``expect100``) gets its 200."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    big = {"Type": 1, "Data": {"Mobiles": [f"1380013{i:04d}" for i in range(200)],
+                               "Message": "many recipients"}}
+    async with session.post(relay.webhook_url, json=big, expect100=True,
+                            headers={"Authorization": f"Bearer {TOKEN}"},
+                            timeout=aiohttp.ClientTimeout(total=10)) as r:
+        assert r.status == 200 and len((await r.json())["ids"]) == 200
+
+
+@pytest.mark.parametrize(("token", "extra", "status", "error"), [
+    ("wrong", "Expect: 100-continue\r\n", 401, "unauthorized"),
+    (TOKEN, "Expect: 100-continue\r\nContent-Encoding: gzip\r\n", 415, "unsupported_encoding"),
+    (TOKEN, "Expect: something-else\r\n", 417, "expectation_failed"),
+])
+async def test_expect_gets_the_final_error_at_once(tmp_path: Path, relay_factory: Any,
+                                                   token: str, extra: str, status: int,
+                                                   error: str) -> None:
+    """A request waiting for 100 Continue that fails a check needing no body gets its error
+    at once, without 100, and the connection is closed (its body never comes)."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    answer = await exchange(port_of(relay), head(token, extra=extra))  # no body sent
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert b"100 Continue" not in answer
+    assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == error
+    assert relay.relay.outbox.undelivered == 0
+
+
+async def test_expect_is_not_answered_to_http_1_0(tmp_path: Path, relay_factory: Any) -> None:
+    """An HTTP/1.0 client never gets a 100 (RFC 9110 15.2.1); its request is served."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    answer = await exchange(port_of(relay),
+                            head(version="1.0", extra="Expect: 100-continue\r\n") + BODY)
+    assert answer.startswith(b"HTTP/1.0 200 "), answer
+    assert b" 100 " not in answer
+
+
 async def test_client_leaving_mid_body_is_not_an_error(
     tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,

@@ -105,6 +105,8 @@ CASES = [
     Case("deflate on a plain body", 415, "unsupported_encoding",
          headers={**JSON_AUTH, "Content-Encoding": "deflate"}),
     Case("brotli", 415, "unsupported_encoding", headers={**JSON_AUTH, "Content-Encoding": "br"}),
+    Case("unknown expectation", 417, "expectation_failed",
+         headers={**JSON_AUTH, "Expect": "200-ok"}),
     Case("no token", 401, "unauthorized", headers={"Content-Type": "application/json"}),
     Case("wrong token", 401, "unauthorized",
          headers={"Authorization": "Bearer nope", "Content-Type": "application/json"}),
@@ -179,7 +181,7 @@ def test_every_documented_error_code_is_in_the_table() -> None:
     expected = {"invalid_json", "invalid_body", "unknown_type", "invalid_number", "invalid_code",
                 "too_many_recipients", "message_too_long", "unauthorized", "not_found",
                 "method_not_allowed", "body_too_large", "unsupported_media_type",
-                "unsupported_encoding"}
+                "unsupported_encoding", "expectation_failed"}
     assert expected <= covered
 
 
