@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ def api_provider(api: FakeAPI, **extra: Any) -> dict[str, Any]:
 
 
 async def test_random_faults_lose_nothing(tmp_path: Path, relay_factory, session,
-                                          fake_api: FakeAPI) -> None:
+                                          fake_api: FakeAPI, caplog) -> None:
     """2,000 messages against a provider answering 30% of calls with 500, 429, a reset or a
-    hang: every one is delivered; only hung calls (ambiguous: the provider may have sent) repeat."""
+    hang: every one is delivered; only calls that timed out (ambiguous: the provider may have
+    sent) repeat."""
     rng = random.Random(7)
     ambiguous: set[str] = set()
 
@@ -66,7 +68,10 @@ async def test_random_faults_lose_nothing(tmp_path: Path, relay_factory, session
     stats = await relay.relay.outbox.stats()
     assert stats.dead == 0 and stats.delivered == 2000
     repeated = {ref for ref, n in refs().items() if n > 1}
-    assert repeated <= ambiguous  # a message is sent twice only after a hang
+    # A reply the relay's 200 ms timeout did not wait for (a busy machine) is as ambiguous
+    # as a hang: the provider accepted, the relay never heard. The relay logs each one.
+    ambiguous |= set(re.findall(r"attempt_failed id=(\d+) .*code=timeout", caplog.text))
+    assert repeated <= ambiguous  # a message is sent twice only after a timed-out call
     assert set(refs()) == set(acked)
     failures = sum(1 for r in fake_api.requests) - len(fake_api.accepted)
     assert failures > 400  # the provider really did fail a lot
