@@ -15,13 +15,12 @@ from collections.abc import Sequence
 import aiohttp
 import orjson
 
-from hapsms_relay import __version__, config, log
+from hapsms_relay import __version__, config, log, storage
 from hapsms_relay.config import Config
 from hapsms_relay.dispatcher import make_message
 from hapsms_relay.errors import ConfigError, PermanentError, StorageError, TransientError
 from hapsms_relay.numbers import InvalidNumber, normalise
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, Entry, State
-from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from hapsms_relay.webhook import strip_signature
 
 EX_OK, EX_FAIL, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
@@ -160,7 +159,7 @@ async def send(cfg: Config, to: str, message: str | None, code: str | None, sign
 # -- queue -----------------------------------------------------------------------------------
 
 async def queue_command(cfg: Config, args: argparse.Namespace) -> int:
-    outbox = SQLiteOutbox(cfg.queue.path, exclusive=False)
+    outbox = storage.outbox(cfg.queue, admin=True)
     await outbox.open()
     try:
         action = args.queue_command

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,7 +58,11 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    path: str = "/var/lib/hapsms-relay/outbox.db"
+    backend: str = "sqlite"  # a key of storage.BACKENDS
+    path: str = "/var/lib/hapsms-relay/outbox.db"  # sqlite
+    url: Secret | None = None  # postgres: a libpq connection string (may hold a password)
+    node: str = ""  # this relay's name among those sharing the storage; "": the host name
+    lease: float = 30.0  # how long a claim lasts unless its owner renews it
     ttl: float = 900.0
     retry_base: float = 1.0
     retry_max: float = 60.0
@@ -196,9 +201,25 @@ def _door(t: Table) -> dict[str, Any]:
 
 
 def _queue(t: Table) -> QueueConfig:
+    from hapsms_relay.storage import BACKENDS  # the names only: no backend is imported
+
     state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     default = str(Path(state_dir) / "outbox.db") if state_dir else QueueConfig.path
+    backend = t.choice("backend", tuple(BACKENDS), "sqlite")
+    url = t.optional_secret("url")
+    if backend == "postgres" and url is None:
+        raise t.error("url", "required with backend = \"postgres\" (a libpq connection "
+                      "string such as \"postgresql://relay@db1,db2/hapsms?"
+                      "target_session_attrs=read-write\")")
+    if backend != "postgres" and url is not None:
+        raise t.error("url", f"only used with backend = \"postgres\" (backend is {backend!r})")
+    if backend == "postgres" and t.has("path"):
+        raise t.error("path", "only used with backend = \"sqlite\"")
     cfg = QueueConfig(
+        backend=backend,
+        url=url,
+        node=t.string("node", socket.gethostname() or "relay"),
+        lease=t.duration("lease", "30s"),
         path=t.string("path", default),
         ttl=t.duration("ttl", "15m"),
         retry_base=t.duration("retry_base", "1s"),
@@ -209,6 +230,8 @@ def _queue(t: Table) -> QueueConfig:
     )
     if cfg.retry_max < cfg.retry_base:
         raise t.error("retry_max", "must not be less than retry_base")
+    if cfg.lease < 1:
+        raise t.error("lease", "must be at least 1s (it is renewed every third of it)")
     t.done()
     return cfg
 

@@ -15,16 +15,11 @@ from hapsms_relay.outbox import NewEntry
 
 
 class Reply(NamedTuple):
-    """What a body was answered with: consecutive ids, and the refused list (JSON) if any."""
+    """What a body was answered with: its ids, and the refused list (JSON) if any."""
 
-    first: int
-    size: int  # how many ids
+    ids: Sequence[int]
     note: bytes
     expires: float
-
-    @property
-    def ids(self) -> list[int]:
-        return list(range(self.first, self.first + self.size))
 
 
 def body_key(entries: Sequence[NewEntry]) -> bytes:
@@ -39,29 +34,34 @@ def header_key(value: str) -> bytes:
     return hashlib.blake2b(value.encode(), digest_size=16, person=b"idempotency").digest()
 
 
-# An answer with no refused recipients (nearly all) as one int: expiry in ms, count, first
-# id, 48 bytes in all where a tuple of them and its int and float took ~140; any other as
-# the tuple of Reply's fields.
-_Packed = int | tuple[int, int, bytes, float]
+# An answer with consecutive ids and no refused recipients (nearly all: one body's ids are
+# consecutive unless writers interleave) as one int: expiry in ms, count, first id, 48
+# bytes in all where a tuple of them and its int and float took ~140; any other as the
+# tuple of Reply's fields, the ids as a tuple.
+_Packed = int | tuple[tuple[int, ...], bytes, float]
 _COUNT_BITS = 20
 _ID_BITS = 64
 
 
-def _pack(first: int, count: int, note: bytes, expires: float) -> _Packed:
-    if note or not 0 <= first < 1 << _ID_BITS or not 0 <= count < 1 << _COUNT_BITS:
-        return (first, count, note, expires)
+def _pack(ids: Sequence[int], note: bytes, expires: float) -> _Packed:
+    first, count = ids[0], len(ids)
+    if (note or not 0 <= first < 1 << _ID_BITS or not 0 < count < 1 << _COUNT_BITS
+            or (count > 1 and not isinstance(ids, range)
+                and any(ids[i] != first + i for i in range(1, count)))):
+        return (tuple(ids), note, expires)
     return (int(expires * 1000) << (_ID_BITS + _COUNT_BITS)) | (count << _ID_BITS) | first
 
 
 def _expires(p: _Packed) -> float:
-    return p[3] if isinstance(p, tuple) else (p >> (_ID_BITS + _COUNT_BITS)) / 1000
+    return p[2] if isinstance(p, tuple) else (p >> (_ID_BITS + _COUNT_BITS)) / 1000
 
 
 def _unpack(p: _Packed) -> Reply:
     if isinstance(p, tuple):
         return Reply(*p)
     count = (p >> _ID_BITS) & ((1 << _COUNT_BITS) - 1)
-    return Reply(p & ((1 << _ID_BITS) - 1), count, b"", _expires(p))
+    first = p & ((1 << _ID_BITS) - 1)
+    return Reply(range(first, first + count), b"", _expires(p))
 
 
 class Replies:
@@ -102,13 +102,13 @@ class Replies:
         for key in keys:
             self._storing.setdefault(key, [])
 
-    def stored(self, keys: Iterable[tuple[bytes, float]], first: int, count: int, note: bytes) -> None:
+    def stored(self, keys: Iterable[tuple[bytes, float]], ids: Sequence[int], note: bytes) -> None:
         """The body is on disk: remember its answer and wake its duplicates."""
         for key, expires in keys:
-            self._keep(key, _pack(first, count, note, expires))
+            self._keep(key, _pack(ids, note, expires))
             for fut in self._storing.pop(key, ()):
                 if not fut.done():
-                    fut.set_result(Reply(first, count, note, expires))
+                    fut.set_result(Reply(ids, note, expires))
 
     def failed(self, keys: Iterable[bytes]) -> None:
         """Storing failed: duplicates that waited are handled as first requests."""
@@ -117,9 +117,9 @@ class Replies:
                 if not fut.done():
                     fut.set_result(None)
 
-    def load(self, rows: Iterable[tuple[bytes, int, int, bytes, float]]) -> None:
-        for key, first, count, note, expires in rows:
-            self._keep(key, _pack(first, count, note, expires))
+    def load(self, rows: Iterable[tuple[bytes, Sequence[int], bytes, float]]) -> None:
+        for key, ids, note, expires in rows:
+            self._keep(key, _pack(ids, note, expires))
 
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         """Forget up to ``limit`` expired answers; return how many. The work is the expired

@@ -4,6 +4,10 @@ Transient failures fail over to the next provider of the route at once; when eve
 failed transiently the entry is retried later with exponential backoff and full jitter
 (honouring ``Retry-After``) until its TTL. Permanent failures are dead at once. A provider
 that cannot carry a message (no template, no voice) hands it on without counting a failure.
+
+Entries are claimed for ``owner`` with a lease (``queue.lease``) renewed while they are
+being delivered; one whose outcome could not be written is no longer renewed, so it is
+claimed again once its lease runs out (here or on another relay): at least once.
 """
 
 from __future__ import annotations
@@ -61,9 +65,10 @@ class Dispatcher:
     _inflight_entries: int = 0
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     _stopping: bool = False
-    #: an outcome could not be recorded: entries may sit in flight with nobody delivering them
-    stranded: bool = False
     _task: asyncio.Task[None] | None = None
+    _renewer: asyncio.Task[None] | None = None
+    owner: str = "relay"  # who claims: unique to this process among the storage's writers
+    renewed_at: float = 0.0  # when leases were last renewed (clock time)
     budget: Budget | None = None  # shared with the webhook; one of its own if not given
     clock: Clock = SYSTEM
     breakers: Breakers = field(init=False)
@@ -77,6 +82,7 @@ class Dispatcher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dispatcher")
+        self._renewer = asyncio.create_task(self._renew(), name="lease_renewal")
 
     def notify(self) -> None:
         """Something was enqueued: look now rather than at the next poll."""
@@ -101,6 +107,16 @@ class Dispatcher:
         if self._task is not None:
             await self._task
         claimed = dict(self._inflight)  # a task's ids leave _inflight once it is done
+        try:
+            await self._stop_deliveries(claimed, timeout)
+        finally:
+            if self._renewer is not None:
+                self._renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._renewer
+
+    async def _stop_deliveries(self, claimed: dict[asyncio.Task[None], list[int]],
+                               timeout: float) -> None:
         if claimed:
             _, late = await asyncio.wait(claimed, timeout=timeout)
             for t in late:
@@ -110,7 +126,7 @@ class Dispatcher:
                 ids = [i for t in late for i in claimed[t]]
                 log.warning("shutdown_cut_deliveries", count=len(ids))
                 with contextlib.suppress(StorageError):
-                    await self.outbox.release(ids)
+                    await self.outbox.release(self.owner, ids)
 
     async def drain_current(self) -> None:
         """Wait for the deliveries in flight now (not those started later) to finish."""
@@ -118,20 +134,22 @@ class Dispatcher:
         if tasks:
             await asyncio.wait(tasks)
 
-    async def release_stranded(self, grace: float = 10.0) -> int:
-        """After an outcome could not be written (disk full) or a delivery task failed, put
-        the entries left in flight back to pending, so they are delivered without a restart
-        (again, if only the record of their delivery was lost: at least once). ``grace``
-        keeps entries claimed moments ago, not yet registered as in flight, out of it."""
-        if not self.stranded:
-            return 0
-        keep = [i for ids in self._inflight.values() for i in ids]
-        n = await self.outbox.release_stranded(keep, self.clock.time() - grace)
-        self.stranded = False
-        if n:
-            log.warning("released_stranded", count=n)
-            self._wakeup.set()
-        return n
+    async def _renew(self) -> None:
+        """Keep the leases of the entries being delivered; the others run out."""
+        while True:
+            lease = self.config.queue.lease
+            await self.clock.sleep(lease / 3)
+            ids = [i for ids in self._inflight.values() for i in ids]
+            if not ids:
+                continue
+            try:
+                held = await self.outbox.renew(self.owner, ids, self.clock.time() + lease)
+            except StorageError as exc:
+                log.error("lease_renewal_failed", error=str(exc), count=len(ids))
+                continue
+            self.renewed_at = self.clock.time()
+            if held < len(ids):  # finished meanwhile, or this relay was too slow to renew
+                log.debug("leases_not_renewed", count=len(ids) - held)
 
     # -- the claim loop ----------------------------------------------------------------------
 
@@ -148,7 +166,9 @@ class Dispatcher:
                 continue
             now = self.clock.time()
             try:
-                entries = await self.outbox.claim(min(CLAIM_BATCH, workers - self._inflight_entries), now)
+                entries = await self.outbox.claim(
+                    self.owner, min(CLAIM_BATCH, workers - self._inflight_entries), now,
+                    self.config.queue.lease)
             except StorageError as exc:
                 log.error("outbox_claim_failed", error=str(exc))
                 await self._sleep(IDLE_POLL)
@@ -182,7 +202,7 @@ class Dispatcher:
         ids = self._inflight.pop(task, [])
         self._inflight_entries -= len(ids)
         if not task.cancelled() and task.exception() is not None:
-            self.stranded = True
+            # its entries' leases are no longer renewed: they are claimed again later
             log.error("delivery_task_failed", error=repr(task.exception()))
         self._wakeup.set()
 
@@ -328,8 +348,7 @@ class Dispatcher:
         try:
             await self.outbox.delivered([e.id for e, _ in entries], name)
         except StorageError as exc:
-            # Sent, but not recorded: release_stranded() sends it again (at least once).
-            self.stranded = True
+            # Sent, but not recorded: its lease runs out and it is sent again (at least once).
             log.error("outbox_update_failed", error=str(exc), count=len(entries))
         self.activity.delivered += len(entries)
         for e, elapsed in entries:
@@ -351,9 +370,8 @@ class Dispatcher:
             )
             return
         try:
-            await self.outbox.retry(e.id, due, err.provider, err.reason())
+            await self.outbox.retry(self.owner, e.id, due, err.provider, err.reason())
         except StorageError as exc:
-            self.stranded = True
             log.error("outbox_update_failed", error=str(exc), id=e.id)
             return
         log.info("retry_scheduled", id=e.id, to=log.mask(e.recipient), in_s=round(delay, 2),
@@ -361,9 +379,8 @@ class Dispatcher:
 
     async def _dead(self, e: Entry, provider: str, reason: str, code: str) -> None:
         try:
-            await self.outbox.dead(e.id, provider, reason)
+            await self.outbox.dead(self.owner, e.id, provider, reason)
         except StorageError as exc:
-            self.stranded = True
             log.error("outbox_update_failed", error=str(exc), id=e.id)
             return
         self.activity.dead += 1

@@ -86,7 +86,7 @@ class Guard:
         return adm
 
     def stored(self, adm: Admission, ids: Sequence[int]) -> None:
-        self.replies.stored(adm.keys, ids[0], len(ids), adm.note())
+        self.replies.stored(adm.keys, ids, adm.note())
 
     def failed(self, adm: Admission) -> None:
         for e in adm.entries:

@@ -1,7 +1,10 @@
-"""The outbox interface: what the server and the dispatcher need of durable storage.
+"""The outbox interfaces: what the webhook and the dispatcher need of durable storage
+(``Queue``), and what the ``queue`` commands need (``Admin``).
 
-The SQLite implementation is in ``outbox_sqlite``; a networked backend would implement the
-same Protocol without touching the server or the dispatcher.
+Backends implement both (``outbox_sqlite``, ``outbox_postgres``) and are picked by
+``queue.backend`` in ``storage``; one contract suite (tests/test_outbox_contract.py) holds
+every backend to them. Several relays may share one storage: ids are unique across writers,
+and an entry is claimed by one owner for a lease that the owner renews while it delivers.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Row:
     attempts: int
     provider: str
     error: str
+    updated: float  # the last change of state
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +87,21 @@ class Stats:
     oldest_pending: float | None  # creation time of the oldest undelivered entry
 
 
-class Outbox(Protocol):
-    """Durable storage of accepted messages. Every method may raise ``StorageError``."""
+class Queue(Protocol):
+    """The hot path and delivery. Every method may raise ``StorageError``.
+
+    An entry is pending, in flight (claimed by one owner until its lease runs out), delivered
+    or dead. A claim whose lease ran out (its owner died, or lost the record of an outcome)
+    is claimable again: delivery is at least once.
+    """
 
     @property
     def undelivered(self) -> int:
-        """Entries pending or in flight, as last known (cheap; for limits and metrics)."""
+        """Entries pending or in flight, as last known (cheap; for limits and metrics):
+        this writer's changes at once, other writers' after ``refresh``."""
 
     async def open(self) -> None:
-        """Open the storage; entries left in flight by a dead process become pending again."""
+        """Open (and create or upgrade) the storage."""
 
     async def close(self) -> None: ...
 
@@ -99,41 +109,38 @@ class Outbox(Protocol):
         self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
         note: bytes = b"",
     ) -> list[int]:
-        """Store the entries durably; return their ids only once they are on disk.
+        """Store the entries durably in one transaction; return their ids (unique across
+        every writer of the storage) only once it has committed.
 
         ``keys`` (dedup and Idempotency-Key, with their expiry) are stored in the same
         transaction, each answering for these ids and ``note`` (see ``replies``).
         """
 
-    async def claim(self, limit: int, now: float) -> list[Entry]:
-        """Mark up to ``limit`` due pending entries in flight and return them."""
+    async def claim(self, owner: str, limit: int, now: float, lease: float) -> list[Entry]:
+        """Up to ``limit`` entries due at ``now`` (pending, or in flight with their lease run
+        out), now in flight for ``owner`` until ``now + lease``."""
+
+    async def renew(self, owner: str, ids: Sequence[int], until: float) -> int:
+        """Extend ``owner``'s leases on these in-flight entries; return how many it holds."""
 
     async def next_due(self) -> float | None:
         """When the earliest pending entry becomes due, or None if nothing is pending."""
 
-    async def delivered(self, ids: Sequence[int], provider: str) -> None: ...
+    async def delivered(self, ids: Sequence[int], provider: str) -> None:
+        """Entries sent: delivered, whoever holds them now."""
 
-    async def retry(self, id: int, due: float, provider: str, error: str) -> None:
-        """Put an in-flight entry back to pending until ``due``, recording why."""
+    async def retry(self, owner: str, id: int, due: float, provider: str, error: str) -> None:
+        """Put ``owner``'s in-flight entry back to pending until ``due``, recording why."""
 
-    async def dead(self, id: int, provider: str, error: str) -> None:
-        """Give up on an entry for good, keeping the reason."""
+    async def dead(self, owner: str, id: int, provider: str, error: str) -> None:
+        """Give up on ``owner``'s in-flight entry for good, keeping the reason."""
 
-    async def release(self, ids: Sequence[int]) -> None:
-        """Put in-flight entries back to pending, due now (shutdown)."""
+    async def release(self, owner: str, ids: Sequence[int]) -> None:
+        """Put ``owner``'s in-flight entries back to pending, due now (shutdown)."""
 
-    async def release_stranded(self, keep: Sequence[int], claimed_before: float) -> int:
-        """Entries in flight that nobody delivers any more (their outcome could not be
-        written) back to pending: all claimed before ``claimed_before`` but ``keep``."""
-
-    async def stats(self) -> Stats: ...
-
-    async def list(self, state: State | None, limit: int) -> list[Row]: ...
-
-    async def requeue(self, ids: Sequence[int] | None, ttl: float) -> int:
-        """Dead entries (given ones, or all with None) pending again with a fresh TTL."""
-
-    async def purge_dead(self) -> int: ...
+    async def refresh(self) -> int:
+        """Recount the undelivered entries (other writers and the ``queue`` commands change
+        them); return the count."""
 
     async def cleanup(self, delivered_before: float) -> int:
         """Forget delivered entries accepted before the given time, and expired keys."""
@@ -143,13 +150,37 @@ class Outbox(Protocol):
 
     async def recent(self, since: float, after: int,
                      limit: int) -> builtins.list[tuple[int, int, str, float]]:
-        """Up to ``limit`` entries accepted since ``since`` with ids above ``after``, oldest
-        first: (id, kind, recipient, accepted at)."""
+        """Up to ``limit`` entries accepted since ``since`` with ids above ``after``, by id:
+        (id, kind, recipient, accepted at)."""
 
-    async def replies(self, now: float, after: int,
-                      limit: int) -> builtins.list[tuple[int, bytes, int, int, bytes, float]]:
+    async def replies(
+        self, now: float, after: int, limit: int,
+    ) -> builtins.list[tuple[int, bytes, Sequence[int], bytes, float]]:
         """Up to ``limit`` keys stored with ``enqueue``, not yet expired, in the order they
-        were stored, after position ``after``: (position, key, first id, count, note, expires)."""
+        were stored, after position ``after``: (position, key, ids, note, expires)."""
 
     async def delivered_since(self, since: float) -> dict[str, int]:
         """Entries delivered since ``since``, by provider."""
+
+
+class Admin(Protocol):
+    """What the ``queue`` commands do, beside running relays. Methods may raise
+    ``StorageError``."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def stats(self) -> Stats: ...
+
+    async def list(self, state: State | None, limit: int) -> builtins.list[Row]:
+        """The newest ``limit`` entries (in ``state`` if given), newest first."""
+
+    async def requeue(self, ids: Sequence[int] | None, ttl: float) -> int:
+        """Dead entries (given ones, or all with None) pending again with a fresh TTL."""
+
+    async def purge_dead(self) -> int: ...
+
+
+class Outbox(Queue, Admin, Protocol):
+    """A backend: both interfaces on one storage."""

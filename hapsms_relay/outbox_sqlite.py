@@ -3,7 +3,8 @@
 Every operation is queued to a single thread that owns the connection. The thread drains
 whatever has queued up and runs it in one transaction, so concurrent webhook requests share
 one fsync; each caller's future resolves only after that commit. The event loop never
-blocks on SQLite.
+blocks on SQLite. One relay owns the file (an flock), so it is the only writer: its ids
+come from a counter, and at open no other owner's lease can still be live.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from hapsms_relay.errors import StorageError
 from hapsms_relay.outbox import Entry, NewEntry, Row, State, Stats
 
 APPLICATION_ID = 0x48415053  # "HAPS": tells our outbox from any other SQLite file
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: claims have an owner and a lease
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -47,7 +48,9 @@ CREATE TABLE IF NOT EXISTS messages (
     state     INTEGER NOT NULL DEFAULT 0,
     provider  TEXT    NOT NULL DEFAULT '',
     error     TEXT    NOT NULL DEFAULT '',
-    updated   REAL    NOT NULL
+    updated   REAL    NOT NULL,
+    owner     TEXT    NOT NULL DEFAULT '',
+    lease     REAL    NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pending_due ON messages(due) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS dead_id ON messages(id) WHERE state = 3;
@@ -55,7 +58,8 @@ CREATE INDEX IF NOT EXISTS dead_id ON messages(id) WHERE state = 3;
 -- this and pending_due, not the whole table (a 15 ms scan per 200,000 rows on the writer)
 CREATE INDEX IF NOT EXISTS inflight_id ON messages(id) WHERE state = 1;
 -- dedup keys (dedup.py): appended in rowid order, read whole at start; a random-key index
--- would touch a random page per request, so the only index is on the (nearly ordered) expiry
+-- would touch a random page per request, so the only index is on the (nearly ordered) expiry.
+-- The ids of one enqueue are consecutive here (one writer): first and count stand for them.
 CREATE TABLE IF NOT EXISTS replies (
     key     BLOB    NOT NULL,
     first   INTEGER NOT NULL,
@@ -65,6 +69,12 @@ CREATE TABLE IF NOT EXISTS replies (
 );
 CREATE INDEX IF NOT EXISTS replies_expires ON replies(expires);
 """
+
+# v1 -> v2: in-flight rows of v1 get no lease (0), so they are claimable at once
+_UPGRADES = {
+    1: "ALTER TABLE messages ADD COLUMN owner TEXT NOT NULL DEFAULT '';"
+       "ALTER TABLE messages ADD COLUMN lease REAL NOT NULL DEFAULT 0;",
+}
 
 _ENTRY_COLS = (
     "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts"
@@ -98,7 +108,8 @@ class SQLiteOutbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock_fh: IO[bytes] | None = None
-        self._next_id = 0
+        self._next_id = 1
+        self._last_created = 0.0
         self._undelivered = 0
         # bound methods made once, so ops are told apart by identity (see _statement)
         self._enqueue_op = self._op_enqueue
@@ -122,7 +133,7 @@ class SQLiteOutbox:
         self._thread = threading.Thread(target=self._run, name="hapsms-outbox", daemon=True)
         self._thread.start()
         try:
-            self._next_id, self._undelivered = await self._call(self._op_open)
+            self._next_id, self._last_created, self._undelivered = await self._call(self._op_open)
         except BaseException:
             await self.close()
             raise
@@ -265,7 +276,7 @@ class SQLiteOutbox:
 
     # -- operations, run on the writer thread ----------------------------------------------
 
-    def _op_open(self) -> tuple[int, int]:
+    def _op_open(self) -> tuple[int, float, int]:
         if not self._exclusive and not os.path.exists(self.path):
             # A tool (queue stats...) must not create an outbox the relay would then find
             # owned by another user.
@@ -296,17 +307,26 @@ class SQLiteOutbox:
             if mode != "wal":
                 raise StorageError(f"{self.path}: cannot switch to WAL mode (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
+            if tables and version < SCHEMA_VERSION:
+                if not self._exclusive:
+                    raise StorageError(f"{self.path} has an older schema ({version}); start "
+                                       "the relay once to upgrade it")
+                conn.execute("BEGIN IMMEDIATE")
+                for v in range(max(version, 1), SCHEMA_VERSION):
+                    conn.executescript(_UPGRADES[v])
+                conn.execute("COMMIT")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            # Entries a dead process had claimed: deliver them again (at least once). Only
-            # the owner may: a tool opening the outbox of a running relay would otherwise
-            # make its deliveries in flight due again, and send them twice.
+            # The flock says that whoever claimed entries before is dead: their leases end
+            # now, and the entries are delivered again (at least once). Only the owner may: a
+            # tool opening the outbox of a running relay must leave its claims alone.
             if self._exclusive:
-                conn.execute("UPDATE messages SET state = 0 WHERE state = 1")
-            max_id = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
+                conn.execute("UPDATE messages SET lease = 0 WHERE state = 1")
+            max_id, last = conn.execute("SELECT max(id), max(created) FROM messages").fetchone()
             undelivered = conn.execute(
-                "SELECT count(*) FROM messages WHERE state = 0"
+                "SELECT (SELECT count(*) FROM messages WHERE state = 0) + "
+                "(SELECT count(*) FROM messages WHERE state = 1)"
             ).fetchone()[0]
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -318,7 +338,7 @@ class SQLiteOutbox:
             conn.close()
             raise
         self._conn = conn
-        return max_id + 1, undelivered
+        return (max_id or 0) + 1, last or 0.0, undelivered
 
     def _op_enqueue(self, rows: list[tuple[Any, ...]], keys: list[tuple[Any, ...]]) -> None:
         assert self._conn is not None
@@ -326,15 +346,24 @@ class SQLiteOutbox:
         if keys:  # dedup keys commit with the messages they answer for, or not at all
             self._conn.executemany(_INSERT_REPLY, keys)
 
-    def _op_claim(self, limit: int, now: float) -> list[Entry]:
+    def _op_claim(self, owner: str, limit: int, now: float, until: float) -> list[Entry]:
         assert self._conn is not None
-        cur = self._conn.execute(
-            "UPDATE messages SET state = 1, attempts = attempts + 1, updated = ? WHERE id IN "
-            "(SELECT id FROM messages WHERE state = 0 AND due <= ? ORDER BY due LIMIT ?) "
-            f"RETURNING {_ENTRY_COLS}",
-            (now, now, limit),
-        )
-        entries = [Entry(*r) for r in cur.fetchall()]
+        # leases run out (a delivery whose outcome could not be written), then due entries;
+        # each over its partial index
+        rows = self._conn.execute(
+            "UPDATE messages SET state = 1, attempts = attempts + 1, updated = ?, owner = ?, "
+            "lease = ? WHERE id IN (SELECT id FROM messages WHERE state = 1 AND lease <= ? "
+            f"LIMIT ?) RETURNING {_ENTRY_COLS}",
+            (now, owner, until, now, limit),
+        ).fetchall()
+        if len(rows) < limit:
+            rows += self._conn.execute(
+                "UPDATE messages SET state = 1, attempts = attempts + 1, updated = ?, owner = ?, "
+                "lease = ? WHERE id IN (SELECT id FROM messages WHERE state = 0 AND due <= ? "
+                f"ORDER BY due LIMIT ?) RETURNING {_ENTRY_COLS}",
+                (now, owner, until, now, limit - len(rows)),
+            ).fetchall()
+        entries = [Entry(*r) for r in rows]
         entries.sort(key=lambda e: e.id)
         return entries
 
@@ -344,6 +373,36 @@ class SQLiteOutbox:
             "SELECT min(due) FROM messages WHERE state = 0"
         ).fetchone()[0]
         return due
+
+    def _op_first_since(self, since: float) -> int:
+        """The first id accepted at or after ``since``. Ids and acceptance times grow
+        together here (one writer, ``created`` never goes back), so a binary search over the
+        primary key finds it: ~40 lookups instead of an index on ``created`` that every
+        enqueue would pay for."""
+        assert self._conn is not None
+        lo, hi = self._conn.execute("SELECT min(id), max(id) FROM messages").fetchone()
+        if lo is None:
+            return self._next_id
+        best = hi = hi + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            # the first id at or after mid: there is one, as mid <= max(id)
+            found, created = self._conn.execute(
+                "SELECT id, created FROM messages WHERE id >= ? ORDER BY id LIMIT 1", (mid,)
+            ).fetchone()
+            if created >= since:
+                best, hi = found, mid  # it, or an id below mid
+            else:
+                lo = found + 1
+        return int(best)
+
+    def _op_recent(self, since: float, after: int, limit: int) -> list[tuple[Any, ...]]:
+        assert self._conn is not None
+        return self._conn.execute(
+            "SELECT id, kind, recipient, created FROM messages WHERE id >= ? AND id > ? "
+            "AND created >= ? ORDER BY id LIMIT ?",
+            (self._op_first_since(since), after, since, limit),
+        ).fetchall()
 
     def _op_cleanup(self, low: int, below: int) -> tuple[int, int | None]:
         """Delete delivered entries among the next ``CLEANUP_CHUNK`` ids from ``low`` (below
@@ -378,28 +437,32 @@ class SQLiteOutbox:
         self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
         note: bytes = b"",
     ) -> list[int]:
-        now = self.clock.time()
-        # ids grow with time (never below now in µs) so ordering and cleanup by id are safe
-        first = max(self._next_id, int(now * 1_000_000))
+        # acceptance times never go back (a clock stepped back): ids and times grow together
+        now = self._last_created = max(self.clock.time(), self._last_created)
+        # the only writer (the flock): a counter gives unique ids, consecutive for one body
+        first = self._next_id
         ids = list(range(first, first + len(entries)))
         self._next_id = first + len(entries)
         expires = now + ttl
         # kind, recipient, region, national, text, signature, code: NewEntry's first seven
         rows = [(i, first, *e[:7], now, now, expires, now) for i, e in zip(ids, entries, strict=True)]
         key_rows = [(k, first, len(rows), note, exp) for k, exp in keys]
-        # Counted before the commit, so that concurrent requests checking max_pending see
-        # each other's rows (no await between the check and here); uncounted on failure.
+        await self._call(self._enqueue_op, rows, key_rows)
         self._undelivered += len(rows)
-        try:
-            await self._call(self._enqueue_op, rows, key_rows)
-        except BaseException:
-            self._undelivered -= len(rows)
-            raise
         return ids
 
-    async def claim(self, limit: int, now: float) -> list[Entry]:
-        entries: list[Entry] = await self._call(self._op_claim, limit, now)
+    async def claim(self, owner: str, limit: int, now: float, lease: float) -> list[Entry]:
+        entries: list[Entry] = await self._call(self._op_claim, owner, limit, now, now + lease)
         return entries
+
+    async def renew(self, owner: str, ids: Sequence[int], until: float) -> int:
+        n: int = await self._call(
+            self._op_change,
+            "UPDATE messages SET lease = ? WHERE state = 1 AND owner = ? AND id IN "
+            "(SELECT value FROM json_each(?))",
+            (until, owner, orjson.dumps(list(ids)).decode()),
+        )
+        return n
 
     async def next_due(self) -> float | None:
         due: float | None = await self._call(self._op_next_due)
@@ -414,39 +477,39 @@ class SQLiteOutbox:
         )
         self._undelivered -= len(ids)
 
-    async def retry(self, id: int, due: float, provider: str, error: str) -> None:
+    async def retry(self, owner: str, id: int, due: float, provider: str, error: str) -> None:
         await self._call(
             self._set_op,
             "UPDATE messages SET state = 0, due = ?, provider = ?, error = ?, updated = ? "
-            "WHERE id = ?",
-            [(due, provider, error, self.clock.time(), id)],
+            "WHERE id = ? AND state = 1 AND owner = ?",
+            [(due, provider, error, self.clock.time(), id, owner)],
         )
 
-    async def dead(self, id: int, provider: str, error: str) -> None:
+    async def dead(self, owner: str, id: int, provider: str, error: str) -> None:
         await self._call(
             self._set_op,
-            "UPDATE messages SET state = 3, provider = ?, error = ?, updated = ? WHERE id = ?",
-            [(provider, error, self.clock.time(), id)],
+            "UPDATE messages SET state = 3, provider = ?, error = ?, updated = ? "
+            "WHERE id = ? AND state = 1 AND owner = ?",
+            [(provider, error, self.clock.time(), id, owner)],
         )
         self._undelivered -= 1
 
-    async def release(self, ids: Sequence[int]) -> None:
+    async def release(self, owner: str, ids: Sequence[int]) -> None:
         now = self.clock.time()
         await self._call(
             self._set_op,
             "UPDATE messages SET state = 0, due = ?, attempts = max(attempts - 1, 0) "
-            "WHERE id = ? AND state = 1",
-            [(now, i) for i in ids],
+            "WHERE id = ? AND state = 1 AND owner = ?",
+            [(now, i, owner) for i in ids],
         )
 
-    async def release_stranded(self, keep: Sequence[int], claimed_before: float) -> int:
-        n: int = await self._call(
-            self._op_change,
-            "UPDATE messages SET state = 0, due = ? WHERE state = 1 AND updated < ? "
-            "AND id NOT IN (SELECT value FROM json_each(?))",
-            (self.clock.time(), claimed_before, orjson.dumps(list(keep)).decode()),
+    async def refresh(self) -> int:
+        rows = await self._call(  # two counts, each over its partial index
+            self._op_query, "SELECT (SELECT count(*) FROM messages WHERE state = 0) + "
+            "(SELECT count(*) FROM messages WHERE state = 1)", ()
         )
-        return n
+        self._undelivered = int(rows[0][0])
+        return self._undelivered
 
     async def stats(self) -> Stats:
         rows = await self._call(
@@ -463,21 +526,12 @@ class SQLiteOutbox:
         )
         return stats
 
-    async def refresh_count(self) -> int:
-        """Recount undelivered entries (``queue retry`` from the CLI changes them behind us)."""
-        rows = await self._call(  # two counts, each over its partial index
-            self._op_query, "SELECT (SELECT count(*) FROM messages WHERE state = 0) + "
-            "(SELECT count(*) FROM messages WHERE state = 1)", ()
-        )
-        self._undelivered = int(rows[0][0])
-        return self._undelivered
-
-    async def list(self, state: State | None, limit: int) -> list[Row]:
+    async def list(self, state: State | None, limit: int) -> builtins.list[Row]:
         where = "WHERE state = ?" if state is not None else ""
         params: tuple[Any, ...] = (int(state), limit) if state is not None else (limit,)
         rows = await self._call(
             self._op_query,
-            "SELECT id, kind, recipient, state, created, due, attempts, provider, error "
+            "SELECT id, kind, recipient, state, created, due, attempts, provider, error, updated "
             f"FROM messages {where} ORDER BY id DESC LIMIT ?",
             params,
         )
@@ -501,12 +555,11 @@ class SQLiteOutbox:
         return n
 
     async def cleanup(self, delivered_before: float) -> int:
-        # ids are never below their creation time in µs: an id range stands for an age range
         n = 0
+        below: int = await self._call(self._op_first_since, delivered_before)
         low: int | None = 0
         while low is not None:
-            deleted, low = await self._call(
-                self._op_cleanup, low, int(delivered_before * 1_000_000))
+            deleted, low = await self._call(self._op_cleanup, low, below)
             n += deleted
         now = self.clock.time()
         while await self._call(
@@ -518,21 +571,19 @@ class SQLiteOutbox:
 
     async def recent(self, since: float, after: int,
                      limit: int) -> builtins.list[tuple[int, int, str, float]]:
-        # ids are at least their creation time in µs: the primary key finds the range
         rows: builtins.list[tuple[int, int, str, float]] = await self._call(
-            self._op_query, "SELECT id, kind, recipient, created FROM messages WHERE id >= ? "
-            "AND id > ? AND created >= ? ORDER BY id LIMIT ?",
-            (int(since * 1_000_000), after, since, limit),
-        )
+            self._op_recent, since, after, limit)
         return rows
 
-    async def replies(self, now: float, after: int,
-                      limit: int) -> builtins.list[tuple[int, bytes, int, int, bytes, float]]:
-        rows: builtins.list[tuple[int, bytes, int, int, bytes, float]] = await self._call(
+    async def replies(
+        self, now: float, after: int, limit: int,
+    ) -> builtins.list[tuple[int, bytes, Sequence[int], bytes, float]]:
+        rows = await self._call(
             self._op_query, "SELECT rowid, key, first, count, note, expires FROM replies "
             "WHERE rowid > ? AND expires > ? ORDER BY rowid LIMIT ?", (after, now, limit),
         )
-        return rows
+        return [(pos, key, range(first, first + count), note, exp)
+                for pos, key, first, count, note, exp in rows]
 
     async def delivered_since(self, since: float) -> dict[str, int]:
         rows = await self._call(

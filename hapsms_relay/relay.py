@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from hapsms_relay import __version__, config, log, systemd
+from hapsms_relay import __version__, config, log, storage, systemd
 from hapsms_relay.budget import Budget
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import Config
@@ -25,7 +25,7 @@ from hapsms_relay.door import Door, load_certificate, tls_context
 from hapsms_relay.errors import ConfigError, StorageError
 from hapsms_relay.guard import Guard
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox_sqlite import SQLiteOutbox
+from hapsms_relay.outbox import Outbox
 from hapsms_relay.providers import Provider
 from hapsms_relay.webhook import Webhook
 
@@ -106,20 +106,21 @@ class _Reloads:
 
 class Relay:
     def __init__(
-        self, cfg: Config, *, paused: bool = False, outbox: SQLiteOutbox | None = None,
+        self, cfg: Config, *, paused: bool = False, outbox: Outbox | None = None,
         clock: Clock = SYSTEM,
     ) -> None:
-        """``outbox``: storage other than the one ``queue.path`` names (tests inject faults);
+        """``outbox``: storage other than the configured one (tests inject faults);
         ``clock``: where every part of the relay reads the time (tests move a ManualClock)."""
         self.config = cfg
         self.clock = clock
         self.metrics = Metrics()
-        self.outbox = outbox or SQLiteOutbox(cfg.queue.path, clock=clock)
+        self.outbox: Outbox = outbox or storage.outbox(cfg.queue, clock)
+        self.owner = storage.owner(cfg.queue.node)
         # one budget: the dispatcher spends it, the webhook refuses when it is used up
         budget = Budget(cfg.limits, self.metrics, clock)
         self.guard = Guard(cfg.limits, budget, self.metrics, clock)
         self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=budget,
-                                     clock=clock)
+                                     clock=clock, owner=self.owner)
         self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready,
                                self.guard)
         self.tls = tls_context(cfg.server) if cfg.server.tls_cert else None
@@ -266,8 +267,9 @@ class Relay:
         if new.server.shutdown_timeout != run.server.shutdown_timeout:
             pending.append(("server.shutdown_timeout", run.server.shutdown_timeout,
                             new.server.shutdown_timeout))
-        if new.queue.path != run.queue.path:
-            pending.append(("queue.path", run.queue.path, new.queue.path))
+        for key in ("backend", "path", "url", "node", "lease"):
+            if getattr(new.queue, key) != getattr(run.queue, key):
+                pending.append((f"queue.{key}", getattr(run.queue, key), getattr(new.queue, key)))
         # Turning TLS on or off changes the listener itself; a new certificate does not.
         tls_change = bool(new.server.tls_cert) != (self.tls is not None)
         if tls_change:
@@ -281,7 +283,8 @@ class Relay:
         if tls_change:
             server = dataclasses.replace(server, tls_cert=run.server.tls_cert,
                                          tls_key=run.server.tls_key)
-        queue = dataclasses.replace(new.queue, path=run.queue.path)
+        queue = dataclasses.replace(new.queue, backend=run.queue.backend, path=run.queue.path,
+                                    url=run.queue.url, node=run.queue.node, lease=run.queue.lease)
         return (dataclasses.replace(new, server=server, queue=queue),
                 tuple(name for name, _, _ in pending))
 
@@ -309,6 +312,7 @@ class Relay:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         ok = self._started and self.webhook.accepting
         return ok, {
+            "node": self.config.queue.node,
             "accepting": self.webhook.accepting,
             "undelivered": self.outbox.undelivered,
             "providers": list(self.config.providers),
@@ -335,8 +339,7 @@ class Relay:
                 # delivered entries are the log the limits count on: keep them long enough
                 keep = max(self.config.queue.keep_delivered, self.config.limits.retention)
                 removed = await self.outbox.cleanup(self.clock.time() - keep)
-                await self.dispatcher.release_stranded()
-                await self.outbox.refresh_count()
+                await self.outbox.refresh()
             except StorageError as exc:
                 log.error("housekeeping_failed", error=str(exc))
                 continue

@@ -53,6 +53,7 @@ class Webhook:
         self.ready = ready
         self.accepting = True
         self.handling = 0  # requests being handled now
+        self.storing = 0  # entries of enqueues not yet committed (for queue.max_pending)
         self._idle = asyncio.Event()
         self._idle.set()
         self.guard = guard
@@ -164,15 +165,19 @@ class Webhook:
             first = adm.refused[0][1]
             raise BadRequest(first.status, first.code, first.detail, refused=adm.note())
         entries = adm.entries
-        if self.outbox.undelivered + len(entries) > self.config.queue.max_pending:
+        n = len(entries)
+        # entries being stored count too: concurrent requests see each other's
+        if self.outbox.undelivered + self.storing + n > self.config.queue.max_pending:
             self.guard.failed(adm)
             raise BadRequest(503, "queue_full", "the outbox is full; retry later",
                              {"Retry-After": "30"})
         note = adm.note()
+        self.storing += n
         try:
             ids = await self.outbox.enqueue(entries, self.config.queue.ttl, keys=adm.keys,
                                             note=note)
         except BaseException as exc:
+            self.storing -= n
             self.guard.failed(adm)
             if not isinstance(exc, StorageError):
                 raise
@@ -180,6 +185,7 @@ class Webhook:
             raise BadRequest(503, "storage_unavailable",
                              "the relay cannot write its outbox; retry later",
                              {"Retry-After": "10"}) from None
+        self.storing -= n
         self.guard.stored(adm, ids)
         self.notify()
         kind = "voice" if entries[0].kind == KIND_VOICE else "sms"

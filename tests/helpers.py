@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import socket
-import sqlite3
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
@@ -15,9 +13,10 @@ from typing import Any
 
 import aiohttp
 
-from hapsms_relay import config
+from hapsms_relay import config, storage
 from hapsms_relay.clock import SYSTEM, Clock
-from hapsms_relay.outbox_sqlite import SQLiteOutbox
+from hapsms_relay.config import QueueConfig
+from hapsms_relay.outbox import Outbox, Row, State
 from hapsms_relay.relay import Relay
 
 TOKEN = "test-token-5f2c"
@@ -103,11 +102,19 @@ def http_provider(name: str, url: str, **settings: Any) -> dict[str, Any]:
             "body": {"to": "{to}", "text": "{message}", "ref": "{id}"}, **settings}
 
 
-def outbox_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Every outbox row, read through a read-only connection of its own (what is on disk)."""
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute("SELECT * FROM messages ORDER BY id")]
+async def outbox_rows(path: str | Path) -> list[Row]:
+    """Every outbox entry, oldest first, read through the admin interface on a connection
+    of its own, beside the relay (what ``queue list`` sees)."""
+    admin = storage.outbox(QueueConfig(path=str(path)), admin=True)
+    await admin.open()
+    try:
+        return (await admin.list(None, 1_000_000))[::-1]
+    finally:
+        await admin.close()
+
+
+async def outbox_states(path: str | Path) -> list[State]:
+    return [r.state for r in await outbox_rows(path)]
 
 
 def write_config(tmp_path: Path, doc: Mapping[str, Any], name: str = "config.toml") -> Path:
@@ -160,7 +167,7 @@ class RunningRelay:
 
 
 async def start_relay(doc: Mapping[str, Any], *, paused: bool = False,
-                      outbox: SQLiteOutbox | None = None, clock: Clock = SYSTEM) -> RunningRelay:
+                      outbox: Outbox | None = None, clock: Clock = SYSTEM) -> RunningRelay:
     cfg = config.parse(tomllib.loads(to_toml(doc)))
     relay = Relay(cfg, paused=paused, outbox=outbox, clock=clock)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -173,8 +180,6 @@ async def start_relay(doc: Mapping[str, Any], *, paused: bool = False,
 
 async def settled(relay: RunningRelay, ids: list[str], timeout: float = 15.0) -> dict[str, Any]:
     """Wait until every entry of ``ids`` is delivered or dead; its outbox row by id."""
-    from hapsms_relay.outbox import State
-
     wanted = {int(i) for i in ids}
     found: dict[str, Any] = {}
 

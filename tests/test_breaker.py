@@ -8,8 +8,9 @@ from typing import Any
 
 import aiohttp
 
+from hapsms_relay.outbox import State
 from tests.fakes import FakeAPI, Recorded, Reply
-from tests.helpers import base_config, eventually, outbox_rows
+from tests.helpers import base_config, eventually, outbox_rows, outbox_states
 
 
 def providers(api: FakeAPI) -> list[dict[str, Any]]:
@@ -104,8 +105,10 @@ async def test_message_dead_behind_an_open_circuit_keeps_the_providers_failure(
     relay = await relay_factory(doc)
     assert (await relay.post(session, {"Type": 1, "Data": {"Mobiles": ["13800138000"],
                                                           "Message": "m"}}))[0] == 200
-    await eventually(lambda: [r["state"] for r in outbox_rows(tmp_path / "outbox.db")] == [3],
-                     what="the entry dead")
-    (row,) = outbox_rows(tmp_path / "outbox.db")
-    assert "circuit_open" in row["error"] and "http_503: maintenance" in row["error"]
+    async def dead() -> bool:
+        return await outbox_states(tmp_path / "outbox.db") == [State.DEAD]
+
+    await eventually(dead, what="the entry dead")
+    (row,) = await outbox_rows(tmp_path / "outbox.db")
+    assert "circuit_open" in row.error and "http_503: maintenance" in row.error
     assert len(fake_api.requests) == 2  # the open circuit kept the provider from more calls

@@ -18,7 +18,7 @@ from tests.helpers import (
     base_config,
     eventually,
     http_provider,
-    outbox_rows,
+    outbox_states,
     write_config,
 )
 from tests.process import run_cli
@@ -116,8 +116,10 @@ async def test_queue_commands_on_a_running_relay(
     _, dead = await relay.post(session, SMS_BODY)
     await eventually(lambda: len(fake_api.requests) == 1, what="the first refused")
     _, good = await relay.post(session, SMS_BODY)
-    await eventually(lambda: [State(r["state"]) for r in outbox_rows(tmp_path / "outbox.db")]
-                     == [State.DEAD, State.DELIVERED], what="one dead, one delivered")
+    async def states_are(*wanted: State) -> bool:
+        return await outbox_states(tmp_path / "outbox.db") == list(wanted)
+
+    await eventually(lambda: states_are(State.DEAD, State.DELIVERED), what="one dead, one delivered")
 
     code, out, _ = await run_cli("queue", "stats", "--config", config)
     assert code == 0
@@ -132,26 +134,26 @@ async def test_queue_commands_on_a_running_relay(
     assert code == 0 and len(out.splitlines()) == 1
     assert "error=api http_400: no such number" in out.replace('"', "")
 
-    assert (await run_cli("queue", "retry", "1", "--config", config))[0] == 1  # no such entry
+    assert (await run_cli("queue", "retry", "999", "--config", config))[0] == 1  # no such entry
     code, out, _ = await run_cli("queue", "retry", dead["ids"][0], "--config", config)
     assert (code, out) == (0, "requeued 1\n")
     await eventually(lambda: len(fake_api.accepted) == 2, what="the retried entry delivered")
 
     fake_api.script.append(Reply(403, "blocked"))
     await relay.post(session, SMS_BODY)
-    await eventually(lambda: any(State(r["state"]) == State.DEAD
-                                 for r in outbox_rows(tmp_path / "outbox.db")),
-                     what="another dead entry")
+    async def any_dead() -> bool:
+        return State.DEAD in await outbox_states(tmp_path / "outbox.db")
+
+    await eventually(any_dead, what="another dead entry")
     code, out, _ = await run_cli("queue", "retry", "--all-dead", "--config", config)
     assert (code, out) == (0, "requeued 1\n")
     await eventually(lambda: len(fake_api.accepted) == 3, what="the retried entry delivered")
 
     fake_api.script.append(Reply(403, "blocked"))
     await relay.post(session, SMS_BODY)
-    await eventually(lambda: any(State(r["state"]) == State.DEAD
-                                 for r in outbox_rows(tmp_path / "outbox.db")), what="dead again")
+    await eventually(any_dead, what="dead again")
     assert await run_cli("queue", "purge", "--dead", "--config", config) == (0, "purged 1\n", "")
-    assert all(State(r["state"]) == State.DELIVERED for r in outbox_rows(tmp_path / "outbox.db"))
+    assert set(await outbox_states(tmp_path / "outbox.db")) == {State.DELIVERED}
 
 
 async def test_queue_stats_leaves_deliveries_in_flight_alone(
@@ -168,7 +170,7 @@ async def test_queue_stats_leaves_deliveries_in_flight_alone(
     await eventually(lambda: len(fake_api.requests) == 1, what="a delivery in flight")
     code, out, _ = await run_cli("queue", "stats", "--config", config)
     assert code == 0 and "inflight 1" in out
-    assert [State(r["state"]) for r in outbox_rows(tmp_path / "outbox.db")] == [State.INFLIGHT]
+    assert await outbox_states(tmp_path / "outbox.db") == [State.INFLIGHT]
 
 
 async def test_queue_without_outbox_fails_without_creating_one(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from tests.helpers import (
     eventually,
     http_provider,
     outbox_rows,
+    outbox_states,
     write_config,
 )
 from tests.process import run_cli
@@ -32,8 +33,12 @@ def _doc(tmp_path: Path, providers: list[dict[str, Any]], **sections: Any) -> di
     return base_config(tmp_path, providers=providers, routes=routes, **sections)
 
 
-def _state(tmp_path: Path) -> list[State]:
-    return [State(r["state"]) for r in outbox_rows(tmp_path / "outbox.db")]
+async def _states_are(tmp_path: Path, wanted: list[State]) -> bool:
+    return await outbox_states(tmp_path / "outbox.db") == wanted
+
+
+async def _error_recorded(tmp_path: Path) -> bool:
+    return (await outbox_rows(tmp_path / "outbox.db"))[0].error != ""
 
 
 TRANSIENT: list[tuple[str, Action, str]] = [
@@ -62,11 +67,11 @@ async def test_transient_failure_is_retried(
     await eventually(lambda: len(fake_api.accepted) == 1, what="delivery after the retry")
     assert len(fake_api.requests) == 2
     assert fake_api.accepted[0].json()["ref"] == answer["ids"][0]
-    await eventually(lambda: _state(tmp_path) == [State.DELIVERED], what="the entry delivered")
-    (row,) = outbox_rows(tmp_path / "outbox.db")
-    assert row["attempts"] == 2 and row["provider"] == "api"
-    assert code in row["error"]  # the failure is kept on the delivered row
-    assert row["error"].startswith("api ")
+    await eventually(lambda: _states_are(tmp_path, [State.DELIVERED]), what="the entry delivered")
+    (row,) = await outbox_rows(tmp_path / "outbox.db")
+    assert row.attempts == 2 and row.provider == "api"
+    assert code in row.error  # the failure is kept on the delivered row
+    assert row.error.startswith("api ")
 
 
 @pytest.mark.parametrize(("action", "code"), [(a, c) for _, a, c in TRANSIENT],
@@ -83,11 +88,11 @@ async def test_transient_failure_fails_over(
     relay = await relay_factory(doc)
     status, answer = await relay.post(session, SMS_BODY)
     assert status == 200
-    await eventually(lambda: _state(tmp_path) == [State.DELIVERED], what="delivery via failover")
+    await eventually(lambda: _states_are(tmp_path, [State.DELIVERED]), what="delivery via failover")
     assert len(fake_api.requests) == 1 and not fake_api.accepted
     assert [r.json()["ref"] for r in second_api.accepted] == answer["ids"]
-    (row,) = outbox_rows(tmp_path / "outbox.db")
-    assert row["attempts"] == 1 and row["provider"] == "second"
+    (row,) = await outbox_rows(tmp_path / "outbox.db")
+    assert row.attempts == 1 and row.provider == "second"
 
 
 async def test_retry_after_is_honoured(
@@ -99,11 +104,11 @@ async def test_retry_after_is_honoured(
                queue={"retry_base": "10ms", "retry_max": "60s"})
     relay = await relay_factory(doc)
     assert (await relay.post(session, SMS_BODY))[0] == 200
-    await eventually(lambda: outbox_rows(tmp_path / "outbox.db")[0]["error"] != "",
+    await eventually(lambda: _error_recorded(tmp_path),
                      what="the retry scheduled")
-    (row,) = outbox_rows(tmp_path / "outbox.db")
-    assert State(row["state"]) == State.PENDING and "http_429" in row["error"]
-    assert row["due"] - fake_api.requests[0].at >= 30
+    (row,) = await outbox_rows(tmp_path / "outbox.db")
+    assert row.state == State.PENDING and "http_429" in row.error
+    assert row.due - fake_api.requests[0].at >= 30
     assert len(fake_api.requests) == 1
 
 
@@ -116,11 +121,11 @@ async def test_first_retry_waits_retry_base(
                queue={"retry_base": "20s", "retry_max": "60s"})
     relay = await relay_factory(doc)
     assert (await relay.post(session, SMS_BODY))[0] == 200
-    await eventually(lambda: outbox_rows(tmp_path / "outbox.db")[0]["error"] != "",
+    await eventually(lambda: _error_recorded(tmp_path),
                      what="the retry scheduled")
-    (row,) = outbox_rows(tmp_path / "outbox.db")
-    assert row["due"] - fake_api.requests[0].at >= 20
-    assert row["due"] - row["updated"] <= 20
+    (row,) = await outbox_rows(tmp_path / "outbox.db")
+    assert row.due - fake_api.requests[0].at >= 20
+    assert row.due - row.updated <= 20
 
 
 @given(attempt=st.integers(min_value=1, max_value=10**6),
@@ -164,12 +169,12 @@ async def test_permanent_failure_is_dead_with_the_providers_words(
     relay = await relay_factory(doc)
     status, answer = await relay.post(session, SMS_BODY)
     assert status == 200
-    await eventually(lambda: _state(tmp_path) == [State.DEAD], what="the entry dead")
+    await eventually(lambda: _states_are(tmp_path, [State.DEAD]), what="the entry dead")
     # The relay's own count drops once the commit's result reaches the event loop, a moment
     # after another connection can see the row: wait for it rather than race it.
     await eventually(lambda: relay.relay.outbox.undelivered == 0, what="undelivered count 0")
-    (row,) = outbox_rows(tmp_path / "outbox.db")
-    assert (row["provider"], row["error"], row["attempts"]) == ("api", reason, 1)
+    (row,) = await outbox_rows(tmp_path / "outbox.db")
+    assert (row.provider, row.error, row.attempts) == ("api", reason, 1)
     assert len(fake_api.requests) == 1 and not second_api.requests
 
     config = write_config(tmp_path, doc)
@@ -193,10 +198,10 @@ async def test_ttl_makes_an_entry_dead(
                breaker={"failures": 0})
     relay = await relay_factory(doc)
     assert (await relay.post(session, SMS_BODY))[0] == 200
-    await eventually(lambda: _state(tmp_path) == [State.DEAD], what="the entry dead")
-    (row,) = outbox_rows(tmp_path / "outbox.db")
-    assert row["error"].startswith("expired")
-    assert "api http_503: maintenance" in row["error"]
+    await eventually(lambda: _states_are(tmp_path, [State.DEAD]), what="the entry dead")
+    (row,) = await outbox_rows(tmp_path / "outbox.db")
+    assert row.error.startswith("expired")
+    assert "api http_503: maintenance" in row.error
     assert len(fake_api.requests) >= 1 and not fake_api.accepted
     count = len(fake_api.requests)
     # dead means dead: another message goes through and the dead one is never tried again
@@ -217,10 +222,10 @@ async def test_all_providers_failing_transiently_retries_through_the_route(
                queue={"retry_base": "10ms", "retry_max": "50ms"})
     relay = await relay_factory(doc)
     assert (await relay.post(session, SMS_BODY))[0] == 200
-    await eventually(lambda: _state(tmp_path) == [State.DELIVERED], what="delivery on retry")
+    await eventually(lambda: _states_are(tmp_path, [State.DELIVERED]), what="delivery on retry")
     assert (len(fake_api.requests), len(second_api.requests)) == (2, 1)
-    (row,) = outbox_rows(tmp_path / "outbox.db")
-    assert (row["provider"], row["attempts"]) == ("a", 2)
+    (row,) = await outbox_rows(tmp_path / "outbox.db")
+    assert (row.provider, row.attempts) == ("a", 2)
 
 
 async def test_random_strategy_spreads_and_still_fails_over(

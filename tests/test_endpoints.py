@@ -28,16 +28,16 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 async def test_healthz_and_readyz(tmp_path: Path, relay_factory: Any,
                                   session: aiohttp.ClientSession) -> None:
-    """/healthz answers while the process serves; /readyz lists providers, their circuits
-    and the undelivered count."""
-    relay = await relay_factory(base_config(tmp_path), paused=True)
+    """/healthz answers while the process serves; /readyz names the node and lists
+    providers, their circuits and the undelivered count."""
+    relay = await relay_factory(base_config(tmp_path, queue={"node": "relay-a"}), paused=True)
     for method in ("GET", "HEAD"):
         async with session.request(method, relay.url + "/healthz") as r:
             assert r.status == 200
     assert (await relay.post(session, SMS_BODY))[0] == 200
     async with session.get(relay.url + "/readyz") as r:
         assert r.status == 200
-        assert await r.json() == {"ok": True, "accepting": True, "undelivered": 1,
+        assert await r.json() == {"ok": True, "node": "relay-a", "accepting": True, "undelivered": 1,
                                   "providers": ["dev"], "circuits": {"dev": "closed"}}
 
 
@@ -126,4 +126,4 @@ async def test_group_commit_answers_only_what_is_on_disk(
     assert not missing
     ids = {i for a in answers for i in a}
     assert len(ids) == 600
-    assert {str(r["id"]) for r in outbox_rows(db)} == ids
+    assert {str(r.id) for r in await outbox_rows(db)} == ids

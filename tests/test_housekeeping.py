@@ -4,12 +4,12 @@ and the start rebuilds windows and answers from the outbox read in chunks."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 from hapsms_relay import guard, outbox_sqlite
 from hapsms_relay.budget import Budget
+from hapsms_relay.clock import ManualClock
 from hapsms_relay.dedup import Replies
 from hapsms_relay.limits import Limiter, LimitsConfig, Window
 from hapsms_relay.metrics import Metrics
@@ -42,16 +42,16 @@ def test_replies_prune_short_answers_behind_a_long_one() -> None:
     """Body answers (seconds) expire on time even when an Idempotency-Key answer (a day)
     was stored between them; the long one stays findable until it expires."""
     r = Replies()
-    r.stored([(b"body-1", 10.0)], 1, 1, b"")
-    r.stored([(b"idem-1", DAY), (b"body-2", 11.0)], 2, 1, b"")
-    r.stored([(b"body-3", 12.0)], 3, 1, b"")
-    r.stored([(b"body-4", 30.0)], 4, 1, b"")
+    r.stored([(b"body-1", 10.0)], range(1, 1 + 1), b"")
+    r.stored([(b"idem-1", DAY), (b"body-2", 11.0)], range(2, 2 + 1), b"")
+    r.stored([(b"body-3", 12.0)], range(3, 3 + 1), b"")
+    r.stored([(b"body-4", 30.0)], range(4, 4 + 1), b"")
     assert r.prune(11.5, limit=1) == 1
     assert r.prune(12.5) == 2
     assert len(r) == 2
     assert r.find([b"body-2"], 12.5) is None
     found = r.find([b"idem-1"], 12.5)
-    assert isinstance(found, tuple) and found.first == 2
+    assert isinstance(found, tuple) and list(found.ids) == [2]
     assert r.prune(DAY + 1) == 2
     assert len(r) == 0
 
@@ -60,38 +60,38 @@ def test_replies_key_answered_again_after_expiry() -> None:
     """A key stored again after its answer expired gets the new answer, which outlives the
     old one's pruning."""
     r = Replies()
-    r.stored([(b"k", 10.0)], 1, 1, b"")
-    r.stored([(b"other", 15.0)], 2, 1, b"")
-    r.stored([(b"k", 20.0)], 3, 1, b"")
+    r.stored([(b"k", 10.0)], range(1, 1 + 1), b"")
+    r.stored([(b"other", 15.0)], range(2, 2 + 1), b"")
+    r.stored([(b"k", 20.0)], range(3, 3 + 1), b"")
     assert r.prune(16.0) == 1  # "other"
     found = r.find([b"k"], 16.0)
-    assert isinstance(found, tuple) and found.first == 3
+    assert isinstance(found, tuple) and list(found.ids) == [3]
     assert r.prune(21.0) == 1
 
 
 async def test_cleanup_deletes_in_chunks_only_old_delivered(tmp_path: Path) -> None:
     """Cleanup removes every delivered entry older than the cut across many chunks, keeps
     pending, dead and newer delivered ones, and removes only expired answers."""
-    path = str(tmp_path / "outbox.db")
-    outbox = SQLiteOutbox(path)
+    clock = ManualClock()
+    outbox = SQLiteOutbox(str(tmp_path / "outbox.db"), clock=clock)
     await outbox.open()
     try:
         n = outbox_sqlite.CLEANUP_CHUNK * 2 + 37
         entries = [NewEntry(KIND_SMS, f"+86139{i:08d}", "CN", f"139{i:08d}", "hi", "Acme")
                    for i in range(n)]
-        now = time.time()
-        ids = await outbox.enqueue(entries, DAY, keys=[(b"gone", now - 1), (b"live", now + 60)])
+        now = clock.time()
+        ids = await outbox.enqueue(entries, DAY, keys=[(b"gone", now + 1), (b"live", now + 60)])
         kept_pending = ids[::100]
         await outbox.delivered([i for i in ids if i not in set(kept_pending)], "dev")
+        clock.advance(2)
         newer = await outbox.enqueue(entries[:3], DAY)
         await outbox.delivered(newer, "dev")
-        removed = await outbox.cleanup(newer[0] / 1_000_000)
+        removed = await outbox.cleanup(clock.time() - 1)
         assert removed == n - len(kept_pending)
+        left = [r.id for r in await outbox.list(None, 10 * n)][::-1]
+        keys = [k for _, k, *_ in await outbox.replies(0.0, -1, 100)]
     finally:
         await outbox.close()
-    with sqlite3.connect(path) as conn:
-        left = [r[0] for r in conn.execute("SELECT id FROM messages ORDER BY id")]
-        keys = [r[0] for r in conn.execute("SELECT key FROM replies")]
     assert left == [*kept_pending, *newer]
     assert keys == [b"live"]
 
@@ -121,7 +121,7 @@ async def test_guard_load_reads_a_day_in_chunks(tmp_path: Path) -> None:
     assert g.limiter.check(KIND_SMS, "+8613900000002", "CN", now, "mobile") is None
     assert g.limiter.check(KIND_SMS, f"+86139{n - 1:08d}", "CN", now, "mobile") is None
     found = g.replies.find([b"answer"], now)
-    assert isinstance(found, tuple) and found.size == 1
+    assert isinstance(found, tuple) and len(found.ids) == 1
 
 
 def test_replies_give_back_what_was_stored() -> None:
@@ -129,13 +129,13 @@ def test_replies_give_back_what_was_stored() -> None:
     until its expiry (to the millisecond) and not after."""
     r = Replies()
     first = int(time.time() * 1_000_000)
-    r.stored([(b"plain", 100.25)], first, 7, b"")
-    r.stored([(b"noted", 100.5)], first + 7, 2, b'[{"mobile":"+1"}]')
+    r.stored([(b"plain", 100.25)], range(first, first + 7), b"")
+    r.stored([(b"noted", 100.5)], range(first + 7, first + 7 + 2), b'[{"mobile":"+1"}]')
     plain = r.find([b"plain"], 100.0)
     noted = r.find([b"noted"], 100.0)
-    assert isinstance(plain, tuple) and plain.ids == list(range(first, first + 7))
+    assert isinstance(plain, tuple) and list(plain.ids) == list(range(first, first + 7))
     assert plain.note == b"" and plain.expires == 100.25
-    assert isinstance(noted, tuple) and (noted.first, noted.size) == (first + 7, 2)
+    assert isinstance(noted, tuple) and list(noted.ids) == [first + 7, first + 8]
     assert noted.note == b'[{"mobile":"+1"}]'
     assert r.find([b"plain"], 100.25) is None
     assert isinstance(r.find([b"noted"], 100.25), tuple)

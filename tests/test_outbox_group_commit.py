@@ -50,13 +50,13 @@ async def test_concurrent_status_updates_all_apply(outbox: SQLiteOutbox) -> None
     """Concurrent delivered/dead updates of claimed entries each land on their own entry."""
     path = Path(outbox.path)
     await asyncio.gather(*(outbox.enqueue([_entry(i)], 60) for i in range(100)))
-    claimed = await outbox.claim(100, 1e12)
+    claimed = await outbox.claim("test", 100, 1e12, 30)
     assert len(claimed) == 100
     delivered = [e.id for e in claimed[:70]]
     dead = [e.id for e in claimed[70:]]
     await asyncio.gather(
         *(outbox.delivered([i], "p") for i in delivered),
-        *(outbox.dead(i, "p", "refused") for i in dead),
+        *(outbox.dead("test", i, "p", "refused") for i in dead),
     )
     states = _states(path)
     assert {states[i] for i in delivered} == {State.DELIVERED}

@@ -15,7 +15,15 @@ import pytest
 
 from hapsms_relay.outbox import State
 from tests.fakes import FakeAPI
-from tests.helpers import TOKEN, base_config, eventually, http_provider, outbox_rows, write_config
+from tests.helpers import (
+    TOKEN,
+    base_config,
+    eventually,
+    http_provider,
+    outbox_rows,
+    outbox_states,
+    write_config,
+)
 from tests.process import RelayProcess
 
 ENV = {"HAPSMS_TEST_TOKEN": TOKEN}
@@ -100,9 +108,10 @@ async def test_kill_9_loses_nothing_acknowledged(
     await eventually(lambda: set(acked) <= _refs(fake_api), timeout=60,
                      what="every acknowledged message delivered after the restart")
     # what was committed but not acknowledged (killed before the answer) is delivered too
-    await eventually(lambda: all(State(r["state"]) == State.DELIVERED
-                                 for r in outbox_rows(tmp_path / "outbox.db")),
-                     what="the whole outbox delivered")
+    async def all_delivered() -> bool:
+        return set(await outbox_states(tmp_path / "outbox.db")) == {State.DELIVERED}
+
+    await eventually(all_delivered, what="the whole outbox delivered")
     relay.signal(signal.SIGTERM)
     assert await relay.wait() == 0
 
@@ -164,7 +173,7 @@ async def test_sigterm_finishes_requests_keeps_undelivered_and_exits_0(
 
     assert await relay.wait() == 0
     assert relay.saw("stopped")
-    rows = {str(r["id"]): State(r["state"]) for r in outbox_rows(tmp_path / "outbox.db")}
+    rows = {str(r.id): r.state for r in await outbox_rows(tmp_path / "outbox.db")}
     assert set(rows) == set(acked)
     assert State.INFLIGHT not in rows.values()
     assert State.PENDING in rows.values()  # the slow provider could not take them all

@@ -258,7 +258,7 @@ async def test_shutting_down_answers_503(
     assert head.startswith(b"HTTP/1.1 200 ")
     writer.close()
     await stopping
-    rows = outbox_rows(tmp_path / "outbox.db")
+    rows = await outbox_rows(tmp_path / "outbox.db")
     assert len(rows) == 2  # the first post and the one in flight; not the refused one
 
 
