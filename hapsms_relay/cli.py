@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from hapsms_relay import __version__, config, log, storage
-from hapsms_relay.config import Config
+from hapsms_relay.config import Config, RoutesConfig
 from hapsms_relay.dispatcher import make_message
 from hapsms_relay.errors import ConfigError, PermanentError, StorageError, TransientError
 from hapsms_relay.numbers import InvalidNumber, normalise
@@ -110,13 +110,32 @@ def check_config(cfg: Config) -> int:
     print(f"  listen {s.listen}  path {s.path}  tokens {len(s.tokens)}"
           + ("  (unauthenticated!)" if not s.tokens else ""))
     print(f"  outbox {q.path}  ttl {q.ttl:g}s  retry {q.retry_base:g}s..{q.retry_max:g}s")
+    mainland = mainland_providers(r)
+    warnings = []
     for name, p in cfg.providers.items():
         print(f"  provider {name}: {p.common.type}  concurrency {p.common.concurrency}"
               f"  voice {'yes' if p.supports_voice else 'no (SMS fallback)'}")
+        for note in p.notes():
+            print(f"    {note}")
+        warnings += p.config_warnings(mainland=name in mainland)
     print(f"  routes ({r.strategy}): sms {' > '.join(r.sms)}; voice {' > '.join(r.voice)}")
     for rule in r.rules:
         print(f"    {rule.prefix}: sms {' > '.join(rule.sms)}; voice {' > '.join(rule.voice)}")
+    for w in warnings:
+        print(f"warning: {w}")
     return EX_OK
+
+
+def mainland_providers(routes: RoutesConfig) -> set[str]:
+    """The providers some route may hand a +86 number: those of the rules whose prefix
+    covers some +86 numbers, and of the defaults unless a rule takes every +86 number first."""
+    names: set[str] = set()
+    for rule in routes.rules:
+        if rule.prefix.startswith("+86") or "+86".startswith(rule.prefix):
+            names.update(rule.sms, rule.voice)
+            if "+86".startswith(rule.prefix):  # every +86 number stops here
+                return names
+    return names | set(routes.sms) | set(routes.voice)
 
 
 # -- send ------------------------------------------------------------------------------------

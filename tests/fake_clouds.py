@@ -1,8 +1,11 @@
 """Loopback fakes of Tencent Cloud's and Alibaba Cloud's SMS and voice APIs.
 
 Each verifies the signature of every request with the vendor's own SDK code and rejects a bad
-one as the vendor does; otherwise it answers in the vendor's real response shapes, with the
-errors a test asks for (for the whole call, or per number).
+one as the vendor does. It then applies the vendor's documented rules the relay's behaviour
+depends on (a mainland template only for mainland numbers and an international one for the
+others, a SignName for mainland numbers, voice calls to mainland numbers only, and Alibaba's
+reading of a number as mainland or not) and answers in the vendor's real response shapes,
+with the errors a test asks for (for the whole call, or per number).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _TC_AUTH = re.compile(
     r"SignedHeaders=(?P<signed>[a-z0-9;-]+), Signature=(?P<sig>[0-9a-f]{64})$"
 )
 _TC_SERVICE = {"SendSms": "sms", "SendCodeVoice": "vms"}
+TC_INTL_TEMPLATE = "2220"  # the fake's approved international template
 
 
 def tencent_error(code: str, message: str = "") -> dict[str, Any]:
@@ -59,6 +63,7 @@ class TencentFake:
     number_codes: dict[str, str] = field(default_factory=dict)
     calls: list[TencentCall] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    intl_templates: set[str] = field(default_factory=lambda: {TC_INTL_TEMPLATE})
 
     def __post_init__(self) -> None:
         self.api.respond = self.respond
@@ -94,15 +99,21 @@ class TencentFake:
             })
         return Reply(200, {"Response": {"SendStatusSet": statuses, "RequestId": request_id}})
 
-    @staticmethod
-    def _vendor_rules(action: str, body: dict[str, Any]) -> str:
-        """What Tencent refuses although the request is well signed (its documented rules)."""
+    def _vendor_rules(self, action: str, body: dict[str, Any]) -> str:
+        """What Tencent refuses although the request is well signed (its documented rules):
+        VMS calls mainland mobiles only; one SendSms is all mainland or all other numbers,
+        with a mainland template and a SignName, or an international template."""
         if action == "SendCodeVoice" and not str(body.get("CalledNumber", "")).startswith("+86"):
-            return "InvalidParameterValue.IncorrectPhoneNumber"  # VMS: mainland mobiles only
+            return "InvalidParameterValue.IncorrectPhoneNumber"
         if action == "SendSms":
-            numbers = body.get("PhoneNumberSet") or []
-            if len({str(n).startswith("+86") for n in numbers}) > 1:
+            sides = {str(n).startswith("+86") for n in body.get("PhoneNumberSet") or []}
+            if len(sides) > 1:
                 return "UnsupportedOperation.ContainDomesticAndInternationalPhoneNumber"
+            mainland = sides == {True}
+            if mainland == (body.get("TemplateId") in self.intl_templates):
+                return "FailedOperation.TemplateIncorrectOrUnapproved"
+            if mainland and not body.get("SignName"):
+                return "FailedOperation.SignatureIncorrectOrUnapproved"
         return ""
 
     def _check_signature(self, rec: Recorded, service: str) -> str:
@@ -136,6 +147,7 @@ class TencentFake:
 
 ALI_KEY_ID = "LTAIfakeAccessKeyId01"
 ALI_KEY_SECRET = "fakeAccessKeySecret+/01"
+ALI_INTL_TEMPLATE = "SMS_900001"  # the fake's approved international template
 _ALI_AUTH = re.compile(
     r"^ACS3-HMAC-SHA256 Credential=(?P<id>[^,]+),SignedHeaders=(?P<signed>[a-z0-9;-]+),"
     r"Signature=(?P<sig>[0-9a-f]{64})$"
@@ -204,6 +216,7 @@ class AliyunFake:
     calls: list[AliyunCall] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     nonces: set[str] = field(default_factory=set)
+    intl_templates: set[str] = field(default_factory=lambda: {ALI_INTL_TEMPLATE})
 
     def __post_init__(self) -> None:
         self.api.respond = self.respond
@@ -216,13 +229,14 @@ class AliyunFake:
                 problem, "Specified signature is not matched with our calculation."
                 if problem == "SignatureDoesNotMatch" else ""))
         action = rec.headers["x-acs-action"]
+        if action == "SendMessageToGlobe":
+            return self._globe(rec)
         number = rec.query.get("PhoneNumbers") or rec.query.get("CalledNumber", "")
         read = ali_reads_voice(number) if action == "SingleCallByTts" else ali_reads_sms(number)
         self.calls.append(AliyunCall(action, dict(rec.query), read is not None))
         code = self.errors.popleft() if self.errors else self.number_codes.get(number, "OK")
-        if code == "OK" and action == "SingleCallByTts" and read is None:
-            # the domestic voice service calls no international number
-            code = "isv.MOBILE_NUMBER_ILLEGAL"
+        if code == "OK":
+            code = self._vendor_rules(action, rec.query, mainland=read is not None)
         if code != "OK":
             return Reply(ALI_STATUS.get(code, 200), aliyun_error(code))
         request_id = str(uuid.uuid4()).upper()
@@ -233,6 +247,37 @@ class AliyunFake:
             return Reply(200, {"Code": "OK", "Message": "OK", "RequestId": request_id,
                                "CallId": f"{uuid.uuid4().int % 10**12}^{uuid.uuid4().int % 10**11}"})
         return Reply(404, aliyun_error("InvalidAction.NotFound"))
+
+    def _vendor_rules(self, action: str, query: Any, *, mainland: bool) -> str:
+        """What Alibaba refuses although the request is well signed (its documented rules):
+        the domestic voice service calls no international number; SendSms takes a mainland
+        template and a SignName for a mainland number, an international template otherwise."""
+        if action == "SingleCallByTts":
+            return "OK" if mainland else "isv.MOBILE_NUMBER_ILLEGAL"
+        if action == "SendSms":
+            if mainland == (query.get("TemplateCode") in self.intl_templates):
+                return "isv.SMS_TEMPLATE_ILLEGAL"
+            if mainland and not query.get("SignName"):
+                return "MissingSignName"
+        return "OK"
+
+    def _globe(self, rec: Recorded) -> Reply:
+        """SendMessageToGlobe (Dysmsapi 2018-05-01): free text to numbers outside the mainland."""
+        to = rec.query.get("To", "")
+        self.calls.append(AliyunCall("SendMessageToGlobe", dict(rec.query), to.startswith("86")))
+        if rec.headers.get("x-acs-version") != "2018-05-01":
+            return Reply(400, aliyun_error("InvalidVersion"))
+        if self.errors:
+            code = self.errors.popleft()
+            return Reply(ALI_STATUS.get(code, 200), aliyun_error(code))
+        if not rec.query.get("Message") or not to.isdigit():
+            return Reply(400, aliyun_error("MissingParameter"))
+        ok = not to.startswith("86")  # "does not support sending messages to the Chinese mainland"
+        return Reply(200, {
+            "ResponseCode": "OK" if ok else "MobileNumberIllegal",
+            "ResponseDescription": "The SMS Send Request was accepted" if ok else "mainland",
+            "RequestId": str(uuid.uuid4()).upper(), "Segments": "1", "To": to,
+            "From": rec.query.get("From", ""), "MessageId": str(uuid.uuid4().int % 10**14)})
 
     def _check_signature(self, rec: Recorded) -> str:
         """What Alibaba's gateway checks, the signature computed by Alibaba's SDK utility."""
@@ -279,6 +324,8 @@ def tencent_table(url: str, **over: Any) -> dict[str, Any]:
         "templates": [
             {"match": CODE_MATCH, "template": "1110", "params": ["{code}"]},
             {"match": EN_CODE_MATCH, "template": "1111", "params": ["{code}"]},
+            {"match": EN_CODE_MATCH, "template": TC_INTL_TEMPLATE, "params": ["{code}"],
+             "regions": ["international"]},
         ],
     }
     table.update(over)
@@ -294,6 +341,8 @@ def aliyun_table(url: str, **over: Any) -> dict[str, Any]:
         "templates": [
             {"match": CODE_MATCH, "template": "SMS_154950909", "params": {"code": "{code}"}},
             {"match": EN_CODE_MATCH, "template": "SMS_154950910", "params": {"code": "{code}"}},
+            {"match": EN_CODE_MATCH, "template": ALI_INTL_TEMPLATE, "params": {"code": "{code}"},
+             "regions": ["international"]},
         ],
     }
     table.update(over)

@@ -18,11 +18,20 @@ from hapsms_relay.numbers import normalise
 from hapsms_relay.outbox import State
 from hapsms_relay.providers.aliyun import AliyunProvider, acs3_authorization, canonical_query
 from hapsms_relay.providers.base import Message
-from tests.fake_clouds import ALI_KEY_ID, ALI_KEY_SECRET, AliyunFake, aliyun_table, build_provider
+from tests.fake_clouds import (
+    ALI_INTL_TEMPLATE,
+    ALI_KEY_ID,
+    ALI_KEY_SECRET,
+    EN_CODE_MATCH,
+    AliyunFake,
+    aliyun_table,
+    build_provider,
+)
 from tests.fakes import FakeAPI, Reply
 from tests.helpers import SMS_BODY, VOICE_BODY, base_config, post_settled
 
 CODE_TEXT = "您的验证码是123456，感谢您的使用！"
+EN_TEXT = "Your verification code is 123456"
 
 
 @pytest.fixture
@@ -98,7 +107,7 @@ async def test_one_call_per_recipient_and_failures_stay_apart(
     relay = await relay_factory(base_config(
         tmp_path, providers=[aliyun_table(aliyun.api.url)], routes={"sms": ["aliyun"]}))
     rows = await post_settled(relay, session, {"Type": 1, "Data": {
-        "Mobiles": ["13800138000", "13800138001", "+85291234567"], "Message": CODE_TEXT}})
+        "Mobiles": ["13800138000", "13800138001", "+85291234567"], "Message": EN_TEXT}})
     assert [r.state for r in rows] == [State.DELIVERED, State.DEAD, State.DELIVERED]
     assert "isv.MOBILE_NUMBER_ILLEGAL" in rows[1].error
     assert sorted(c.params["PhoneNumbers"] for c in aliyun.calls) == [
@@ -237,15 +246,18 @@ async def test_phone_numbers_are_never_read_as_another_number(
 ) -> None:
     """Each number goes to SendSms in the form Alibaba reads as that number: mainland ones
     as their 11 digits, others with their country code, +1 ones not at all (cannot carry)."""
-    m = message(raw)
+    m = message(raw, text=EN_TEXT)
     (outcome,) = await provider.send([m])
     if sent is None:
         assert isinstance(outcome, UnsupportedError) and outcome.code == "ambiguous_number"
         assert aliyun.calls == []
         return
+    assert outcome is None
     (call,) = aliyun.calls
     assert call.params["PhoneNumbers"] == sent
     assert call.mainland == (m.country_code == "86")
+    assert call.params["TemplateCode"] == (
+        "SMS_154950910" if call.mainland else ALI_INTL_TEMPLATE)
 
 
 @pytest.mark.parametrize("raw", ["+13125551234", "+85291234567", "+6581234567"])
@@ -331,3 +343,105 @@ def test_secrets_stay_out_of_repr() -> None:
     """The provider's repr shows neither the AccessKey id nor its secret."""
     text = repr(build(aliyun_table("https://dysmsapi.aliyuncs.com")))
     assert ALI_KEY_SECRET not in text and ALI_KEY_ID not in text
+
+
+# -- outside mainland China: templates, SendMessageToGlobe ------------------------------------
+
+def globe_table(url: str, **over: Any) -> dict[str, Any]:
+    return aliyun_table(url, international_api="SendMessageToGlobe", globe_endpoint=url,
+                        globe_from="HAPSMS", **over)
+
+
+async def test_mixed_body_gets_the_international_template(
+    tmp_path: Path, relay_factory, session, aliyun: AliyunFake
+) -> None:
+    """A body to +86 and other numbers: each number with the template for its side."""
+    relay = await relay_factory(base_config(
+        tmp_path, providers=[aliyun_table(aliyun.api.url)], routes={"sms": ["aliyun"]}))
+    rows = await post_settled(relay, session, {"Type": 1, "Data": {
+        "Mobiles": ["+8613800138000", "+85291234567"], "Message": EN_TEXT}})
+    assert [r.state for r in rows] == [State.DELIVERED] * 2
+    assert sorted((c.params["PhoneNumbers"], c.params["TemplateCode"]) for c in aliyun.calls) == [
+        ("13800138000", "SMS_154950910"), ("85291234567", ALI_INTL_TEMPLATE)]
+
+
+async def test_no_international_mapping_is_cannot_carry(
+    fake_api: FakeAPI, session: aiohttp.ClientSession, aliyun: AliyunFake
+) -> None:
+    """With mainland mappings only, a +852 number is no_template without a call."""
+    p = build(aliyun_table(fake_api.url, templates=[
+        {"match": EN_CODE_MATCH, "template": "SMS_154950910", "params": {"code": "{code}"}}]))
+    await p.open(session)
+    (outcome,) = await p.send([message("+85291234567", text=EN_TEXT)])
+    assert isinstance(outcome, UnsupportedError) and outcome.code == "no_template"
+    assert 'regions = ["international"]' in outcome.reason()
+    assert aliyun.calls == []
+
+
+@pytest.mark.parametrize(("raw", "to"), [
+    ("+13125551234", "13125551234"), ("+85291234567", "85291234567"), ("+6581234567", "6581234567")])
+async def test_globe_carries_numbers_outside_mainland(
+    fake_api: FakeAPI, session: aiohttp.ClientSession, aliyun: AliyunFake, raw: str, to: str
+) -> None:
+    """With international_api = SendMessageToGlobe, other numbers (+1 included: that API
+    never reaches the mainland) get the free text, signed as version 2018-05-01."""
+    p = build(globe_table(fake_api.url))
+    await p.open(session)
+    assert await p.send([message(raw, text="Hello from HAP")]) == [None]
+    (call,) = aliyun.calls
+    assert call.action == "SendMessageToGlobe" and not call.mainland
+    assert call.params == {"To": to, "Message": "Hello from HAP", "Type": "NOTIFY", "From": "HAPSMS"}
+    assert aliyun.rejected == []
+
+
+async def test_globe_voice_code_is_an_otp_and_mainland_stays_on_sendsms(
+    tmp_path: Path, relay_factory, session, aliyun: AliyunFake
+) -> None:
+    """A voice code to a US number goes as the fallback text with Type OTP; a mainland
+    number of the same provider still goes to SendSms with its template."""
+    relay = await relay_factory(base_config(
+        tmp_path, providers=[globe_table(aliyun.api.url)],
+        routes={"sms": ["aliyun"], "voice": ["aliyun"]}))
+    (row,) = await post_settled(relay, session, {"Type": 2, "Data": {
+        "Mobile": "+13125551234", "Code": "123456"}})
+    (mainland,) = await post_settled(relay, session, SMS_BODY)
+    assert row.state == mainland.state == State.DELIVERED
+    assert [(c.action, c.params.get("Type")) for c in aliyun.calls] == [
+        ("SendMessageToGlobe", "OTP"), ("SendSms", None)]
+
+
+async def test_globe_error_codes(
+    fake_api: FakeAPI, session: aiohttp.ClientSession, aliyun: AliyunFake
+) -> None:
+    """A ResponseCode other than OK is the message's error; Throttling stays transient."""
+    p = build(globe_table(fake_api.url))
+    await p.open(session)
+    aliyun.errors.append("Throttling.User")
+    (outcome,) = await p.send([message("+85291234567", text="Hello")])
+    assert isinstance(outcome, TransientError) and outcome.code == "Throttling.User"
+
+
+@pytest.mark.parametrize(("templates", "raw"), [
+    ([{"match": EN_CODE_MATCH, "template": "SMS_154950910", "params": {"code": "{code}"},
+       "regions": ["HK"]}], "+85291234567"),
+    ([{"match": EN_CODE_MATCH, "template": ALI_INTL_TEMPLATE, "params": {"code": "{code}"}}],
+     "+8613800138000"),
+])
+async def test_fake_refuses_a_template_for_the_wrong_side(
+    fake_api: FakeAPI, session: aiohttp.ClientSession, aliyun: AliyunFake,
+    templates: list[dict[str, Any]], raw: str,
+) -> None:
+    """The fake applies Alibaba's rule: a mainland template for a non-mainland number (or
+    the other way round) is isv.SMS_TEMPLATE_ILLEGAL, permanent."""
+    p = build(aliyun_table(fake_api.url, templates=templates))
+    await p.open(session)
+    (outcome,) = await p.send([message(raw, text=EN_TEXT)])
+    assert isinstance(outcome, PermanentError) and outcome.code == "isv.SMS_TEMPLATE_ILLEGAL"
+
+
+def test_bad_regions_name_the_key() -> None:
+    """An unknown region in a mapping is refused with its key named."""
+    with pytest.raises(ConfigError) as info:
+        build(aliyun_table("https://dysmsapi.aliyuncs.com", templates=[
+            {"match": "x", "template": "SMS_1", "regions": ["abroad"]}]))
+    assert str(info.value).startswith("providers[0].templates[0].regions[0]: unknown region")

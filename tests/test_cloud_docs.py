@@ -14,6 +14,7 @@ from hapsms_relay.providers.tencent import TencentProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = "您的验证码是123456，感谢您的使用！"
+INTL_SAMPLE = "Your verification code is 123456"
 HEAD = '[server]\nlisten = "127.0.0.1:0"\ntokens = ["t"]\n[routes]\nsms = ["{name}"]\n'
 
 
@@ -30,17 +31,44 @@ def check(doc: str, name: str) -> None:
     provider = cfg.providers[name]
     assert isinstance(provider, TencentProvider | AliyunProvider)
     assert provider.supports_voice
-    found = provider.templates.match(SAMPLE)
+    found = provider.templates.match(SAMPLE, "CN")
     assert found is not None and found.params.values == ("123456",)
+
+
+def blocks_with(name: str) -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if f'type = "{name}"' in b]
 
 
 @pytest.mark.parametrize("name", ["tencent", "aliyun"])
 def test_readme_example_loads(name: str, credentials: None) -> None:
-    """The README's config example for the provider loads and maps HAP's sample text."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if f'type = "{name}"' in b]
-    assert len(blocks) == 1
-    check(blocks[0], name)
+    """The README's config example for the provider loads and maps HAP's sample text, for
+    mainland numbers and, with its international mapping, for others."""
+    (block,) = [b for b in blocks_with(name) if "[server]" not in b]
+    check(block, name)
+    cfg = config.parse(tomllib.loads(HEAD.format(name=name) + block))
+    provider = cfg.providers[name]
+    assert isinstance(provider, TencentProvider | AliyunProvider)
+    assert provider.templates.match(INTL_SAMPLE, "HK") is not None
+
+
+def test_readme_mainland_and_international_example(
+    credentials: None, tmp_path: Path
+) -> None:
+    """The complete mainland + international example loads, and each provider has a way to
+    carry both a mainland and a Hong Kong number, the text of a voice code included."""
+    for extra in ("aliyun-intl-access-key-id", "aliyun-intl-access-key-secret"):
+        (tmp_path / extra).write_text("x-" + extra)
+    (block,) = [b for b in blocks_with("tencent") if "[server]" in b]
+    cfg = config.parse(tomllib.loads(block))
+    tencent, aliyun = cfg.providers["tencent"], cfg.providers["aliyun"]
+    assert isinstance(tencent, TencentProvider) and isinstance(aliyun, AliyunProvider)
+    fallback = cfg.routes.voice_fallback_text.format(code="123456")
+    for region in ("CN", "HK"):
+        assert tencent.templates.match(fallback, region) is not None
+    assert aliyun.templates.match(fallback, "CN") is not None
+    assert aliyun.international_api == "SendMessageToGlobe"
+    assert tencent.sign_name and aliyun.sign_name
 
 
 @pytest.mark.parametrize("name", ["tencent", "aliyun"])

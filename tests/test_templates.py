@@ -52,7 +52,7 @@ def load(mappings: list[dict[str, Any]], shape: Shape = "named") -> TemplateMap:
 @pytest.mark.parametrize(("text", "template", "params"), CASES)
 def test_messages_against_mappings(text: str, template: str | None, params: dict[str, str]) -> None:
     """The first mapping whose regex is found fills its params from the named groups."""
-    found = load(MAPPINGS).match(text)
+    found = load(MAPPINGS).match(text, "CN")
     if template is None:
         assert found is None
     else:
@@ -64,21 +64,21 @@ def test_list_params_keep_their_order() -> None:
     """Tencent's list form gives TemplateParamSet in the order the config lists it."""
     tm = load([{"match": "(?P<a>\\d+)-(?P<b>\\d+)", "template": "1", "params": ["{b}", "{a}", "x{a}"]}],
               "list")
-    found = tm.match("call 12-34")
+    found = tm.match("call 12-34", "CN")
     assert found is not None and found.params.as_list() == ["34", "12", "x12"]
 
 
 def test_first_match_wins() -> None:
     """Mappings are tried in order: an earlier catch-all shadows a later specific one."""
     tm = load([{"match": ".", "template": "ANY"}, MAPPINGS[0]])
-    found = tm.match("您的验证码是123456")
+    found = tm.match("您的验证码是123456", "CN")
     assert found is not None and (found.template, found.params.as_dict()) == ("ANY", {})
 
 
 def test_no_match_is_unsupported_no_template() -> None:
     """resolve() refuses an unmatched text with UnsupportedError no_template, quoting it."""
     with pytest.raises(UnsupportedError) as info:
-        load(MAPPINGS).resolve("sms-cn", "Hello from HAP")
+        load(MAPPINGS).resolve("sms-cn", "Hello from HAP", "CN")
     assert info.value.code == "no_template" and "Hello from HAP" in info.value.text
 
 

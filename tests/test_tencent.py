@@ -20,7 +20,15 @@ from hapsms_relay.errors import ConfigError, PermanentError, TransientError, Uns
 from hapsms_relay.outbox import State
 from hapsms_relay.providers.base import Message
 from hapsms_relay.providers.tencent import TencentProvider, tc3_authorization
-from tests.fake_clouds import TC_SECRET_ID, TC_SECRET_KEY, TencentFake, build_provider, tencent_table
+from tests.fake_clouds import (
+    EN_CODE_MATCH,
+    TC_INTL_TEMPLATE,
+    TC_SECRET_ID,
+    TC_SECRET_KEY,
+    TencentFake,
+    build_provider,
+    tencent_table,
+)
 from tests.fakes import FakeAPI, Reply
 from tests.helpers import SMS_BODY, VOICE_BODY, base_config, post_settled
 
@@ -143,11 +151,14 @@ async def test_mainland_and_other_numbers_go_in_separate_calls(
     provider: TencentProvider, tencent: TencentFake
 ) -> None:
     """SendSms takes only mainland or only other numbers in one call: the batch is split."""
-    outcomes = await provider.send([sms(1, "+8613800138000"), sms(2, "+12025550123"),
-                                    sms(3, "+8613800138001")])
+    text = "Your verification code is 123456"
+    outcomes = await provider.send([sms(1, "+8613800138000", text), sms(2, "+12025550123", text),
+                                    sms(3, "+8613800138001", text)])
     assert outcomes == [None, None, None]
-    assert [c.body["PhoneNumberSet"] for c in tencent.calls] == [
-        ["+8613800138000", "+8613800138001"], ["+12025550123"]]
+    assert [(c.body["PhoneNumberSet"], c.body["TemplateId"], c.body.get("SignName"))
+            for c in tencent.calls] == [
+        (["+8613800138000", "+8613800138001"], "1111", "腾讯云"),
+        (["+12025550123"], TC_INTL_TEMPLATE, None)]
 
 
 async def test_voice_codes_outside_mainland_go_as_sms(
@@ -328,3 +339,126 @@ def test_secrets_stay_out_of_repr() -> None:
     """The provider's repr shows neither SecretId nor SecretKey."""
     text = repr(build(tencent_table("https://sms.tencentcloudapi.com")))
     assert TC_SECRET_KEY not in text and TC_SECRET_ID not in text
+
+
+# -- outside mainland China: templates and SignName -------------------------------------------
+
+EN_TEXT = "Your verification code is 123456"
+
+
+async def test_mixed_body_gets_the_international_template(
+    tmp_path: Path, relay_factory, session, tencent: TencentFake
+) -> None:
+    """A body to +86 and other numbers: the mainland ones with the mainland template and the
+    SignName, the others in their own call with the international template and no SignName."""
+    relay = await relay_factory(base_config(
+        tmp_path, providers=[tencent_table(tencent.api.url, sender_id="HAPSMS")],
+        routes={"sms": ["tencent"]}))
+    rows = await post_settled(relay, session, {"Type": 1, "Data": {
+        "Mobiles": ["+8613800138000", "+85291234567", "+6581234567"], "Message": EN_TEXT}})
+    assert [r.state for r in rows] == [State.DELIVERED] * 3
+    assert sorted((c.body["PhoneNumberSet"], c.body["TemplateId"], c.body.get("SignName"),
+                   c.body.get("SenderId")) for c in tencent.calls) == [
+        (["+85291234567", "+6581234567"], TC_INTL_TEMPLATE, None, "HAPSMS"),
+        (["+8613800138000"], "1111", "腾讯云", None)]
+
+
+async def test_no_international_mapping_is_cannot_carry(
+    tmp_path: Path, relay_factory, session, tencent: TencentFake
+) -> None:
+    """With mainland mappings only, a +852 number costs no call and goes to the next
+    provider; the mainland recipient of the same body is sent as before."""
+    table = tencent_table(tencent.api.url, templates=[
+        {"match": EN_CODE_MATCH, "template": "1111", "params": ["{code}"]}])
+    relay = await relay_factory(base_config(
+        tmp_path, providers=[table, {"name": "dev", "type": "file",
+                                     "path": str(tmp_path / "sent.jsonl")}],
+        routes={"sms": ["tencent", "dev"]}))
+    rows = await post_settled(relay, session, {"Type": 1, "Data": {
+        "Mobiles": ["+8613800138000", "+85291234567"], "Message": EN_TEXT}})
+    assert [(r.state, r.provider) for r in rows] == [
+        (State.DELIVERED, "tencent"), (State.DELIVERED, "dev")]
+    assert [c.body["PhoneNumberSet"] for c in tencent.calls] == [["+8613800138000"]]
+
+
+async def test_no_international_mapping_dead_reason_says_what_to_configure(
+    provider: TencentProvider, tencent: TencentFake
+) -> None:
+    """The no_template reason names the region and the regions setting to add."""
+    p = build(tencent_table(provider.endpoint.human_repr(), templates=[
+        {"match": EN_CODE_MATCH, "template": "1111", "params": ["{code}"]}]))
+    await p.open(provider.http())
+    (outcome,) = await p.send([Message(1, "sms", "+85291234567", "HK", "91234567", EN_TEXT)])
+    assert isinstance(outcome, UnsupportedError) and outcome.code == "no_template"
+    assert 'regions = ["international"]' in outcome.reason() and "HK" in outcome.reason()
+    assert tencent.calls == []
+
+
+async def test_mainland_without_any_signature_is_not_sent(
+    fake_api: FakeAPI, session: aiohttp.ClientSession, tencent: TencentFake
+) -> None:
+    """No sign_name and no HAP Signature: a +86 number is no_sign_name with no call, while
+    a non-mainland number of the same batch, which needs none, is sent."""
+    p = build(tencent_table(fake_api.url, sign_name=None))
+    await p.open(session)
+    outcomes = await p.send([sms(1, "+8613800138000", EN_TEXT), sms(2, "+12025550123", EN_TEXT)])
+    assert isinstance(outcomes[0], UnsupportedError) and outcomes[0].code == "no_sign_name"
+    assert outcomes[1] is None
+    assert [c.body["PhoneNumberSet"] for c in tencent.calls] == [["+12025550123"]]
+
+
+async def test_voice_fallback_sms_without_sign_name_moves_on(
+    tmp_path: Path, relay_factory, session, tencent: TencentFake
+) -> None:
+    """A voice code sent as SMS never has HAP's Signature: without sign_name it goes to the
+    next provider of the route, with no SendSms to Tencent."""
+    table = tencent_table(tencent.api.url, sign_name=None, voice_sdk_app_id=None)
+    relay = await relay_factory(base_config(
+        tmp_path, providers=[table, {"name": "dev", "type": "file",
+                                     "path": str(tmp_path / "sent.jsonl")}],
+        routes={"sms": ["tencent", "dev"], "voice": ["tencent", "dev"]}))
+    (row,) = await post_settled(relay, session, VOICE_BODY)
+    assert (row.state, row.provider) == (State.DELIVERED, "dev")
+    assert tencent.calls == []
+
+
+@pytest.mark.parametrize(("templates", "number", "code"), [
+    # a mainland template mapped for international numbers: Tencent refuses it
+    ([{"match": EN_CODE_MATCH, "template": "1111", "params": ["{code}"],
+       "regions": ["international"]}], "+85291234567", "FailedOperation.TemplateIncorrectOrUnapproved"),
+    # an international template mapped for mainland numbers: refused as well
+    ([{"match": EN_CODE_MATCH, "template": TC_INTL_TEMPLATE, "params": ["{code}"]}],
+     "+8613800138000", "FailedOperation.TemplateIncorrectOrUnapproved"),
+])
+async def test_fake_refuses_a_template_for_the_wrong_side(
+    fake_api: FakeAPI, session: aiohttp.ClientSession, tencent: TencentFake,
+    templates: list[dict[str, Any]], number: str, code: str,
+) -> None:
+    """The fake applies Tencent's rule: a template is approved for mainland or for other
+    numbers, and a mapping that says otherwise fails permanently."""
+    p = build(tencent_table(fake_api.url, templates=templates))
+    await p.open(session)
+    (outcome,) = await p.send([sms(1, number, EN_TEXT)])
+    assert isinstance(outcome, PermanentError) and outcome.code == code
+
+
+def test_check_config_warns_about_a_missing_sign_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config warns when a provider that routes send +86 numbers has no sign_name,
+    and not when a rule sends +86 numbers elsewhere."""
+    from hapsms_relay import cli
+    from tests.helpers import write_config
+
+    dev = {"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}
+    table = tencent_table("https://sms.tencentcloudapi.com", sign_name=None)
+    for routes, warned in [
+        ({"sms": ["tencent"]}, True),
+        ({"sms": ["tencent"], "rules": [{"prefix": "+86", "sms": ["dev"], "voice": ["dev"]}]},
+         False),
+    ]:
+        path = write_config(tmp_path, base_config(tmp_path, providers=[table, dev], routes=routes))
+        assert cli.main(["check-config", "--config", str(path)]) == cli.EX_OK
+        out = capsys.readouterr().out
+        assert ("warning: provider tencent: no sign_name" in out) is warned
+        assert "international without SignName" in out and "templates: 2 mainland, 1 international" in out

@@ -13,6 +13,15 @@ Numbers, by the vendor's rules:
   a bare mainland mobile: the relay never sends one to SendSms (``ambiguous_number``, cannot
   carry) and sends mainland numbers as their bare 11 digits. ``reads_as_mainland`` is the
   check every non-mainland ``PhoneNumbers`` value passes first.
+- Templates: SendSms's ``TemplateCode`` must be an international template for a number
+  outside the mainland (the SendSms page), so each template mapping says which numbers it
+  is for (``templates.py``); a number with no mapping for it is ``no_template``.
+- SendMessageToGlobe (``international_api``), Dysmsapi 2018-05-01 on the international site
+  https://www.alibabacloud.com/help/en/sms/developer-reference/api-dysmsapi-2018-05-01-sendmessagetoglobe:
+  free text (``Message``) to Hong Kong, Macao, Taiwan and abroad, ``To`` = country code +
+  number, ``Type`` OTP/NOTIFY/MKT, optional Sender ID ``From``; it "does not support sending
+  messages to the Chinese mainland", so mainland numbers never go to it and +1 numbers are
+  unambiguous there. It answers ``ResponseCode``/``ResponseDescription``.
 - SingleCallByTts: the voice number-format guide
   https://help.aliyun.com/zh/vms/product-overview/number-format-standards-guide reads
   a number without ``00``/``+`` as domestic and says the domestic voice service places no
@@ -43,15 +52,31 @@ from yarl import URL
 
 from hapsms_relay import log
 from hapsms_relay.errors import DeliveryError, PermanentError, TransientError, UnsupportedError
-from hapsms_relay.providers.base import BaseProvider, Common, Message, classify_http_status
+from hapsms_relay.providers.base import (
+    BaseProvider,
+    Common,
+    Message,
+    classify_http_status,
+    sign_name_warning,
+)
 from hapsms_relay.providers.signing import hmac_sha256, host_header, read_endpoint, sha256_hex
-from hapsms_relay.providers.templates import Params, TemplateMap, load_templates, read_params
+from hapsms_relay.providers.templates import (
+    Params,
+    TemplateMap,
+    load_templates,
+    read_params,
+    template_region,
+)
 from hapsms_relay.secret import Secret
 from hapsms_relay.table import Table
 
 SMS_ENDPOINT = "https://dysmsapi.aliyuncs.com"
 VMS_ENDPOINT = "https://dyvmsapi.aliyuncs.com"
 VERSION = "2017-05-25"  # both Dysmsapi and Dyvmsapi
+# SendMessageToGlobe: Dysmsapi 2018-05-01 on the international site (alibabacloud.com)
+GLOBE_ENDPOINT = "https://dysmsapi.ap-southeast-1.aliyuncs.com"
+GLOBE_VERSION = "2018-05-01"
+SENDSMS, GLOBE = "SendSms", "SendMessageToGlobe"  # the choices of international_api
 ALGORITHM = "ACS3-HMAC-SHA256"
 _TEXT_LIMIT = 300
 
@@ -112,6 +137,12 @@ class AliyunProvider(BaseProvider):
     voice_show_number: str = ""
     voice_endpoint: URL = field(default_factory=lambda: URL(VMS_ENDPOINT + "/"))
     play_times: int = 2
+    international_api: str = SENDSMS
+    globe_type: str = "NOTIFY"
+    globe_from: str = ""
+    globe_endpoint: URL = field(default_factory=lambda: URL(GLOBE_ENDPOINT + "/"))
+    globe_access_key_id: Secret | None = field(default=None, repr=False)
+    globe_access_key_secret: Secret | None = field(default=None, repr=False)
     supports_voice: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -132,7 +163,30 @@ class AliyunProvider(BaseProvider):
             voice_show_number=t.string("voice_show_number", ""),
             voice_endpoint=read_endpoint(t, "voice_endpoint", VMS_ENDPOINT),
             play_times=t.integer("play_times", 2, min=1, max=3),
+            international_api=t.choice("international_api", (SENDSMS, GLOBE), SENDSMS),
+            globe_type=t.choice("globe_type", ("NOTIFY", "OTP", "MKT"), "NOTIFY"),
+            globe_from=t.string("globe_from", ""),
+            globe_endpoint=read_endpoint(t, "globe_endpoint", GLOBE_ENDPOINT),
+            globe_access_key_id=t.optional_secret("globe_access_key_id"),
+            globe_access_key_secret=t.optional_secret("globe_access_key_secret"),
         )
+
+    def notes(self) -> list[str]:
+        sign = self.sign_name or "HAP's Signature"
+        if self.international_api == GLOBE:
+            intl = (f"international: SendMessageToGlobe at {self.globe_endpoint.host}, "
+                    f"Type {self.globe_type} (OTP for codes)"
+                    + (f", From {self.globe_from}" if self.globe_from else ""))
+        else:
+            intl = "international: SendSms with international templates, +1 numbers not at all"
+        return [
+            f"mainland: SendSms with SignName {sign}", intl, self.templates.describe(),
+            "voice: SingleCallByTts, mainland numbers only" if self.supports_voice
+            else "voice: as SMS",
+        ]
+
+    def config_warnings(self, *, mainland: bool) -> list[str]:
+        return sign_name_warning(self.name, self.sign_name, mainland)
 
     async def send_one(self, message: Message) -> None:
         mainland = message.country_code == "86"
@@ -150,17 +204,40 @@ class AliyunProvider(BaseProvider):
                 params["CalledShowNumber"] = self.voice_show_number
             await self._call(self.voice_endpoint, "SingleCallByTts", params)
             return
-        match = self.templates.resolve(self.name, message.text)
+        if not mainland and self.international_api == GLOBE:
+            await self._globe(message)
+            return
+        number = self.sendsms_number(message)
+        match = self.templates.resolve(self.name, message.text, template_region(message))
         sign = self.sign_name or message.signature
         if not sign:
             raise UnsupportedError(self.name, "no_sign_name",
                                    "set sign_name: this message has no signature")
         await self._call(self.endpoint, "SendSms", {
-            "PhoneNumbers": self.sendsms_number(message),
+            "PhoneNumbers": number,
             "SignName": sign,
             "TemplateCode": match.template,
             "TemplateParam": _json(match.params.as_dict()),
         })
+
+    async def _globe(self, message: Message) -> None:
+        """Free text to a number outside mainland China through SendMessageToGlobe."""
+        params = {
+            "To": message.to[1:],  # country code + number; the API never reaches the mainland
+            "Message": self.sms_text(message),
+            "Type": "OTP" if message.code else self.globe_type,
+        }
+        if self.globe_from:
+            params["From"] = self.globe_from
+        doc = await self._call(
+            self.globe_endpoint, "SendMessageToGlobe", params, version=GLOBE_VERSION,
+            key_id=self.globe_access_key_id or self.access_key_id,
+            key_secret=self.globe_access_key_secret or self.access_key_secret,
+        )
+        code = doc.get("ResponseCode")
+        if code != "OK":
+            raise classify(self.name, str(code or "bad_response"),
+                           str(doc.get("ResponseDescription", "")))
 
     def sendsms_number(self, message: Message) -> str:
         """``PhoneNumbers`` for one recipient: a mainland number as its bare 11 digits, any
@@ -172,23 +249,29 @@ class AliyunProvider(BaseProvider):
             raise UnsupportedError(
                 self.name, "ambiguous_number",
                 f"SendSms reads {log.mask(message.to)} written as its country code and number "
-                "as a mainland number; route it to another provider",
+                "as a mainland number; set international_api = \"SendMessageToGlobe\" or route it "
+                "to another provider",
             )
         return number
 
-    async def _call(self, url: URL, action: str, params: Mapping[str, str]) -> None:
-        """One signed RPC call, parameters in the query and an empty body."""
+    async def _call(
+        self, url: URL, action: str, params: Mapping[str, str], *, version: str = VERSION,
+        key_id: Secret | None = None, key_secret: Secret | None = None,
+    ) -> dict[str, object]:
+        """One signed RPC call, parameters in the query and an empty body; the answer, or
+        the error its ``Code`` names."""
         query = canonical_query(params)
         headers = {
             "host": host_header(url),
             "x-acs-action": action,
-            "x-acs-version": VERSION,
+            "x-acs-version": version,
             "x-acs-date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "x-acs-signature-nonce": uuid.uuid4().hex,
             "x-acs-content-sha256": sha256_hex(b""),
         }
         headers["Authorization"] = acs3_authorization(
-            self.access_key_id.reveal(), self.access_key_secret.reveal(), method="POST",
+            (key_id or self.access_key_id).reveal(),
+            (key_secret or self.access_key_secret).reveal(), method="POST",
             path=url.raw_path, query=query, headers=headers,
         )
         async with self.http().post(
@@ -201,12 +284,16 @@ class AliyunProvider(BaseProvider):
             doc = orjson.loads(text)
         except orjson.JSONDecodeError:
             doc = None
-        if not isinstance(doc, dict) or not isinstance(doc.get("Code"), str):
+        if not isinstance(doc, dict) or not isinstance(
+            doc.get("Code") or doc.get("ResponseCode"), str
+        ):
             if status != 200:
                 raise classify_http_status(self.name, status, text[:_TEXT_LIMIT], resp_headers)
             raise TransientError(self.name, "bad_response", text[:_TEXT_LIMIT])
-        if doc["Code"] != "OK":
-            raise classify(self.name, doc["Code"], str(doc.get("Message", "")), status)
+        code = doc.get("Code")
+        if isinstance(code, str) and code != "OK":  # SendMessageToGlobe answers ResponseCode
+            raise classify(self.name, code, str(doc.get("Message", "")), status)
+        return doc
 
 
 _MAINLAND_PREFIXES = ("+86", "0086", "86", "+")  # SendSms's mainland forms, longest first

@@ -91,6 +91,12 @@ class Provider(Protocol):
     async def send(self, batch: Sequence[Message]) -> Sequence[Outcome]:
         """Deliver every message of the batch; one outcome per message, in order."""
 
+    def notes(self) -> list[str]:
+        """What ``check-config`` says under the provider: how it carries which numbers."""
+
+    def config_warnings(self, *, mainland: bool) -> list[str]:
+        """What ``check-config`` warns about; ``mainland``: a route sends it +86 numbers."""
+
 
 #: The registry's view of a provider class: build it from its config table (no I/O here).
 ProviderFactory = Callable[[Common, Table], Provider]
@@ -129,6 +135,12 @@ class BaseProvider:
             return self.transport_error(exc)
         return None
 
+    def notes(self) -> list[str]:
+        return []
+
+    def config_warnings(self, *, mainland: bool) -> list[str]:
+        return []
+
     def transport_error(self, exc: aiohttp.ClientError | OSError | TimeoutError) -> TransientError:
         """A failure to talk to the API at all (refused, reset, timed out): always transient."""
         if isinstance(exc, TimeoutError):
@@ -149,6 +161,16 @@ class BaseProvider:
 
     def unsupported(self, code: str, text: str) -> UnsupportedError:
         return UnsupportedError(self.name, code, text)
+
+
+def sign_name_warning(name: str, sign_name: str, mainland: bool) -> list[str]:
+    """check-config's warning for Tencent and Alibaba, which both require a SignName for
+    mainland SMS: without ``sign_name`` only messages with HAP's Signature can go."""
+    if not mainland or sign_name:
+        return []
+    return [f"provider {name}: no sign_name, and routes send it mainland numbers: an SMS "
+            "without HAP's Signature (every voice code sent as SMS) cannot be sent there "
+            "(no_sign_name)"]
 
 
 def render_text(fmt: str, message: Message) -> str:

@@ -3,6 +3,11 @@
 Tencent and Alibaba domestic SMS only send approved templates. An ordered list of
 ``[[providers.templates]]`` regexes (compiled once, at load) picks the template; the first
 that matches fills the params from its named groups. No match is ``no_template``.
+
+Both vendors approve mainland and international templates separately and refuse one for the
+other kind of number, so each mapping says which numbers it is for (``regions``: "mainland",
+the default; "international", every number outside mainland China; or ISO regions such as
+"HK"), and a number is only ever matched against the mappings for it.
 """
 
 from __future__ import annotations
@@ -12,14 +17,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import phonenumbers
+
 from hapsms_relay.errors import ConfigError, UnsupportedError
-from hapsms_relay.providers.base import check_template
+from hapsms_relay.providers.base import Message, check_template
 from hapsms_relay.table import Table
 
 #: Alibaba names its template params (``{"code": "123456"}``); Tencent numbers them.
 Shape = Literal["named", "list"]
 
 _TEXT_LIMIT = 60  # how much of an unmatched text the dead reason quotes
+
+MAINLAND = "mainland"  # +86 numbers: phonenumbers' region CN
+INTERNATIONAL = "international"  # every other number (Hong Kong, Macao and Taiwan included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +62,13 @@ class Rule:
     pattern: re.Pattern[str]
     template: str
     params: Params
+    regions: frozenset[str] = frozenset({MAINLAND})
+
+    def applies(self, region: str) -> bool:
+        """Whether this mapping is for numbers of ``region`` ("CN": mainland China)."""
+        if region in self.regions:
+            return True
+        return MAINLAND in self.regions if region == "CN" else INTERNATIONAL in self.regions
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,24 +81,39 @@ class Match:
 class TemplateMap:
     rules: tuple[Rule, ...] = ()
 
-    def match(self, text: str) -> Match | None:
-        """The first rule whose regex is found in ``text``, with its params filled."""
+    def match(self, text: str, region: str) -> Match | None:
+        """The first rule for numbers of ``region`` whose regex is found in ``text``, with
+        its params filled."""
         for rule in self.rules:
+            if not rule.applies(region):
+                continue
             m = rule.pattern.search(text)
             if m is not None:
                 groups = {k: v or "" for k, v in m.groupdict().items()}
                 return Match(rule.template, rule.params.fill(groups))
         return None
 
-    def resolve(self, provider: str, text: str) -> Match:
+    def resolve(self, provider: str, text: str, region: str) -> Match:
         """``match``, or ``UnsupportedError("no_template")`` so the route moves on."""
-        found = self.match(text)
+        found = self.match(text, region)
         if found is None:
             shown = text if len(text) <= _TEXT_LIMIT else text[:_TEXT_LIMIT] + "…"
+            if region == "CN":
+                which = "mainland numbers"
+            else:
+                which = f'{region or "these"} numbers (regions = ["{INTERNATIONAL}"] or ["{region}"])'
             raise UnsupportedError(
-                provider, "no_template", f"no [[providers.templates]] match for {shown!r}"
+                provider, "no_template", f"no [[providers.templates]] for {which} matches {shown!r}"
             )
         return found
+
+    def describe(self) -> str:
+        """How many mappings there are for mainland and for other numbers (check-config)."""
+        mainland = sum(MAINLAND in r.regions or "CN" in r.regions for r in self.rules)
+        other = [r for r in self.rules if r.regions - {MAINLAND, "CN"}]
+        named = sorted({g for r in other for g in r.regions - {MAINLAND, INTERNATIONAL, "CN"}})
+        return (f"templates: {mainland} mainland, {len(other)} international"
+                + (f" ({', '.join(named)} only for some)" if named else ""))
 
 
 def load_templates(t: Table, shape: Shape, name: str = "templates") -> TemplateMap:
@@ -96,9 +128,28 @@ def load_templates(t: Table, shape: Shape, name: str = "templates") -> TemplateM
         template = rt.string("template")
         groups = tuple(pattern.groupindex)
         params = read_params(rt, "params", shape, groups, default=[] if shape == "list" else {})
-        rules.append(Rule(pattern, template, params))
+        rules.append(Rule(pattern, template, params, _regions(rt)))
         rt.done()
     return TemplateMap(tuple(rules))
+
+
+def template_region(message: Message) -> str:
+    """The region a message's number is matched as: "CN" for every +86 number."""
+    return "CN" if message.country_code == "86" else message.region
+
+
+def _regions(t: Table) -> frozenset[str]:
+    names = t.str_list("regions", [MAINLAND], nonempty=True)
+    out = set()
+    for i, name in enumerate(names):
+        if name in (MAINLAND, INTERNATIONAL):
+            out.add(name)
+        elif name.upper() in phonenumbers.SUPPORTED_REGIONS:
+            out.add(name.upper())
+        else:
+            raise ConfigError(f"{t.path('regions')}[{i}]", f'unknown region {name!r}; use '
+                              f'"{MAINLAND}", "{INTERNATIONAL}" or an ISO code such as "HK"')
+    return frozenset(out)
 
 
 def read_params(

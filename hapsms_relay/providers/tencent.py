@@ -25,9 +25,16 @@ import orjson
 from yarl import URL
 
 from hapsms_relay.errors import DeliveryError, PermanentError, TransientError
-from hapsms_relay.providers.base import BaseProvider, Common, Message, Outcome, classify_http_status
+from hapsms_relay.providers.base import (
+    BaseProvider,
+    Common,
+    Message,
+    Outcome,
+    classify_http_status,
+    sign_name_warning,
+)
 from hapsms_relay.providers.signing import hmac_sha256, host_header, read_endpoint, sha256_hex
-from hapsms_relay.providers.templates import TemplateMap, load_templates
+from hapsms_relay.providers.templates import Match, TemplateMap, load_templates, template_region
 from hapsms_relay.secret import Secret
 from hapsms_relay.table import Table
 
@@ -83,6 +90,7 @@ class TencentProvider(BaseProvider):
     secret_key: Secret = field(default_factory=lambda: Secret(""), repr=False)
     sdk_app_id: str = ""
     sign_name: str = ""
+    sender_id: str = ""
     region: str = "ap-guangzhou"
     endpoint: URL = field(default_factory=lambda: URL(SMS_ENDPOINT + "/"))
     templates: TemplateMap = field(default_factory=TemplateMap)
@@ -105,6 +113,7 @@ class TencentProvider(BaseProvider):
             secret_key=t.secret("secret_key"),
             sdk_app_id=_app_id(t, "sdk_app_id", required=True),
             sign_name=t.string("sign_name", ""),
+            sender_id=t.string("sender_id", ""),
             region=t.string("region", "ap-guangzhou"),
             endpoint=read_endpoint(t, "endpoint", SMS_ENDPOINT),
             templates=load_templates(t, "list"),
@@ -126,20 +135,31 @@ class TencentProvider(BaseProvider):
             by_id = dict(zip((m.id for m in calls), await super().send(calls), strict=True))
             by_id.update(zip((m.id for m in texts), await self.send(texts), strict=True))
             return [by_id[m.id] for m in batch]
-        try:
-            match = self.templates.resolve(self.name, batch[0].text)
-        except DeliveryError as exc:
-            return [exc] * len(batch)
-        # One call carries only mainland numbers or only others (SendSms's rule).
+        # One call per side of the border and template: SendSms takes only mainland or only
+        # other numbers, and a template is approved for one or the other.
         outcomes: dict[int, Outcome] = {}
-        for domestic in (True, False):
-            part = [m for m in batch if (m.country_code == "86") == domestic]
-            if part:
-                outcomes.update(await self._send_sms(part, match.template, match.params.as_list()))
+        found: dict[str, Match | DeliveryError] = {}
+        groups: dict[tuple[bool, str, tuple[str, ...]], list[Message]] = {}
+        for m in batch:
+            region = template_region(m)
+            match = found.get(region)
+            if match is None:
+                try:
+                    match = self.templates.resolve(self.name, m.text, region)
+                except DeliveryError as exc:
+                    match = exc
+                found[region] = match
+            if isinstance(match, DeliveryError):
+                outcomes[m.id] = match
+            else:
+                key = (m.country_code == "86", match.template, match.params.values)
+                groups.setdefault(key, []).append(m)
+        for (mainland, template, params), part in groups.items():
+            outcomes.update(await self._send_sms(part, template, list(params), mainland=mainland))
         return [outcomes[m.id] for m in batch]
 
     async def _send_sms(
-        self, part: Sequence[Message], template: str, params: list[str]
+        self, part: Sequence[Message], template: str, params: list[str], *, mainland: bool
     ) -> dict[int, Outcome]:
         payload: dict[str, Any] = {
             "PhoneNumberSet": [m.to for m in part],
@@ -147,9 +167,17 @@ class TencentProvider(BaseProvider):
             "TemplateId": template,
             "TemplateParamSet": params,
         }
-        sign = self.sign_name or part[0].signature
-        if sign:
+        if mainland:
+            sign = self.sign_name or part[0].signature
+            if not sign:  # Tencent requires SignName for mainland SMS: refuse it here
+                refused = self.unsupported(
+                    "no_sign_name",
+                    "set sign_name: this message has no signature, and Tencent requires one "
+                    "for mainland numbers")
+                return {m.id: refused for m in part}
             payload["SignName"] = sign
+        elif self.sender_id:  # international SMS: no SignName; SenderId if one is approved
+            payload["SenderId"] = self.sender_id
         try:
             resp = await self._call(self.endpoint, "sms", "SendSms", SMS_VERSION, self.region, payload)
         except DeliveryError as exc:
@@ -171,6 +199,19 @@ class TencentProvider(BaseProvider):
             else:
                 result[m.id] = classify(self.name, str(status.get("Code")), str(status.get("Message", "")))
         return result
+
+    def notes(self) -> list[str]:
+        sign = self.sign_name or "HAP's Signature"
+        return [
+            f"SendSms: mainland with SignName {sign}; international without SignName"
+            + (f", SenderId {self.sender_id}" if self.sender_id else ""),
+            self.templates.describe(),
+            "voice: SendCodeVoice, mainland numbers only" if self.supports_voice
+            else "voice: as SMS",
+        ]
+
+    def config_warnings(self, *, mainland: bool) -> list[str]:
+        return sign_name_warning(self.name, self.sign_name, mainland)
 
     async def send_one(self, message: Message) -> None:
         """A voice code: SendCodeVoice reads ``CodeMessage`` out after its own prompt."""
