@@ -330,15 +330,29 @@ class SQLiteOutbox:
             ).fetchone()[0]
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise StorageError(
-                f"{self.path} is not a usable SQLite database ({exc}); move it away and "
-                "restart, or restore it from a backup"
-            ) from None
+            raise StorageError(self._open_failed(exc)) from None
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         return (max_id or 0) + 1, last or 0.0, undelivered
+
+    def _open_failed(self, exc: sqlite3.Error) -> str:
+        """What an operator should read when the outbox cannot be opened: the real cause, and
+        advice that never throws acknowledged messages away."""
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        name = getattr(exc, "sqlite_errorname", "") or "SQLite error"
+        if code in _DAMAGED:
+            what = ("is not a SQLite database" if code == sqlite3.SQLITE_NOTADB
+                    else "is damaged")
+            return (f"{self.path} {what} ({exc}; {name}). If it is the outbox, it may hold "
+                    "messages not yet delivered: keep the file, restore the outbox from a "
+                    f"backup, or recover its rows with `sqlite3 {self.path} .recover`; "
+                    "another program's file: point queue.path at a new file")
+        cause = storage_cause(exc, os.path.dirname(os.path.abspath(self.path)))
+        return (f"cannot use the outbox {self.path}: {cause} ({exc}; {name}). This is a "
+                "fault of the storage, not of the file: fix it and start again, and every "
+                "message in the outbox is still delivered. Do not move or delete the file")
 
     def _op_enqueue(self, rows: list[tuple[Any, ...]], keys: list[tuple[Any, ...]]) -> None:
         assert self._conn is not None
@@ -601,6 +615,42 @@ def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_result(value)
         else:
             fut.set_exception(value)
+
+
+# SQLite's primary result codes for a file that is not (or no longer) a database, and for
+# storage that fails under an intact file, with what that means for an operator.
+_DAMAGED = frozenset((sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_FORMAT))
+_STORAGE_CAUSES = {
+    sqlite3.SQLITE_FULL: "the disk is full",
+    sqlite3.SQLITE_IOERR: "an I/O error (a full disk, a file size limit or a failing device)",
+    sqlite3.SQLITE_READONLY: "the file or its directory is read-only",
+    sqlite3.SQLITE_CANTOPEN: "the file or its directory cannot be opened (permissions, or a "
+                             "read-only or missing directory)",
+    sqlite3.SQLITE_PERM: "permission denied",
+    sqlite3.SQLITE_AUTH: "permission denied",
+    sqlite3.SQLITE_BUSY: "another process holds a lock on it",
+    sqlite3.SQLITE_LOCKED: "another process holds a lock on it",
+    sqlite3.SQLITE_NOMEM: "out of memory",
+}
+
+
+def storage_cause(exc: BaseException, directory: str) -> str:
+    """The operator's words for a storage failure: SQLite's code, sharpened by a look at
+    the filesystem (an I/O error on a full or read-only filesystem says so)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        fs = None
+    if fs is not None and code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+                                   sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
+        if fs.f_flag & os.ST_RDONLY:
+            return f"the filesystem of {directory} is mounted read-only"
+        if fs.f_bavail == 0 or (fs.f_files and fs.f_favail == 0):
+            return f"the filesystem of {directory} is full"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _STORAGE_CAUSES.get(code, "a storage error")
 
 
 def _storage_error(exc: BaseException) -> BaseException:

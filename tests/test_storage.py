@@ -3,6 +3,7 @@ a read-only state directory, and corrupt or foreign outbox files."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -20,7 +21,7 @@ from hapsms_relay.errors import StorageError
 from hapsms_relay.outbox_sqlite import APPLICATION_ID, SQLiteOutbox
 from tests.fakes import FakeAPI
 from tests.helpers import AUTH, SMS_BODY, base_config, eventually, write_config
-from tests.process import RelayProcess
+from tests.process import _LAUNCH, RelayProcess
 
 
 def http_provider(api: FakeAPI) -> list[dict[str, Any]]:
@@ -203,12 +204,13 @@ def _foreign(path: Path) -> None:
         conn.commit()
 
 
-@pytest.mark.parametrize(("make", "says"), [
-    (_garbage, "is not a usable SQLite database"),
-    (_truncated, "is not a usable SQLite database"),
-    (_foreign, "is not a hapsms-relay outbox"),
+@pytest.mark.parametrize(("make", "says", "remedy"), [
+    (_garbage, "is not a SQLite database", "restore the outbox from a backup"),
+    (_truncated, "is damaged", "keep the file"),
+    (_foreign, "is not a hapsms-relay outbox", "point queue.path at a new file"),
 ])
-async def test_corrupt_or_foreign_outbox_refused(tmp_path: Path, make: Any, says: str) -> None:
+async def test_corrupt_or_foreign_outbox_refused(tmp_path: Path, make: Any, says: str,
+                                                 remedy: str) -> None:
     """A corrupt or foreign outbox file is refused with what to do, and left as it was."""
     path = tmp_path / "outbox.db"
     make(path)
@@ -216,7 +218,8 @@ async def test_corrupt_or_foreign_outbox_refused(tmp_path: Path, make: Any, says
     outbox = SQLiteOutbox(str(path))
     with pytest.raises(StorageError, match=says) as info:
         await outbox.open()
-    assert "move" in str(info.value)  # says what to do
+    assert remedy in str(info.value)  # says what to do
+    assert "delete" not in str(info.value) and "move it away" not in str(info.value)
     assert path.read_bytes() == before
 
 
@@ -227,13 +230,55 @@ def test_corrupt_outbox_stops_serve(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "hapsms_relay", "serve", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
-    assert "start_failed" in done.stdout and "move it away" in done.stdout
+    assert "start_failed" in done.stdout and "restore the outbox from a backup" in done.stdout
+
+
+async def _serve_once(cfg: Path, fsize: int) -> tuple[int, str]:
+    """``hapsms-relay serve`` under a file-size limit until it exits; status and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _LAUNCH, str(fsize), "serve", "--config", str(cfg),
+        cwd=cfg.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_full_disk_at_start_keeps_the_outbox(tmp_path: Path, session,
+                                                   fake_api: FakeAPI) -> None:
+    """A relay stopped with pending messages that cannot write at its next start (a full
+    disk) exits 1 naming a storage fault and advising to keep the file, never to move it;
+    once writes work again every pending message is delivered."""
+    doc = base_config(tmp_path, providers=http_provider(fake_api), routes={"sms": ["api"]})
+    cfg = write_config(tmp_path, doc)
+    relay = RelayProcess(cfg, paused=True)
+    await relay.start()
+    acked = []
+    for i in range(5):
+        status, body, _ = await post(session, relay.url, {"Type": 1, "Data": {
+            "Mobiles": [f"1380013800{i}"], "Message": f"pending {i}"}})
+        assert status == 200
+        acked += body["ids"]
+    assert await relay.stop() == 0
+
+    # any write past one byte fails, as on a full disk: the WAL's shared memory cannot grow
+    code, out = await _serve_once(cfg, fsize=1)
+    assert code == 1, out
+    line = next(x for x in out.splitlines() if "start_failed" in x)
+    assert "fault of the storage" in line and "Do not move or delete the file" in line
+    assert "move it away" not in line and "not a usable" not in line
+    assert _integrity(tmp_path / "outbox.db") == "ok"
+
+    relay = RelayProcess(cfg)
+    await relay.start()
+    try:
+        await eventually(lambda: {r.json()["ref"] for r in fake_api.accepted} == set(acked),
+                         timeout=60, what="every pending message delivered after the fault")
+    finally:
+        assert await relay.stop() == 0
 
 
 async def test_max_pending_holds_under_concurrent_posts(tmp_path: Path, relay_factory, session) -> None:
     """Fifty posts at once against max_pending = 10: exactly ten are accepted, not more."""
-    import asyncio
-
     relay = await relay_factory(base_config(tmp_path, queue={"max_pending": 10}), paused=True)
 
     async def post(i: int) -> int:
