@@ -90,6 +90,10 @@ _INSERT = (
 # operations between chunks (one DELETE of 100,000 expired answers held enqueues for 43 ms).
 CLEANUP_CHUNK = 1000
 
+# Bytes the WAL keeps after a checkpoint restarts it (PRAGMA journal_size_limit): between
+# checkpoints it still grows to ~4 MB (SQLite's automatic checkpoint at 1000 pages).
+WAL_LIMIT = 1024 * 1024
+
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
@@ -315,6 +319,11 @@ class SQLiteOutbox:
                 for v in range(max(version, 1), SCHEMA_VERSION):
                     conn.executescript(_UPGRADES[v])
                 conn.execute("COMMIT")
+            # The WAL grows past SQLite's automatic checkpoint (1000 pages, ~4 MB) while a
+            # reader holds an old snapshot or one commit is large, and without a limit keeps
+            # its largest size for ever. With one, it is cut back to WAL_LIMIT whenever it
+            # restarts after a checkpoint; cleanup() truncates it to nothing when it can.
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -581,7 +590,27 @@ class SQLiteOutbox:
             "WHERE expires <= ? LIMIT ?)", (now, CLEANUP_CHUNK),
         ) == CLEANUP_CHUNK:
             pass
+        await self.checkpoint()
         return n
+
+    async def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it to zero bytes (housekeeping, via
+        cleanup); False if a reader's snapshot or a write in progress prevented it (not an
+        error: the next one will do). On a connection of its own, in a worker thread, with
+        no busy wait: writes pause only while it copies the WAL (as SQLite's automatic
+        checkpoints make them do anyway)."""
+        if self._thread is None:
+            raise StorageError("the outbox is not open")
+        return await asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
+
+    def _checkpoint(self) -> bool:
+        try:
+            with contextlib.closing(sqlite3.connect(self.path, isolation_level=None,
+                                                    timeout=0)) as conn:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+        return not busy
 
     async def recent(self, since: float, after: int,
                      limit: int) -> builtins.list[tuple[int, int, str, float]]:

@@ -289,3 +289,40 @@ async def test_max_pending_holds_under_concurrent_posts(tmp_path: Path, relay_fa
     assert statuses.count(200) == 10 and statuses.count(503) == 40
     stats = await relay.relay.outbox.stats()
     assert stats.pending == 10 == relay.relay.outbox.undelivered
+
+
+def _wal(path: Path) -> int:
+    wal = Path(str(path) + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_wal_is_bounded_after_a_burst(tmp_path: Path) -> None:
+    """A burst that grows the WAL far past SQLite's checkpoint (a reader held an old
+    snapshot meanwhile) leaves it at most WAL_LIMIT once writes go on, and housekeeping
+    (cleanup) truncates it to nothing."""
+    from hapsms_relay.outbox import KIND_SMS, NewEntry
+    from hapsms_relay.outbox_sqlite import WAL_LIMIT
+
+    path = tmp_path / "outbox.db"
+    outbox = SQLiteOutbox(str(path))
+    await outbox.open()
+    try:
+        reader = sqlite3.connect(path)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM messages").fetchone()  # a snapshot, held
+        text = "x" * 2000
+        for b in range(400):
+            await outbox.enqueue([NewEntry(KIND_SMS, f"+861380013{b:04d}", "CN", "", text)
+                                  for _ in range(10)], 900)
+        burst = _wal(path)
+        assert burst > 4 * WAL_LIMIT
+        reader.rollback()
+        reader.close()
+        for _ in range(3):  # a checkpoint completes, then the WAL restarts from its head
+            await outbox.enqueue([NewEntry(KIND_SMS, "+8613800138000", "CN", "", "m")], 900)
+        assert _wal(path) <= WAL_LIMIT
+        await outbox.cleanup(0)
+        assert _wal(path) == 0
+        assert (await outbox.stats()).pending == 4003
+    finally:
+        await outbox.close()
