@@ -100,6 +100,12 @@ class Queue(Protocol):
         """Entries pending or in flight, as last known (cheap; for limits and metrics):
         this writer's changes at once, other writers' after ``refresh``."""
 
+    @property
+    def writable(self) -> bool:
+        """False while writes fail for the storage's sake (disk full, read-only, I/O
+        errors), True again as soon as one succeeds; the backend retries on its own, so
+        this recovers without traffic. ``/readyz`` reports it."""
+
     async def open(self) -> None:
         """Open (and create or upgrade) the storage."""
 

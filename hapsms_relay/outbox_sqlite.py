@@ -94,6 +94,9 @@ CLEANUP_CHUNK = 1000
 # checkpoints it still grows to ~4 MB (SQLite's automatic checkpoint at 1000 pages).
 WAL_LIMIT = 1024 * 1024
 
+# Seconds between the writer thread's probe writes while writes fail.
+PROBE_EVERY = 1.0
+
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
@@ -115,6 +118,10 @@ class SQLiteOutbox:
         self._next_id = 1
         self._last_created = 0.0
         self._undelivered = 0
+        # False from a write that failed for the storage's sake until one succeeds (or the
+        # writer thread's own probe does): what /readyz reports. Set on the writer thread.
+        self._writable = True
+        self._fault = False  # a write fault in the batch being executed
         # bound methods made once, so ops are told apart by identity (see _statement)
         self._enqueue_op = self._op_enqueue
         self._set_op = self._op_set
@@ -122,6 +129,10 @@ class SQLiteOutbox:
     @property
     def undelivered(self) -> int:
         return self._undelivered
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -178,7 +189,14 @@ class SQLiteOutbox:
     def _run(self) -> None:
         stop = False
         while not stop:
-            first = self._ops.get()
+            if self._writable:
+                first = self._ops.get()
+            else:  # nothing may come (a load balancer took the node out): try now and then
+                try:
+                    first = self._ops.get(timeout=PROBE_EVERY)
+                except queue.Empty:
+                    self._probe()
+                    continue
             if first is None:
                 break
             batch = [first]
@@ -213,8 +231,11 @@ class SQLiteOutbox:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            self._failed(exc)
             err = _storage_error(exc)
             return [(fut, False, err) for _, _, fut in batch]
+        changes = conn.total_changes
+        self._fault = False
         i = 0
         while i < len(batch):
             key = self._statement(batch[i])
@@ -232,6 +253,7 @@ class SQLiteOutbox:
                         conn.execute("RELEASE op")
                         results.append((fut, True, value))
                     except BaseException as exc:
+                        self._failed(exc)
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK TO op")
                             conn.execute("RELEASE op")
@@ -240,11 +262,37 @@ class SQLiteOutbox:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._failed(exc)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             err = _storage_error(exc)
             return [(fut, False, err) for fut, _, _ in results]
+        # rows rolled back to a savepoint count in total_changes too: only a batch with no
+        # write fault proves that writes work
+        if not self._fault and conn.total_changes != changes:
+            self._writable = True
         return results
+
+    def _failed(self, exc: BaseException) -> None:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _WRITE_FAULTS:
+            self._writable = False
+            self._fault = True
+
+    def _probe(self) -> None:
+        """One small write (page 1 of the file), to learn whether writes work again."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return
+        self._writable = True
 
     def _statement(self, op: _Op) -> str | None:
         """The SQL of an op that can share one ``executemany`` with its like, else None."""
@@ -649,6 +697,9 @@ def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 # SQLite's primary result codes for a file that is not (or no longer) a database, and for
 # storage that fails under an intact file, with what that means for an operator.
 _DAMAGED = frozenset((sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_FORMAT))
+# Failures of a write that say the storage cannot take writes now (not a lock, not a bug).
+_WRITE_FAULTS = frozenset((sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY,
+                           sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM))
 _STORAGE_CAUSES = {
     sqlite3.SQLITE_FULL: "the disk is full",
     sqlite3.SQLITE_IOERR: "an I/O error (a full disk, a file size limit or a failing device)",

@@ -310,10 +310,12 @@ class Relay:
         return "; ".join(parts)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        ok = self._started and self.webhook.accepting
+        writable = self.outbox.writable
+        ok = self._started and self.webhook.accepting and writable
         return ok, {
             "node": self.config.queue.node,
             "accepting": self.webhook.accepting,
+            "storage": "ok" if writable else "failing",
             "undelivered": self.outbox.undelivered,
             "providers": list(self.config.providers),
             "circuits": self.dispatcher.breakers.states(list(self.config.providers)),

@@ -37,7 +37,8 @@ async def test_healthz_and_readyz(tmp_path: Path, relay_factory: Any,
     assert (await relay.post(session, SMS_BODY))[0] == 200
     async with session.get(relay.url + "/readyz") as r:
         assert r.status == 200
-        assert await r.json() == {"ok": True, "node": "relay-a", "accepting": True, "undelivered": 1,
+        assert await r.json() == {"ok": True, "node": "relay-a", "accepting": True,
+                                  "storage": "ok", "undelivered": 1,
                                   "providers": ["dev"], "circuits": {"dev": "closed"}}
 
 

@@ -123,6 +123,34 @@ async def test_disk_full_by_file_size_limit(tmp_path: Path, session, fake_api: F
     assert _integrity(tmp_path / "outbox.db") == "ok"
 
 
+async def _readyz(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(url + "/readyz") as r:
+        return r.status, await r.json()
+
+
+async def test_readyz_reports_a_failing_outbox(tmp_path: Path, session, fake_api: FakeAPI) -> None:
+    """While the outbox cannot be written /readyz answers 503 (storage failing), so a load
+    balancer takes the node out; it is ready again once writes work, with no post needed."""
+    doc = base_config(tmp_path, providers=http_provider(fake_api), routes={"sms": ["api"]})
+    relay = RelayProcess(write_config(tmp_path, doc), fsize=2 * 1024 * 1024)
+    await relay.start()
+    try:
+        assert (await _readyz(session, relay.url))[0] == 200
+        await _fill_until_refused(session, relay.url)
+        status, body = await _readyz(session, relay.url)
+        assert (status, body["ok"], body["storage"]) == (503, False, "failing")
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(relay.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space returns
+
+        async def ready() -> bool:
+            status, body = await _readyz(session, relay.url)
+            return status == 200 and body["storage"] == "ok"
+
+        await eventually(ready, timeout=30, what="/readyz ready again without a post")
+    finally:
+        assert await relay.stop() == 0
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str, *options: str) -> Iterator[Path]:
     path.mkdir()
