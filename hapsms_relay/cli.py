@@ -114,6 +114,7 @@ def check_config(cfg: Config) -> int:
     warnings = []
     for name, p in cfg.providers.items():
         print(f"  provider {name}: {p.common.type}  concurrency {p.common.concurrency}"
+              f"  rate {p.common.rate or 'unlimited'}"
               f"  voice {'yes' if p.supports_voice else 'no (SMS fallback)'}")
         for note in p.notes():
             print(f"    {note}")

@@ -23,6 +23,7 @@ from hapsms_relay.errors import ConfigError
 from hapsms_relay.limits import LimitsConfig
 from hapsms_relay.providers import REGISTRY, Provider
 from hapsms_relay.providers.base import DEFAULT_SIGNATURE_FORMAT, Common, check_template
+from hapsms_relay.rate import Rate, parse_rate
 from hapsms_relay.secret import Secret
 from hapsms_relay.table import REQUIRED, Table
 
@@ -254,10 +255,23 @@ def _providers(tables: list[Table]) -> dict[str, Provider]:
                 t.string("signature_format", DEFAULT_SIGNATURE_FORMAT), t.path("signature_format"),
                 ("signature", "message"),
             ),
+            rate=_rate(t),
         )
         providers[name] = factory(common, t)
         t.done()
     return providers
+
+
+def _rate(t: Table) -> Rate | None:
+    """A provider's ``rate``: API calls per second, minute or hour; unset, no limit."""
+    text = t.string("rate", "", nonempty=False)
+    if not text:
+        return None
+    rate = parse_rate(text)
+    if rate is None:
+        raise t.error("rate", f'expected calls per second, minute or hour such as "10/s" or '
+                              f'"600/m"; got {text!r}')
+    return rate
 
 
 def _names(t: Table, key: str, providers: Mapping[str, Provider], default: object) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from hapsms_relay.metrics import Metrics
 from hapsms_relay.outbox import KIND_VOICE, Entry, Outbox
 from hapsms_relay.providers import Message, Outcome, Provider
 from hapsms_relay.providers.base import Kind
+from hapsms_relay.rate import RateLimiter
 
 CLAIM_BATCH = 256
 IDLE_POLL = 1.0  # seconds between looks at the outbox when nothing wakes the dispatcher
@@ -64,6 +65,7 @@ class Dispatcher:
     _inflight: dict[asyncio.Task[None], list[int]] = field(default_factory=dict)
     _inflight_entries: int = 0
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    _limiters: dict[str, RateLimiter] = field(default_factory=dict)  # kept across reloads
     _stopping: bool = False
     _task: asyncio.Task[None] | None = None
     _renewer: asyncio.Task[None] | None = None
@@ -243,6 +245,12 @@ class Dispatcher:
         """``_try_provider`` within the provider's daily budget and circuit breaker: what
         either holds back is handed on to the next provider of the route."""
         name = provider.common.name
+        limiter = self._limiter(provider)
+        if limiter is not None and limiter.waiting and (
+            limiter.waiting + len(entries) > limiter.rate.count + provider.common.concurrency
+        ):
+            await self._defer(entries, name, limiter)
+            return []
         budget = self.budget
         assert budget is not None
         n = budget.reserve(name, len(entries))
@@ -319,24 +327,64 @@ class Dispatcher:
         if sem is None:
             sem = semaphores[name] = asyncio.Semaphore(provider.common.concurrency)
         messages = [self._message(e, provider) for e in entries]
-        async with sem:
-            started = self.clock.monotonic()
+        limiter = self._limiter(provider)
+        if limiter is not None:
+            # waiting for its rate, these are not workers: other providers' messages go on
+            self._inflight_entries -= len(entries)
+            self._wakeup.set()
             try:
-                # a guard above the provider's own timeout: a provider bug must not hang a slot
-                async with asyncio.timeout(provider.common.timeout + 5.0):  # no extra task
-                    outcomes = await provider.send(messages)
-            except TimeoutError:
-                outcomes = [TransientError(name, "timeout", "provider did not answer")] * len(entries)
-            except Exception as exc:  # a provider bug: keep the message, say so loudly
-                log.LOGGER.exception("provider_crashed provider=%s", name)
-                outcomes = [TransientError(name, "internal_error", type(exc).__name__)] * len(entries)
-            elapsed = self.clock.monotonic() - started
+                await limiter.acquire()
+            finally:
+                self._inflight_entries += len(entries)
+        try:
+            async with sem:
+                started = self.clock.monotonic()
+                try:
+                    # above the provider's own timeout: a provider bug must not hang a slot
+                    async with asyncio.timeout(provider.common.timeout + 5.0):  # no extra task
+                        outcomes = await provider.send(messages)
+                except TimeoutError:
+                    outcomes = [TransientError(name, "timeout", "provider did not answer")] * len(entries)
+                except Exception as exc:  # a provider bug: keep the message, say so loudly
+                    log.LOGGER.exception("provider_crashed provider=%s", name)
+                    outcomes = [TransientError(name, "internal_error", type(exc).__name__)] * len(entries)
+                elapsed = self.clock.monotonic() - started
+        finally:
+            if limiter is not None:
+                limiter.release()
         self.metrics.provider_latency(name).observe(elapsed)
         if len(outcomes) != len(entries):
             err = TransientError(name, "internal_error", "provider returned a wrong outcome count")
             outcomes = [err] * len(entries)
         self.breakers.record(name, outcomes)
         return outcomes, elapsed
+
+    def _limiter(self, provider: Provider) -> RateLimiter | None:
+        """The provider's rate limiter, the same one across reloads while its rate stays."""
+        rate, name = provider.common.rate, provider.common.name
+        if rate is None:
+            return None
+        limiter = self._limiters.get(name)
+        if limiter is None or limiter.rate != rate:
+            limiter = self._limiters[name] = RateLimiter(rate, self.clock)
+        return limiter
+
+    async def _defer(self, entries: list[Entry], name: str, limiter: RateLimiter) -> None:
+        """More is waiting for the provider's rate than a window and its concurrency: these
+        wait in the outbox instead, due when the queue ahead should have drained. Not a
+        failure: no provider is tried instead, nothing is logged above debug."""
+        due = self.clock.time() + limiter.expected_wait(len(entries))
+        for e in entries:
+            if due >= e.expires:
+                await self._dead(e, name, f"expired waiting for its rate {limiter.rate}", "rate")
+                continue
+            try:
+                await self.outbox.retry(self.owner, e.id, due, name,
+                                        f"waiting for its rate {limiter.rate}")
+            except StorageError as exc:
+                log.error("outbox_update_failed", error=str(exc), id=e.id)
+        log.debug("rate_deferred", provider=name, count=len(entries),
+                  in_s=round(due - self.clock.time(), 2))
 
     def _message(self, e: Entry, provider: Provider) -> Message:
         return make_message(e, provider, self.config.routes.voice_fallback_text)

@@ -22,6 +22,7 @@ class Recorded:
     headers: CIMultiDict[str]
     body: bytes
     at: float  # time.time() when the request arrived
+    arrived: float = 0.0  # time.monotonic() then: the clock the relay measures windows on
 
     def json(self) -> Any:
         import orjson
@@ -97,7 +98,8 @@ class FakeAPI:
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         rec = Recorded(request.method, request.path, dict(request.query),
-                       CIMultiDict(request.headers), await request.read(), time.time())
+                       CIMultiDict(request.headers), await request.read(), time.time(),
+                       time.monotonic())
         self.requests.append(rec)
         if self.script:
             action: Action = self.script.popleft()

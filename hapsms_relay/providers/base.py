@@ -25,6 +25,7 @@ from hapsms_relay.errors import (
     TransientError,
     UnsupportedError,
 )
+from hapsms_relay.rate import Rate
 from hapsms_relay.table import REQUIRED, Table
 
 Kind = Literal["sms", "voice"]
@@ -63,6 +64,7 @@ class Common:
     concurrency: int = 16
     timeout: float = 10.0
     signature_format: str = DEFAULT_SIGNATURE_FORMAT
+    rate: Rate | None = None  # at most this many API calls per window (``rate.py``)
 
 
 @runtime_checkable
