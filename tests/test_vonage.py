@@ -16,7 +16,8 @@ from hapsms_relay import config, log
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError
 from hapsms_relay.outbox import State
 from hapsms_relay.providers.base import Message
-from hapsms_relay.providers.vonage import STATUS, VonageProvider, is_gsm7
+from hapsms_relay.providers.vonage import STATUS, VonageProvider
+from hapsms_relay.segments import is_gsm7
 from tests.fakes import FakeAPI, Recorded, Reply
 from tests.helpers import SMS_BODY, VOICE_BODY, base_config, eventually
 

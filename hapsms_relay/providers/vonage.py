@@ -24,18 +24,11 @@ from hapsms_relay.providers.base import (
     url_setting,
 )
 from hapsms_relay.secret import Secret
+from hapsms_relay.segments import is_gsm7
 from hapsms_relay.table import Table
 
 DEFAULT_ENDPOINT = "https://rest.nexmo.com"
 _TEXT_LIMIT = 300
-
-# GSM 03.38: the default alphabet (ESC left out) and the extension table reached through ESC.
-_GSM7_BASIC = (
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
-).replace("\x1b", "")
-_GSM7_EXTENSION = "\f^{}\\[~]|€"
-GSM7 = frozenset(_GSM7_BASIC + _GSM7_EXTENSION)
 
 #: Per-message ``status`` values (Vonage's troubleshooting table) and whether another
 #: attempt can help. Any other non-zero status is permanent.
@@ -60,11 +53,6 @@ STATUS: dict[str, tuple[str, bool]] = {
     "32": ("Signature And API Secret Disallowed", False),
     "33": ("Number De-activated", False),
 }
-
-
-def is_gsm7(text: str) -> bool:
-    """Whether ``text`` fits the GSM-7 alphabet; otherwise it must go as ``type=unicode``."""
-    return all(c in GSM7 for c in text)
 
 
 @dataclass
