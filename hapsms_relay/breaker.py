@@ -12,7 +12,7 @@ from hapsms_relay import log
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.errors import PermanentError, TransientError
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.providers.base import Outcome
+from hapsms_relay.providers.base import Outcome, Sent
 from hapsms_relay.table import Table
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -65,11 +65,11 @@ class Breakers:
         return 0.0
 
     def record(self, name: str, outcomes: Sequence[Outcome]) -> None:
-        """One call's outcomes: any answer (delivered or refused) closes; all transient fails."""
+        """One call's outcomes: any answer (sent or refused) closes; all transient fails."""
         if self.cfg.failures <= 0:
             return
         c = self._circuits.setdefault(name, _Circuit())
-        if any(o is None or isinstance(o, PermanentError) for o in outcomes):
+        if any(isinstance(o, Sent | PermanentError) for o in outcomes):
             if c.failures or c.opened_at or c.probe_at:  # else closed already: nothing to do
                 if c.opened_at:
                     log.info("circuit_closed", provider=name)
@@ -78,7 +78,7 @@ class Breakers:
         elif outcomes and all(isinstance(o, TransientError) for o in outcomes):
             c.failures += 1
             last = outcomes[-1]
-            assert last is not None
+            assert isinstance(last, TransientError)
             c.last_error = f"{last.code}" + (f": {last.text}" if last.text else "")
             if c.opened_at or c.failures >= self.cfg.failures:
                 if not c.opened_at or c.probe_at:

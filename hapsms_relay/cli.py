@@ -21,6 +21,7 @@ from hapsms_relay.dispatcher import make_message
 from hapsms_relay.errors import ConfigError, PermanentError, StorageError, TransientError
 from hapsms_relay.numbers import InvalidNumber, normalise
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, Entry, State
+from hapsms_relay.providers import Sent
 from hapsms_relay.webhook import strip_signature
 
 EX_OK, EX_FAIL, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
@@ -166,7 +167,7 @@ async def send(cfg: Config, to: str, message: str | None, code: str | None, sign
                 (outcome,) = await provider.send([msg])
             finally:
                 await provider.close()
-            if outcome is None:
+            if isinstance(outcome, Sent):
                 print(f"{name}: delivered ({msg.kind} to {n.e164})")
                 return EX_OK
             print(f"{name}: {type(outcome).__name__}: {outcome.reason()}")

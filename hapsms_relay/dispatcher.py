@@ -26,7 +26,7 @@ from hapsms_relay.config import Config
 from hapsms_relay.errors import DeliveryError, StorageError, TransientError, UnsupportedError
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.outbox import KIND_VOICE, Entry, Outbox
-from hapsms_relay.providers import Message, Outcome, Provider
+from hapsms_relay.providers import Message, Outcome, Provider, Sent
 from hapsms_relay.providers.base import Kind
 from hapsms_relay.rate import RateLimiter
 
@@ -295,7 +295,7 @@ class Dispatcher:
         delivered: list[tuple[Entry, float]] = []
         for chunk, (outcomes, elapsed) in zip(chunks, results, strict=True):
             for e, outcome in zip(chunk, outcomes, strict=True):
-                if outcome is None:
+                if isinstance(outcome, Sent):
                     delivered.append((e, elapsed))
                     attempts[e.id].delivered = True
                 elif isinstance(outcome, UnsupportedError):

@@ -17,7 +17,7 @@ from hapsms_relay.errors import ConfigError, PermanentError, TransientError, Uns
 from hapsms_relay.numbers import normalise
 from hapsms_relay.outbox import State
 from hapsms_relay.providers.aliyun import AliyunProvider, acs3_authorization, canonical_query
-from hapsms_relay.providers.base import Message
+from hapsms_relay.providers.base import Message, Sent
 from tests.fake_clouds import (
     ALI_INTL_TEMPLATE,
     ALI_KEY_ID,
@@ -69,7 +69,8 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory, session, aliyun: Al
     (call,) = aliyun.calls
     assert call.action == "SendSms"
     assert call.params == {"PhoneNumbers": "13800138000", "SignName": "阿里云短信测试",
-                           "TemplateCode": "SMS_154950909", "TemplateParam": '{"code":"123456"}'}
+                           "TemplateCode": "SMS_154950909", "TemplateParam": '{"code":"123456"}',
+                           "OutId": str(rows[0].id)}
     assert aliyun.rejected == []
 
 
@@ -84,7 +85,7 @@ async def test_voice_end_to_end(tmp_path: Path, relay_factory, session, aliyun: 
     assert call.action == "SingleCallByTts"
     assert call.params == {"CalledNumber": "13800138000", "TtsCode": "TTS_100001",
                            "TtsParam": '{"num":"123456","app":"HAP"}', "PlayTimes": "1",
-                           "CalledShowNumber": "057188773344"}
+                           "CalledShowNumber": "057188773344", "OutId": str(rows[0].id)}
 
 
 async def test_voice_without_voice_template_goes_as_templated_sms(
@@ -201,7 +202,8 @@ async def test_hap_signature_used_without_sign_name(
     """With no sign_name HAP's Signature is the SignName; with neither nothing is sent."""
     p = build(aliyun_table(fake_api.url, sign_name=None))
     await p.open(session)
-    assert await p.send([sms(signature="明道云")]) == [None]
+    (outcome,) = await p.send([sms(signature="明道云")])
+    assert isinstance(outcome, Sent) and outcome.ids[0].endswith("^0")  # SendSms's BizId
     assert aliyun.calls[0].params["SignName"] == "明道云"
     (outcome,) = await p.send([sms()])
     assert isinstance(outcome, UnsupportedError) and outcome.code == "no_sign_name"
@@ -252,7 +254,7 @@ async def test_phone_numbers_are_never_read_as_another_number(
         assert isinstance(outcome, UnsupportedError) and outcome.code == "ambiguous_number"
         assert aliyun.calls == []
         return
-    assert outcome is None
+    assert isinstance(outcome, Sent)
     (call,) = aliyun.calls
     assert call.params["PhoneNumbers"] == sent
     assert call.mainland == (m.country_code == "86")
@@ -275,7 +277,8 @@ async def test_mainland_voice_code_calls_the_mainland_number(
     provider: AliyunProvider, aliyun: AliyunFake
 ) -> None:
     """A mainland voice code is called at its 11 digits, which Alibaba reads as domestic."""
-    assert await provider.send([message("+8613125551234", "voice")]) == [None]
+    (outcome,) = await provider.send([message("+8613125551234", "voice")])
+    assert isinstance(outcome, Sent) and "^" in outcome.ids[0] and outcome.segments == 0
     (call,) = aliyun.calls
     assert (call.action, call.params["CalledNumber"], call.mainland) == (
         "SingleCallByTts", "13125551234", True)
@@ -387,10 +390,13 @@ async def test_globe_carries_numbers_outside_mainland(
     never reaches the mainland) get the free text, signed as version 2018-05-01."""
     p = build(globe_table(fake_api.url))
     await p.open(session)
-    assert await p.send([message(raw, text="Hello from HAP")]) == [None]
+    m = message(raw, text="Hello from HAP")
+    (outcome,) = await p.send([m])
+    assert isinstance(outcome, Sent) and outcome.segments == 1 and outcome.ids[0].isdigit()
     (call,) = aliyun.calls
     assert call.action == "SendMessageToGlobe" and not call.mainland
-    assert call.params == {"To": to, "Message": "Hello from HAP", "Type": "NOTIFY", "From": "HAPSMS"}
+    assert call.params == {"To": to, "Message": "Hello from HAP", "Type": "NOTIFY", "From": "HAPSMS",
+                           "TaskId": str(m.id)}
     assert aliyun.rejected == []
 
 

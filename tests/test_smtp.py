@@ -16,7 +16,7 @@ import trustme
 from hapsms_relay import config
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError, UnsupportedError
 from hapsms_relay.outbox import State
-from hapsms_relay.providers.base import DEFAULT_SIGNATURE_FORMAT, Common, Message
+from hapsms_relay.providers.base import DEFAULT_SIGNATURE_FORMAT, Common, Message, Sent
 from hapsms_relay.providers.smtp import SmtpProvider
 from hapsms_relay.table import Table
 from tests.helpers import SMS_BODY, VOICE_BODY, base_config, eventually, to_toml
@@ -106,7 +106,7 @@ async def test_mail_has_envelope_headers_and_utf8_body(smtp_server, opened) -> N
     """A Chinese message with a signature arrives with the right envelope, headers and body."""
     server = smtp_server()
     provider = await opened(settings(server, subject="短信 {national}"))
-    assert await send(provider, CHINESE) is None
+    assert isinstance(await send(provider, CHINESE), Sent)
     (got,) = server.received
     assert got.mail_from == "sms@relay.example"
     assert got.rcpt_tos == ["8613800138000@sms.example.com"]
@@ -126,7 +126,8 @@ async def test_line_breaks_stay_out_of_headers(smtp_server, opened) -> None:
     server = smtp_server()
     provider = await opened(settings(server, subject="{message}", **{"from": "短信 <sms@relay.example>"}))
     text = "第一行\nBcc: victim@example.com\r\n第三行"
-    assert await send(provider, Message(7, "sms", "+8613800138000", "CN", "13800138000", text)) is None
+    message = Message(7, "sms", "+8613800138000", "CN", "13800138000", text)
+    assert isinstance(await send(provider, message), Sent)
     mail = server.received[0].message()
     assert mail.keys() == ["From", "To", "Subject", "Date", "Message-ID", "MIME-Version",
                            "Content-Type", "Content-Transfer-Encoding"]
@@ -142,7 +143,7 @@ async def test_body_template_and_address_placeholders(smtp_server, opened) -> No
         server, to="{national}@gw.example", body="to {e164}: {message} / {signature}",
         signature_format="{message}",
     ))
-    assert await send(provider, CHINESE) is None
+    assert isinstance(await send(provider, CHINESE), Sent)
     (got,) = server.received
     assert got.rcpt_tos == ["13800138000@gw.example"]
     assert got.message().get_content() == ("to +8613800138000: 您的验证码是123456，感谢您的使用！ / 明道云")
@@ -156,8 +157,8 @@ async def test_gateway_by_prefix_first_match_wins(smtp_server, opened) -> None:
         {"prefix": "+1415", "to": "{national}@never.example"},
     ]))
     us = Message(2, "sms", "+14155550123", "US", "4155550123", "hi")
-    assert await send(provider, us) is None
-    assert await send(provider, CHINESE) is None
+    assert isinstance(await send(provider, us), Sent)
+    assert isinstance(await send(provider, CHINESE), Sent)
     assert [r.rcpt_tos for r in server.received] == [["4155550123@us.gw.example"],
                                                      ["8613800138000@sms.example.com"]]
 
@@ -182,7 +183,7 @@ async def test_tls_with_private_ca(tls: str, smtp_server, opened, ca_file: str) 
     """STARTTLS and implicit TLS verify the server against ``ca_file`` and deliver."""
     server = smtp_server(tls=tls)
     provider = await opened(settings(server, tls=tls, ca_file=ca_file, allow_plaintext=False))
-    assert await send(provider, CHINESE) is None
+    assert isinstance(await send(provider, CHINESE), Sent)
     (got,) = server.received
     assert got.tls and got.message().get_content().startswith("【明道云】")
 
@@ -212,7 +213,7 @@ async def test_auth_succeeds(mechanism: str, smtp_server, opened, ca_file: str) 
     server = smtp_server(tls="starttls", users={"relay": PASSWORD}, exclude_auth=(other,))
     provider = await opened(settings(server, tls="starttls", ca_file=ca_file, username="relay",
                                      password=PASSWORD))
-    assert await send(provider, CHINESE) is None
+    assert isinstance(await send(provider, CHINESE), Sent)
     assert server.auth_attempts == [(mechanism, "relay", True)]
     assert server.received[0].login == "relay"
 
@@ -256,7 +257,7 @@ async def test_reply_classification(stage: str, reply: str, kind: type, smtp_ser
     outcome = await send(provider, sms(1))
     assert type(outcome) is kind
     assert outcome.code == f"smtp_{reply[:3]}" and outcome.text == reply
-    assert await send(provider, sms(2)) is None
+    assert isinstance(await send(provider, sms(2)), Sent)
     # an ASCII body goes as 7bit text, which SMTP ends with a line break
     assert [r.message().get_content() for r in server.received] == ["message 2\r\n"]
 
@@ -294,7 +295,7 @@ async def test_pool_reuses_connections(smtp_server, opened) -> None:
             return await send(provider, sms(i))
 
     outcomes = await asyncio.gather(*(one(i) for i in range(200)))
-    assert outcomes == [None] * 200
+    assert len(outcomes) == 200 and all(isinstance(o, Sent) for o in outcomes)
     assert len(server.received) == 200
     assert 1 <= server.connections <= 4
 
@@ -305,10 +306,10 @@ async def test_idle_connection_checked_with_noop_and_replaced(smtp_server, opene
     server = smtp_server()
     server.handler.noop_script.append("421 4.4.2 Idle too long")
     provider = await opened(settings(server, idle_check="0s"))
-    assert await send(provider, sms(1)) is None
-    assert await send(provider, sms(2)) is None
+    assert isinstance(await send(provider, sms(1)), Sent)
+    assert isinstance(await send(provider, sms(2)), Sent)
     assert server.handler.noops == 1 and server.connections == 2
-    assert await send(provider, sms(3)) is None
+    assert isinstance(await send(provider, sms(3)), Sent)
     assert server.handler.noops == 2 and server.connections == 2
 
 
@@ -317,7 +318,7 @@ async def test_fresh_connection_reused_without_noop(smtp_server, opened) -> None
     server = smtp_server()
     provider = await opened(settings(server))
     for i in range(3):
-        assert await send(provider, sms(i)) is None
+        assert isinstance(await send(provider, sms(i)), Sent)
     assert server.handler.noops == 0 and server.connections == 1
 
 
@@ -325,11 +326,11 @@ async def test_closed_connection_is_reopened(smtp_server, opened) -> None:
     """After the server restarts, the next message goes over a new connection."""
     server = smtp_server()
     provider = await opened(settings(server))
-    assert await send(provider, sms(1)) is None
+    assert isinstance(await send(provider, sms(1)), Sent)
     server.stop()
     server.start()
     await eventually(lambda: not provider.pool._idle[0][0].is_connected, what="the drop noticed")
-    assert await send(provider, sms(2)) is None
+    assert isinstance(await send(provider, sms(2)), Sent)
     assert server.connections == 2 and len(server.received) == 2
 
 
@@ -350,11 +351,11 @@ async def test_slow_connection_does_not_stall_others(smtp_server, opened) -> Non
     provider = await opened(settings(server))
     held = asyncio.create_task(send(provider, sms(1)))
     await eventually(lambda: server.handler.held == 1, what="the first mail held")
-    assert await send(provider, sms(2)) is None
-    assert await send(provider, sms(3)) is None
+    assert isinstance(await send(provider, sms(2)), Sent)
+    assert isinstance(await send(provider, sms(3)), Sent)
     assert not held.done()
     server.release()
-    assert await held is None
+    assert isinstance(await held, Sent)
     assert len(server.received) == 3
 
 

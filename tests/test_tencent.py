@@ -18,7 +18,7 @@ from tencentcloud.common.http.request import RequestInternal
 
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError, UnsupportedError
 from hapsms_relay.outbox import State
-from hapsms_relay.providers.base import Message
+from hapsms_relay.providers.base import Message, Sent
 from hapsms_relay.providers.tencent import TencentProvider, tc3_authorization
 from tests.fake_clouds import (
     EN_CODE_MATCH,
@@ -72,7 +72,7 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory, session, tencent: T
     assert call.action == "SendSms" and call.region == "ap-beijing"
     assert call.body == {
         "PhoneNumberSet": ["+8613800138000"], "SmsSdkAppId": "1400006666", "TemplateId": "1110",
-        "TemplateParamSet": ["123456"], "SignName": "腾讯云",
+        "TemplateParamSet": ["123456"], "SignName": "腾讯云", "SessionContext": str(rows[0].id),
     }
     assert tencent.rejected == []
 
@@ -87,7 +87,8 @@ async def test_voice_end_to_end(tmp_path: Path, relay_factory, session, tencent:
     (call,) = tencent.calls
     assert call.action == "SendCodeVoice" and call.region == "ap-guangzhou"
     assert call.body == {"CodeMessage": "123456", "CalledNumber": "+8613800138000",
-                         "VoiceSdkAppid": "1400007777", "PlayTimes": 3}
+                         "VoiceSdkAppid": "1400007777", "PlayTimes": 3,
+                         "SessionContext": str(rows[0].id)}
 
 
 async def test_voice_without_voice_app_goes_as_templated_sms(
@@ -154,7 +155,7 @@ async def test_mainland_and_other_numbers_go_in_separate_calls(
     text = "Your verification code is 123456"
     outcomes = await provider.send([sms(1, "+8613800138000", text), sms(2, "+12025550123", text),
                                     sms(3, "+8613800138001", text)])
-    assert outcomes == [None, None, None]
+    assert all(isinstance(o, Sent) for o in outcomes) and len(outcomes) == 3
     assert [(c.body["PhoneNumberSet"], c.body["TemplateId"], c.body.get("SignName"))
             for c in tencent.calls] == [
         (["+8613800138000", "+8613800138001"], "1111", "腾讯云"),
@@ -169,7 +170,8 @@ async def test_voice_codes_outside_mainland_go_as_sms(
     text = "Your verification code is 123456"
     batch = [Message(1, "voice", "+8613800138000", "CN", "13800138000", text, "", "123456"),
              Message(2, "voice", "+85291234567", "HK", "91234567", text, "", "123456")]
-    assert await provider.send(batch) == [None, None]
+    outcomes = await provider.send(batch)
+    assert [type(o) for o in outcomes] == [Sent, Sent]
     assert [(c.action, c.body.get("CalledNumber") or c.body.get("PhoneNumberSet"))
             for c in tencent.calls] == [
         ("SendCodeVoice", "+8613800138000"), ("SendSms", ["+85291234567"])]
@@ -181,7 +183,9 @@ async def test_hap_signature_used_without_sign_name(
     """With no sign_name, HAP's Signature is the SignName."""
     p = build(tencent_table(fake_api.url, sign_name=None))
     await p.open(session)
-    assert await p.send([sms(1, "+8613800138000", signature="明道云")]) == [None]
+    (outcome,) = await p.send([sms(1, "+8613800138000", signature="明道云")])
+    assert isinstance(outcome, Sent) and outcome.ids[0].startswith("5000:")
+    assert outcome.segments == 1  # SendStatus's Fee
     assert tencent.calls[0].body["SignName"] == "明道云"
 
 
@@ -221,7 +225,7 @@ async def test_per_number_codes(
     """A number's own Code in SendStatusSet decides for that number only."""
     tencent.number_codes["+8613800138001"] = code
     first, second = await provider.send([sms(1, "+8613800138000"), sms(2, "+8613800138001")])
-    assert first is None and type(second) is kind and second.code == code
+    assert isinstance(first, Sent) and type(second) is kind and second.code == code
 
 
 async def test_per_number_cap_says_so(provider: TencentProvider, tencent: TencentFake) -> None:
@@ -403,7 +407,7 @@ async def test_mainland_without_any_signature_is_not_sent(
     await p.open(session)
     outcomes = await p.send([sms(1, "+8613800138000", EN_TEXT), sms(2, "+12025550123", EN_TEXT)])
     assert isinstance(outcomes[0], UnsupportedError) and outcomes[0].code == "no_sign_name"
-    assert outcomes[1] is None
+    assert isinstance(outcomes[1], Sent)
     assert [c.body["PhoneNumberSet"] for c in tencent.calls] == [["+12025550123"]]
 
 

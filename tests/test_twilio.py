@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hapsms_relay import config, log
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError
 from hapsms_relay.outbox import State
-from hapsms_relay.providers.base import Message
+from hapsms_relay.providers.base import Message, Sent
 from hapsms_relay.providers.twilio import TwilioProvider
 from tests.fakes import FakeAPI, Recorded, Reply
 from tests.helpers import SMS_BODY, VOICE_BODY, base_config, eventually
@@ -81,6 +81,7 @@ class TwilioFake:
         sid = prefix + "f" * 32
         return Reply(201, {
             "account_sid": SID, "api_version": "2010-04-01", "sid": sid, "status": "queued",
+            "num_segments": "1" if m[2] == "Messages" else None,
             "to": f["To"], "from": f.get("From"), "body": f.get("Body"),
             "direction": "outbound-api", "error_code": None, "error_message": None,
             "uri": f"/2010-04-01/Accounts/{SID}/{m[2]}/{sid}.json",
@@ -135,13 +136,16 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory: Any, session: Any, 
     doc = base_config(tmp_path, providers=[provider_table(api.url, status_callback=cb)],
                       routes={"sms": ["tw"]})
     relay = await relay_factory(doc)
-    assert (await relay.post(session, SMS_BODY))[0] == 200
+    status, answer = await relay.post(session, SMS_BODY)
+    assert status == 200
     await eventually(lambda: len(api.accepted) == 1, what="the Messages request")
     rec = api.accepted[0]
     assert rec.path == f"/2010-04-01/Accounts/{SID}/Messages.json"
     assert rec.headers["Content-Type"] == "application/x-www-form-urlencoded"
     assert basic(rec) == (SID, TOKEN)
-    assert form(rec) == {"To": "+8613800138000", "From": FROM, "StatusCallback": cb,
+    # the relay's id rides in the callback URL, which is what Twilio posts (and signs)
+    assert form(rec) == {"To": "+8613800138000", "From": FROM,
+                         "StatusCallback": f"{cb}?id={answer['ids'][0]}",
                          "Body": "【明道云】您的验证码是123456，感谢您的使用！"}
     await relay.settled(delivered=1)
 
@@ -237,14 +241,15 @@ async def test_sms_request_matches_the_sdk(twilio: Any, session: aiohttp.ClientS
     _, api = twilio
     p = build(api.url, status_callback="https://hooks.example.com/cb")
     await p.open(session)
-    assert await p.send([message()]) == [None]
+    (outcome,) = await p.send([message()])
+    assert outcome == Sent(("SM" + "f" * 32,), 1)
 
     def sdk_send() -> None:
         client = Client(SID, TOKEN)
         client.api.base_url = api.url
         try:
             client.messages.create(to="+8613800138000", from_=FROM, body="【Acme】hello",
-                                   status_callback="https://hooks.example.com/cb")
+                                   status_callback="https://hooks.example.com/cb?id=7")
         finally:
             client.http_client.session.close()  # type: ignore[attr-defined]
 

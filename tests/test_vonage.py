@@ -15,7 +15,7 @@ import pytest
 from hapsms_relay import config, log
 from hapsms_relay.errors import ConfigError, PermanentError, TransientError
 from hapsms_relay.outbox import State
-from hapsms_relay.providers.base import Message
+from hapsms_relay.providers.base import Message, Sent
 from hapsms_relay.providers.vonage import STATUS, VonageProvider
 from hapsms_relay.segments import is_gsm7
 from tests.fakes import FakeAPI, Recorded, Reply
@@ -139,11 +139,13 @@ def test_gsm7_detection(text: str, gsm: bool) -> None:
 
 
 async def test_long_message_parts_all_accepted(vonage: Any, session: aiohttp.ClientSession) -> None:
-    """A long text answered as several parts, all status 0, is delivered."""
+    """A long text answered as several parts, all status 0, is sent: one message id per part."""
     _, api = vonage
     p = build(api.url)
     await p.open(session)
-    assert await p.send([message("x" * 400)]) == [None]
+    (outcome,) = await p.send([message("x" * 400)])
+    assert isinstance(outcome, Sent) and outcome.segments == len(outcome.ids) == 3
+    assert len(set(outcome.ids)) == 3
 
 
 CASES: list[tuple[str, Reply, type[Exception], str, str]] = [

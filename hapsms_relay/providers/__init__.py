@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from hapsms_relay.providers.aliyun import AliyunProvider
-from hapsms_relay.providers.base import Common, Message, Outcome, Provider, ProviderFactory
+from hapsms_relay.providers.base import (
+    Common,
+    Message,
+    Outcome,
+    Provider,
+    ProviderFactory,
+    Sent,
+)
 from hapsms_relay.providers.file import FileProvider
 from hapsms_relay.providers.http import HttpProvider
 from hapsms_relay.providers.log import LogProvider
@@ -23,4 +30,4 @@ REGISTRY: dict[str, ProviderFactory] = {
     "smtp": SmtpProvider.from_config,
 }
 
-__all__ = ["REGISTRY", "Common", "Message", "Outcome", "Provider"]
+__all__ = ["REGISTRY", "Common", "Message", "Outcome", "Provider", "Sent"]

@@ -1,8 +1,9 @@
 """The one Protocol every provider implements, and what providers share.
 
 A provider gets a batch of messages that share kind, text and code (most take one at a time:
-``max_batch = 1``) and returns one outcome per message: ``None`` when delivered, or a
-``DeliveryError`` saying whether retrying can help.
+``max_batch = 1``) and returns one outcome per message: ``Sent`` when the provider accepted it
+(with the provider's message ids and the segments it bills), or a ``DeliveryError`` saying
+whether retrying can help.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import aiohttp
 
-from hapsms_relay import log
+from hapsms_relay import log, segments
 from hapsms_relay.errors import (
     ConfigError,
     DeliveryError,
@@ -52,7 +53,20 @@ class Message:
         return self.to[1 : len(self.to) - len(self.national)]
 
 
-Outcome = DeliveryError | None
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A provider accepted a message, and what it returned about it.
+
+    ``ids``: the provider's message id, one per part where the provider splits a long text
+    and answers for each (Vonage); empty when the API names none. ``segments``: the parts
+    the message is billed as (the provider's own count where it gives one); 0 for a call.
+    """
+
+    ids: tuple[str, ...] = ()
+    segments: int = 0
+
+
+Outcome = Sent | DeliveryError
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +144,11 @@ class BaseProvider:
 
     async def _send_one_caught(self, message: Message) -> Outcome:
         try:
-            await self.send_one(message)
+            return await self.send_one(message)
         except DeliveryError as exc:
             return exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return self.transport_error(exc)
-        return None
 
     def notes(self) -> list[str]:
         return []
@@ -149,8 +162,15 @@ class BaseProvider:
             return TransientError(self.name, "timeout", f"no answer within {self.common.timeout:g}s")
         return TransientError(self.name, "connection_error", _exc_text(exc))
 
-    async def send_one(self, message: Message) -> None:
+    async def send_one(self, message: Message) -> Sent:
         raise NotImplementedError
+
+    def sent(self, message: Message, *ids: str, billed: int = 0) -> Sent:
+        """``Sent`` for ``message`` with the provider's ``ids``: ``billed`` segments if the
+        provider said, else the segments of the text this provider sends (0 for a call)."""
+        if not billed and message.kind == "sms":
+            billed = segments.count(self.sms_text(message)).count
+        return Sent(ids, billed)
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:

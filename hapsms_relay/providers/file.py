@@ -14,7 +14,7 @@ from typing import IO, ClassVar
 import aiohttp
 import orjson
 
-from hapsms_relay.providers.base import BaseProvider, Common, Message
+from hapsms_relay.providers.base import BaseProvider, Common, Message, Sent
 from hapsms_relay.table import Table
 
 
@@ -39,7 +39,7 @@ class FileProvider(BaseProvider):
             self._fh = None
         await super().close()
 
-    async def send_one(self, message: Message) -> None:
+    async def send_one(self, message: Message) -> Sent:
         if self._fh is None:
             raise RuntimeError(f"provider {self.name} used before open()")
         record = {
@@ -53,3 +53,4 @@ class FileProvider(BaseProvider):
         }
         self._fh.write(orjson.dumps(record) + b"\n")
         self._fh.flush()
+        return self.sent(message)

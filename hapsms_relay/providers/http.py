@@ -2,13 +2,14 @@
 
 Method, URL, headers (secrets allowed), a JSON or form body built from a template, and a
 success rule in the manner of Kannel's generic HTTP SMSC: the status code, and optionally a
-JSON field's value or a regex on the response body.
+JSON field's value or a regex on the response body. ``message_id_field`` names the JSON field
+of the answer holding the API's own message id, kept with the entry.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -20,6 +21,7 @@ from hapsms_relay.providers.base import (
     BaseProvider,
     Common,
     Message,
+    Sent,
     check_template,
     classify_http_status,
 )
@@ -42,6 +44,7 @@ class HttpProvider(BaseProvider):
     success_field: tuple[str, ...] = ()
     success_value: str | None = None
     success_regex: re.Pattern[str] | None = None
+    message_id_field: tuple[str, ...] = ()
     voice: bool = False
     supports_voice: ClassVar[bool] = False
 
@@ -106,6 +109,7 @@ class HttpProvider(BaseProvider):
         if (field_path is None) != (value is None):
             raise t.error("success_value" if field_path else "success_field",
                           "success_field and success_value go together")
+        id_path = t.optional_str("message_id_field")
         statuses = t.int_list("success_status", [200, 201, 202, 204])
         if not statuses:
             raise t.error("success_status", "must not be empty")
@@ -114,6 +118,7 @@ class HttpProvider(BaseProvider):
             query=query, success_status=frozenset(statuses),
             success_field=tuple(field_path.split(".")) if field_path else (),
             success_value=value, success_regex=compiled, voice=t.boolean("voice", False),
+            message_id_field=tuple(id_path.split(".")) if id_path else (),
         )
 
     def _values(self, m: Message) -> dict[str, str]:
@@ -122,7 +127,7 @@ class HttpProvider(BaseProvider):
             "signature": m.signature, "code": m.code, "id": str(m.id),
         }
 
-    async def send_one(self, message: Message) -> None:
+    async def send_one(self, message: Message) -> Sent:
         values = self._values(message)
         kwargs: dict[str, object] = {"headers": self._request_headers, "timeout": self._timeout}
         if self.query:
@@ -136,21 +141,31 @@ class HttpProvider(BaseProvider):
             if resp.status not in self.success_status:
                 raise classify_http_status(self.name, resp.status, text[:_TEXT_LIMIT], resp.headers)
             self._check_success_body(text)
+        if not self.message_id_field:
+            return self.sent(message)
+        ref = json_field(text, self.message_id_field)
+        return self.sent(message, *(() if ref is None or isinstance(ref, dict | list) else (str(ref),)))
 
     def _check_success_body(self, text: str) -> None:
         if self.success_regex is not None and not self.success_regex.search(text):
             raise PermanentError(self.name, "rejected", text[:_TEXT_LIMIT])
         if self.success_field:
-            try:
-                node: object = orjson.loads(text)
-                for part in self.success_field:
-                    node = node[part] if isinstance(node, dict) else None
-            except orjson.JSONDecodeError:
-                node = None
+            node = json_field(text, self.success_field)
             if node is None or (str(node) != self.success_value and not (
                 isinstance(node, bool) and str(node).lower() == self.success_value
             )):
                 raise PermanentError(self.name, "rejected", text[:_TEXT_LIMIT])
+
+
+def json_field(text: str, path: Sequence[str]) -> object:
+    """The value at ``path`` (keys of nested objects) in the JSON ``text``, or None."""
+    try:
+        node: object = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _check_body(body: object, key: str) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hapsms_relay import log
-from hapsms_relay.providers.base import BaseProvider, Common, Message
+from hapsms_relay.providers.base import BaseProvider, Common, Message, Sent
 from hapsms_relay.table import Table
 
 
@@ -21,9 +21,10 @@ class LogProvider(BaseProvider):
     def from_config(cls, common: Common, table: Table) -> LogProvider:
         return cls(common)
 
-    async def send_one(self, message: Message) -> None:
+    async def send_one(self, message: Message) -> Sent:
         log.info(
             "dry_run", id=message.id, kind=message.kind, to=log.mask(message.to),
             provider=self.name, chars=len(message.text),
         )
         log.debug("dry_run_text", id=message.id, text=self.sms_text(message))
+        return self.sent(message)

@@ -24,7 +24,7 @@ import aiosmtplib
 
 from hapsms_relay import log
 from hapsms_relay.errors import ConfigError, DeliveryError, PermanentError, TransientError
-from hapsms_relay.providers.base import BaseProvider, Common, Message, check_template
+from hapsms_relay.providers.base import BaseProvider, Common, Message, Sent, check_template
 from hapsms_relay.providers.smtp_pool import SMTPPool
 from hapsms_relay.secret import Secret
 from hapsms_relay.table import Table
@@ -132,7 +132,7 @@ class SmtpProvider(BaseProvider):
             raise RuntimeError(f"provider {self.name} used before open()")
         return self._pool
 
-    async def send_one(self, message: Message) -> None:
+    async def send_one(self, message: Message) -> Sent:
         rcpt = self.address(message)
         if rcpt is None:
             raise self.unsupported("no_gateway", f"no gateway for {log.mask(message.to)}")
@@ -150,6 +150,7 @@ class SmtpProvider(BaseProvider):
             raise  # the base maps these to timeout / connection_error
         except aiosmtplib.SMTPException as exc:  # e.g. STARTTLS not offered
             raise TransientError(self.name, "smtp_error", exc.message) from None
+        return self.sent(message)  # a gateway sends no receipts: the entry stays sent
 
     def address(self, message: Message) -> str | None:
         """The gateway address for the message's number: the first matching gateway's, else ``to``."""

@@ -30,6 +30,7 @@ from hapsms_relay.providers.base import (
     Common,
     Message,
     Outcome,
+    Sent,
     classify_http_status,
     sign_name_warning,
 )
@@ -166,6 +167,9 @@ class TencentProvider(BaseProvider):
             "SmsSdkAppId": self.sdk_app_id,
             "TemplateId": template,
             "TemplateParamSet": params,
+            # echoed in each SendStatus: the relay's id of the call's first message, which
+            # ties Tencent's console records to the relay's entries
+            "SessionContext": str(part[0].id),
         }
         if mainland:
             sign = self.sign_name or part[0].signature
@@ -195,7 +199,11 @@ class TencentProvider(BaseProvider):
                 # not reported: maybe sent, maybe not; at least once beats never
                 result[m.id] = TransientError(self.name, "missing_status", "no SendStatus for this number")
             elif status.get("Code") == "Ok":
-                result[m.id] = None
+                # SerialNo: what the status callback names the message by (its ``sid``)
+                serial, fee = status.get("SerialNo"), status.get("Fee")
+                result[m.id] = self.sent(
+                    m, *((serial,) if isinstance(serial, str) and serial else ()),
+                    billed=fee if isinstance(fee, int) and not isinstance(fee, bool) else 0)
             else:
                 result[m.id] = classify(self.name, str(status.get("Code")), str(status.get("Message", "")))
         return result
@@ -213,17 +221,21 @@ class TencentProvider(BaseProvider):
     def config_warnings(self, *, mainland: bool) -> list[str]:
         return sign_name_warning(self.name, self.sign_name, mainland)
 
-    async def send_one(self, message: Message) -> None:
+    async def send_one(self, message: Message) -> Sent:
         """A voice code: SendCodeVoice reads ``CodeMessage`` out after its own prompt."""
         payload = {
             "CodeMessage": message.code,
             "CalledNumber": message.to,
             "VoiceSdkAppid": self.voice_sdk_app_id,
             "PlayTimes": self.play_times,
+            "SessionContext": str(message.id),
         }
-        await self._call(
+        resp = await self._call(
             self.voice_endpoint, "vms", "SendCodeVoice", VMS_VERSION, self.voice_region, payload
         )
+        status = resp.get("SendStatus")
+        call = status.get("CallId") if isinstance(status, dict) else None
+        return self.sent(message, *((call,) if isinstance(call, str) and call else ()))
 
     async def _call(
         self, url: URL, service: str, action: str, version: str, region: str,

@@ -24,6 +24,7 @@ from hapsms_relay.providers.base import (
     BaseProvider,
     Common,
     Message,
+    Sent,
     check_template,
     classify_http_status,
     mask_number,
@@ -134,20 +135,31 @@ class TwilioProvider(BaseProvider):
                 form["From"] = self.sender
             resource = "Messages.json"
         if self.status_callback:
-            form["StatusCallback"] = self.status_callback
+            # the relay's id rides in the URL: Twilio posts the status to exactly this URL
+            sep = "&" if "?" in self.status_callback else "?"
+            form["StatusCallback"] = f"{self.status_callback}{sep}id={message.id}"
         return f"{self.endpoint}/2010-04-01/Accounts/{self.account_sid}/{resource}", form
 
-    async def send_one(self, message: Message) -> None:
+    async def send_one(self, message: Message) -> Sent:
         url, form = self._form(message)
         async with self.http().post(
             url, data=form,
             headers={"Accept": "application/json", "Authorization": self._basic_auth()},
             timeout=aiohttp.ClientTimeout(total=self.common.timeout),
         ) as resp:
-            if 200 <= resp.status < 300:
-                return
             text = await resp.text(errors="replace")
-            raise self.classify(resp.status, mask_number(text, message), resp.headers)
+            if not 200 <= resp.status < 300:
+                raise self.classify(resp.status, mask_number(text, message), resp.headers)
+        try:  # the Message (or Call) resource: its sid, and the segments Twilio bills
+            doc = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            return self.sent(message)
+        sid = doc.get("sid")
+        billed = str(doc.get("num_segments") or "")
+        return self.sent(message, *((sid,) if isinstance(sid, str) and sid else ()),
+                         billed=int(billed) if billed.isdigit() else 0)
 
     def _basic_auth(self) -> str:
         # built per request and never stored, so no object holding the secret lingers

@@ -19,6 +19,7 @@ from hapsms_relay.providers.base import (
     BaseProvider,
     Common,
     Message,
+    Sent,
     classify_http_status,
     mask_number,
     url_setting,
@@ -92,7 +93,7 @@ class VonageProvider(BaseProvider):
             form["callback"] = self.callback
         return form
 
-    async def send_one(self, message: Message) -> None:
+    async def send_one(self, message: Message) -> Sent:
         async with self.http().post(
             f"{self.endpoint}/sms/json", data=self.form(message),
             timeout=aiohttp.ClientTimeout(total=self.common.timeout),
@@ -100,13 +101,15 @@ class VonageProvider(BaseProvider):
             text = mask_number(await resp.text(errors="replace"), message)
             if resp.status != 200:
                 raise classify_http_status(self.name, resp.status, text[:_TEXT_LIMIT], resp.headers)
-        error = self.check(text)
-        if error is not None:
-            raise error
+        outcome = self.check(text)
+        if isinstance(outcome, DeliveryError):
+            raise outcome
+        return outcome
 
-    def check(self, body: str) -> DeliveryError | None:
+    def check(self, body: str) -> Sent | DeliveryError:
         """A 200 answer lists one entry per message part (long texts are split); the text
-        is sent only if every part has status 0."""
+        is sent only if every part has status 0. Each part has its ``message-id``, and its
+        delivery receipt comes on its own."""
         try:
             answer = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -125,4 +128,4 @@ class VonageProvider(BaseProvider):
                 text = f"part {i} of {len(parts)}: {text}"
             error = TransientError if transient else PermanentError
             return error(self.name, status or "bad_response", text[:_TEXT_LIMIT])
-        return None
+        return Sent(tuple(str(p.get("message-id", "")) for p in parts), len(parts))
