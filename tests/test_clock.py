@@ -17,6 +17,7 @@ from hapsms_relay.errors import TransientError
 from hapsms_relay.limits import LimitsConfig
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.outbox import State
+from hapsms_relay.providers import Sent
 from tests.fakes import FakeAPI, Reply
 from tests.helpers import SMS_BODY, base_config, eventually, http_provider, settled
 
@@ -84,7 +85,7 @@ def test_breaker_cool_off_follows_the_clock() -> None:
     clock.advance(1)
     assert breakers.state("p") == HALF_OPEN and breakers.allow("p") == 0.0
     assert breakers.allow("p") > 0  # one probe at a time
-    breakers.record("p", [None])
+    breakers.record("p", [Sent()])
     assert breakers.state("p") == CLOSED
 
 
