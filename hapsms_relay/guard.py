@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from hapsms_relay import log
 from hapsms_relay.budget import Budget, day_start
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.dedup import Replies, Reply, body_key, header_key
@@ -48,6 +49,8 @@ class Guard:
         self.budget = budget
         self.metrics = metrics
         self.cfg = cfg
+        self._full = False  # limits_full was logged for the sketch now live
+        metrics.limits_numbers.set_function(lambda: self.limiter.held)
 
     def set_config(self, cfg: LimitsConfig) -> None:
         self.cfg = cfg
@@ -76,7 +79,8 @@ class Guard:
             refusal = over or self.limiter.check(e.kind, e.recipient, e.region, now, e.number_type)
             if refusal is None:
                 adm.entries.append(e)
-                self.limiter.take(e.kind, e.recipient, now)
+                if not self.limiter.take(e.kind, e.recipient, now):
+                    self._overflow()
             else:
                 adm.refused.append((e, refusal))
                 self.metrics.refused.labels(refusal.code).inc()
@@ -84,6 +88,14 @@ class Guard:
             adm.keys = keys
             self.replies.storing(k for k, _ in keys)
         return adm
+
+    def _overflow(self) -> None:
+        """A new number past limits.max_numbers: counted in a sketch (limits.py)."""
+        self.metrics.limits_overflow.inc()
+        if not self._full:
+            self._full = True
+            log.warning("limits_full", numbers=self.limiter.held,
+                        max_numbers=self.cfg.max_numbers)
 
     def stored(self, adm: Admission, ids: Sequence[int]) -> None:
         self.replies.stored(adm.keys, ids, adm.note())
@@ -110,4 +122,6 @@ class Guard:
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         """Forget up to ``limit`` expired windows and answers; return how many."""
         n = self.limiter.prune(now, limit)
+        if self._full and not self.limiter.sketched:
+            self._full = False
         return n + self.replies.prune(now, limit - n)

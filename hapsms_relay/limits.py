@@ -16,6 +16,7 @@ from functools import lru_cache
 import phonenumbers
 
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE
+from hapsms_relay.sketch import Sketch
 from hapsms_relay.table import Table, parse_duration
 
 #: The number types phonenumbers knows, by the lower-case names the config uses.
@@ -55,6 +56,7 @@ class LimitsConfig:
     budget_warning: float = 0.9  # log budget_low once this share of a budget is used
     dedup_window: float = 10.0  # 0: off
     idempotency_ttl: float = 86400.0
+    max_numbers: int = 500_000  # numbers the windows hold exactly; more go to a sketch
 
     @property
     def retention(self) -> float:
@@ -104,6 +106,7 @@ def parse(t: Table, providers: Iterable[str]) -> LimitsConfig:
         budget_warning=float(warning),
         dedup_window=t.duration("dedup_window", "10s", positive=False),
         idempotency_ttl=t.duration("idempotency_ttl", "24h"),
+        max_numbers=t.integer("max_numbers", d.max_numbers, min=1),
     )
     t.done()
     return cfg
@@ -139,6 +142,18 @@ class Limiter:
         # time (take() moves a number to the end), so prune() stops at the first live one.
         self._log: dict[int, dict[int, float | tuple[float, ...]]] = {KIND_SMS: {}, KIND_VOICE: {}}
         self._tick = 0.0  # the latest time taken, shared by all takes in its millisecond
+        # Past cfg.max_numbers numbers held, a new number's takes are counted in a sketch
+        # per (kind, window span) instead (sketch.py: fixed memory, never under-counts), and
+        # checks add its counts while one is live. Memory: the numbers held, at most
+        # max_numbers, plus at most ~4.5 MiB per window.
+        self._sketches: dict[tuple[int, float], Sketch] = {}
+        self.sketched = False  # a sketch holds counts now (checks must look at it)
+        self.overflowed = 0  # takes counted in a sketch since start
+
+    @property
+    def held(self) -> int:
+        """Numbers whose windows are held exactly."""
+        return len(self._log[KIND_SMS]) + len(self._log[KIND_VOICE])
 
     def check(self, kind: int, e164: str, region: str, now: float,
               number_type: str = "") -> Refusal | None:
@@ -156,35 +171,62 @@ class Limiter:
             if ntype is not None:
                 return Refusal("number_type_not_allowed", 403,
                                f"{e164}: {ntype.replace('_', '-')} numbers are not allowed")
-        held = self._log[kind].get(_key(e164))
+        key = _key(e164)
+        held = self._log[kind].get(key)
+        if self.sketched:
+            return self._check_sketched(kind, e164, key, held, now)
         if held is not None:
             times = (held,) if isinstance(held, float) else held
             for w in self._windows(kind):
                 if len(times) >= w.count and times[-w.count] > now - w.seconds:
-                    key = "voice" if kind == KIND_VOICE else "sms"
-                    return Refusal(RATE_LIMITED, 429,
-                                   f"{e164}: at most {w.count} {key} messages per "
-                                   f"{_span(w.seconds)} to one number (limits.{key} {w.text})")
+                    return _rate_limited(kind, e164, w)
         return None
 
-    def take(self, kind: int, e164: str, at: float) -> None:
-        """Count one message to ``e164`` at ``at`` (call in time order)."""
-        self._take(kind, _key(e164), at)
+    def _check_sketched(self, kind: int, e164: str, key: int,
+                        held: float | tuple[float, ...] | None, now: float) -> Refusal | None:
+        """``check``'s windows while a sketch is live: what is held exactly plus the
+        sketch's count (a number may be in both, if it was sketched and then held)."""
+        times = () if held is None else (held,) if isinstance(held, float) else held
+        for w in self._windows(kind):
+            sketch = self._sketches.get((kind, w.seconds))
+            extra = sketch.count(key, now) if sketch is not None else 0
+            if sum(1 for t in times if t > now - w.seconds) + extra >= w.count:
+                return _rate_limited(kind, e164, w)
+        return None
 
-    def _take(self, kind: int, key: int, at: float) -> None:
+    def _sketch(self, kind: int, seconds: float) -> Sketch:
+        sketch = self._sketches.get((kind, seconds))
+        if sketch is None:
+            sketch = self._sketches[kind, seconds] = Sketch(seconds)
+        return sketch
+
+    def take(self, kind: int, e164: str, at: float) -> bool:
+        """Count one message to ``e164`` at ``at`` (call in time order); False if it was
+        counted in a sketch (``max_numbers`` reached)."""
+        return self._take(kind, _key(e164), at)
+
+    def _take(self, kind: int, key: int, at: float) -> bool:
         windows = self._windows(kind)
         if not windows:
-            return
+            return True
         at = self._share(at)
         log = self._log[kind]
         # popped and added again: the map stays ordered by each number's newest time
         held = log.pop(key, None)
         if held is None:
+            if len(log) + len(self._log[KIND_VOICE if kind == KIND_SMS else KIND_SMS]) \
+                    >= self.cfg.max_numbers:
+                for w in windows:
+                    self._sketch(kind, w.seconds).add(key, at)
+                self.sketched = True
+                self.overflowed += 1
+                return False
             log[key] = at
-            return
+            return True
         size = max(w.count for w in windows)
         times = ((held,) if isinstance(held, float) else held) + (at,)
         log[key] = times[-size:] if size > 1 else at
+        return True
 
     def untake(self, kind: int, e164: str, at: float) -> None:
         """Forget a ``take`` whose enqueue failed."""
@@ -193,6 +235,12 @@ class Limiter:
         at = _ceil_ms(at)
         held = log.get(key)
         times = (held,) if isinstance(held, float) else held
+        if times is None and self.sketched:  # it may have gone to a sketch
+            for w in self._windows(kind):
+                sketch = self._sketches.get((kind, w.seconds))
+                if sketch is not None:
+                    sketch.add(key, at, -1)
+            return
         if times is not None and at in times:
             i = times.index(at)
             left = times[:i] + times[i + 1:]
@@ -225,6 +273,9 @@ class Limiter:
             for key in dead:
                 del log[key]
             removed += len(dead)
+        if self.sketched and not any(now < s.live_until for s in self._sketches.values()):
+            self.sketched = False
+            self._sketches.clear()  # their memory too, until the next overflow
         return removed
 
     def _share(self, at: float) -> float:
@@ -282,6 +333,12 @@ def number_type(e164: str) -> str:
         if value == t:
             return name
     return "unknown"
+
+
+def _rate_limited(kind: int, e164: str, w: Window) -> Refusal:
+    name = "voice" if kind == KIND_VOICE else "sms"
+    return Refusal(RATE_LIMITED, 429, f"{e164}: at most {w.count} {name} messages per "
+                   f"{_span(w.seconds)} to one number (limits.{name} {w.text})")
 
 
 def _ceil_ms(at: float) -> float:

@@ -74,6 +74,14 @@ class Metrics:
             f"{PREFIX}_connections_refused", "Connections closed by the front door, by reason",
             ["reason"], registry=r,
         )
+        self.limits_numbers = Gauge(
+            f"{PREFIX}_limits_numbers", "Numbers whose per-number windows are held exactly "
+            "(at most limits.max_numbers)", registry=r,
+        )
+        self.limits_overflow = Counter(
+            f"{PREFIX}_limits_overflow", "Messages to new numbers counted in the fixed-size "
+            "sketch because limits.max_numbers numbers were held", registry=r,
+        )
         self.circuit = Gauge(
             f"{PREFIX}_circuit_state", "Provider circuit breaker: 0 closed, 1 open, 2 half open",
             ["provider"], registry=r,
