@@ -64,6 +64,9 @@ class Dispatcher:
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _inflight: dict[asyncio.Task[None], list[int]] = field(default_factory=dict)
     _inflight_entries: int = 0
+    _busy: int = 0  # workers in use: provider calls started or planned by running deliveries
+    _costs: dict[asyncio.Task[None], int] = field(default_factory=dict)  # each one's calls
+    _held: list[Entry] = field(default_factory=list)  # claimed; started when workers free up
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     _limiters: dict[str, RateLimiter] = field(default_factory=dict)  # kept across reloads
     _stopping: bool = False
@@ -109,7 +112,11 @@ class Dispatcher:
         if self._task is not None:
             await self._task
         claimed = dict(self._inflight)  # a task's ids leave _inflight once it is done
+        held, self._held = self._held, []
         try:
+            if held:  # claimed, never started: pending again at once
+                with contextlib.suppress(StorageError):
+                    await self.outbox.release(self.owner, [e.id for e in held])
             await self._stop_deliveries(claimed, timeout)
         finally:
             if self._renewer is not None:
@@ -142,6 +149,7 @@ class Dispatcher:
             lease = self.config.queue.lease
             await self.clock.sleep(lease / 3)
             ids = [i for ids in self._inflight.values() for i in ids]
+            ids += [e.id for e in self._held]
             if not ids:
                 continue
             try:
@@ -162,19 +170,23 @@ class Dispatcher:
             # busy) rather than claiming one entry per finished delivery; a claim is a
             # transaction, and one per message cost more than the message's status update.
             low_water = workers - max(1, workers // 4)
-            if self.paused or (self._inflight_entries and self._inflight_entries > low_water):
+            if self.paused or (self._busy and self._busy > low_water):
                 await self._sleep(IDLE_POLL)
                 workers = self.config.queue.workers
                 continue
             now = self.clock.time()
-            try:
-                entries = await self.outbox.claim(
-                    self.owner, min(CLAIM_BATCH, workers - self._inflight_entries), now,
-                    self.config.queue.lease)
-            except StorageError as exc:
-                log.error("outbox_claim_failed", error=str(exc))
-                await self._sleep(IDLE_POLL)
-                continue
+            if self._held:  # claimed before, no worker was free for them: first
+                entries, self._held = self._held, []
+            else:
+                # a worker is one call, and a batching provider's call carries up to
+                # max_batch recipients of one body: claim enough to fill one
+                limit = min(CLAIM_BATCH, workers - self._busy) + self._biggest_batch() - 1
+                try:
+                    entries = await self.outbox.claim(self.owner, limit, now, self.config.queue.lease)
+                except StorageError as exc:
+                    log.error("outbox_claim_failed", error=str(exc))
+                    await self._sleep(IDLE_POLL)
+                    continue
             if not entries:
                 try:
                     due = await self.outbox.next_due()
@@ -190,10 +202,31 @@ class Dispatcher:
                 else:
                     live.append(e)
             for group in self._groups(live):
-                task = asyncio.create_task(self._deliver(group))
-                self._inflight[task] = [e.id for e in group]
-                self._inflight_entries += len(group)
-                task.add_done_callback(self._done)
+                self._start(group, workers)
+
+    def _start(self, group: list[Entry], workers: int) -> None:
+        """Deliver as much of ``group`` as free workers can call now; hold the rest."""
+        size = self._batch_size(group)
+        room = max(0, workers - self._busy) * size
+        start, rest = group[:room], group[room:]
+        self._held.extend(rest)
+        if not start:
+            return
+        cost = -(-len(start) // size)  # calls: one per max_batch recipients
+        task = asyncio.create_task(self._deliver(start))
+        self._inflight[task] = [e.id for e in start]
+        self._inflight_entries += len(start)
+        self._costs[task] = cost
+        self._busy += cost
+        task.add_done_callback(self._done)
+
+    def _batch_size(self, group: list[Entry]) -> int:
+        """Recipients per call of the first provider of the group's route."""
+        route = self.config.routes.route(_kind(group[0]), group[0].recipient)
+        return max(1, self.config.providers[route[0]].max_batch)
+
+    def _biggest_batch(self) -> int:
+        return max((max(1, p.max_batch) for p in self.config.providers.values()), default=1)
 
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -203,6 +236,7 @@ class Dispatcher:
     def _done(self, task: asyncio.Task[None]) -> None:
         ids = self._inflight.pop(task, [])
         self._inflight_entries -= len(ids)
+        self._busy -= self._costs.pop(task, 0)
         if not task.cancelled() and task.exception() is not None:
             # its entries' leases are no longer renewed: they are claimed again later
             log.error("delivery_task_failed", error=repr(task.exception()))
@@ -329,13 +363,13 @@ class Dispatcher:
         messages = [self._message(e, provider) for e in entries]
         limiter = self._limiter(provider)
         if limiter is not None:
-            # waiting for its rate, these are not workers: other providers' messages go on
-            self._inflight_entries -= len(entries)
+            # waiting for its rate, this call is no worker: other providers' messages go on
+            self._busy -= 1
             self._wakeup.set()
             try:
                 await limiter.acquire()
             finally:
-                self._inflight_entries += len(entries)
+                self._busy += 1
         try:
             async with sem:
                 started = self.clock.monotonic()

@@ -115,7 +115,10 @@ class TencentFake:
         if action == "SendCodeVoice" and not str(body.get("CalledNumber", "")).startswith("+86"):
             return "InvalidParameterValue.IncorrectPhoneNumber"
         if action == "SendSms":
-            sides = {str(n).startswith("+86") for n in body.get("PhoneNumberSet") or []}
+            numbers = body.get("PhoneNumberSet") or []
+            if len(numbers) > 200:  # "单次请求最多支持200个手机号"
+                return "LimitExceeded.PhoneNumberCountLimit"
+            sides = {str(n).startswith("+86") for n in numbers}
             if len(sides) > 1:
                 return "UnsupportedOperation.ContainDomesticAndInternationalPhoneNumber"
             mainland = sides == {True}

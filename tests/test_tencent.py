@@ -118,6 +118,24 @@ async def test_recipients_of_one_body_share_one_call(
     assert call.body["PhoneNumberSet"] == ["+86" + n for n in numbers]
 
 
+@pytest.mark.parametrize("workers", [1, 64])
+async def test_a_body_goes_in_as_few_calls_as_the_api_allows(
+    tmp_path: Path, relay_factory, session, tencent: TencentFake, workers: int
+) -> None:
+    """205 recipients of one body are two SendSms calls (200 + 5), whatever queue.workers."""
+    doc = base_config(tmp_path, providers=[tencent_table(tencent.api.url)],
+                      routes={"sms": ["tencent"]})
+    doc["queue"]["workers"] = workers
+    relay = await relay_factory(doc)
+    numbers = [f"+861380013{i:04d}" for i in range(205)]
+    status, _ = await relay.post(session, {"Type": 1, "Data": {"Mobiles": numbers,
+                                                               "Message": CODE_TEXT}})
+    assert status == 200
+    await relay.settled(delivered=205)
+    assert sorted(len(c.body["PhoneNumberSet"]) for c in tencent.calls) == [5, 200]
+    assert sorted(n for c in tencent.calls for n in c.body["PhoneNumberSet"]) == numbers
+
+
 async def test_partial_failure_in_a_batch(
     tmp_path: Path, relay_factory, session, tencent: TencentFake
 ) -> None:
