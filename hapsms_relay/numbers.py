@@ -5,7 +5,9 @@ HAP passes numbers as its users typed them: ``+8613800138000``, ``00861380013800
 ``8613800138000`` or ``13800138000``. Parsing with phonenumbers is the costliest step of a
 webhook request (~16 µs for a number not seen before), so the dominant case, a mobile of the
 default region in one of those forms, is checked against phonenumbers' own metadata instead
-(~1 µs); anything else goes through phonenumbers, and its results are cached.
+(~1 µs); anything else goes through phonenumbers, and its results are cached. A number holds
+digits, an optional leading "+" and the separators space, "-", ".", "(" and ")"; nothing
+else (see ``_PLAIN``).
 """
 
 from __future__ import annotations
@@ -49,10 +51,18 @@ def _cached(raw: str, default_region: str) -> Number | None:
     return slow(raw, default_region)
 
 
+# What a number may contain: an optional "+" in front, digits (phonenumbers reads full-width
+# and other scripts' digits too) and the separators people type. phonenumbers itself
+# drops whatever surrounds a number and reads letters as keypad digits, so without this
+# "+86 138 0013 8014 ext. 123", "tel:+86...", an emoji in front or "1-800-FLOWERS" were
+# valid: an extension or a URI is not a mobile number, and a typo is not a phoneword.
+_PLAIN = re.compile(r"[+\uff0b]?[\d \u00a0().\-]+")
+
+
 def slow(raw: str, default_region: str) -> Number | None:
     """What phonenumbers makes of ``raw``: the reference the fast path must agree with."""
     text = raw.strip()
-    if not text or len(text) > 32 or "\x00" in text:
+    if not text or len(text) > 32 or not _PLAIN.fullmatch(text):
         return None
     digits = "".join(c for c in text if c.isdigit())
     candidates = [text]

@@ -70,14 +70,26 @@ def test_every_cn_mobile_takes_the_fast_path(nsn: str) -> None:
     ("07911123456", "GB", "+447911123456"),  # national prefix: phonenumbers' path
     ("+86 138 0013 8000", "CN", "+8613800138000"),  # spaces: phonenumbers' path
     ("16012345678", "CN", "+16012345678"),  # not a CN mobile: read as +1
+    ("+86 (138) 0013-8014", "CN", "+8613800138014"),
+    ("138.0013.8014", "CN", "+8613800138014"),
+    # full-width digits, as a Chinese input method types them
+    ("\uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff11\uff14", "CN", "+8613800138014"),
+    ("\u00a0138 0013 8014", "CN", "+8613800138014"),
 ])
 def test_normalise_forms(raw: str, region: str, e164: str) -> None:
     """The forms HAP sends normalise to E.164 whichever path takes them."""
     assert normalise(raw, region).e164 == e164
 
 
-@pytest.mark.parametrize("raw", ["", "123", "1380013800", "+86 000", "17912345678", "+8612345678901", "abc"])
+@pytest.mark.parametrize("raw", ["", "123", "1380013800", "+86 000", "17912345678", "+8612345678901", "abc",
+                                 "+86 138 0013 8014 ext. 123", "+86 138 0013 8014 x123",
+                                 "+86-138-0013-8014;ext=1", "13800138014#1",
+                                 "tel:+8613800138014", "sms:13800138014",
+                                 "\U0001f4f113800138014", "13800138014\U0001f4f1",
+                                 "138\u200b00138014", "1-800-FLOWERS", "+1 800 FLOWERS",
+                                 "+86 138 0013 8014 (mobile)", "*13800138014", "++8613800138014"])
 def test_invalid_numbers_are_refused(raw: str) -> None:
-    """Numbers phonenumbers finds invalid are refused (the fast path never accepts them)."""
+    """Invalid numbers are refused, and so are valid ones wrapped in anything but digits and
+    separators: an extension, a URI, an emoji, letters (the fast path never accepts them)."""
     with pytest.raises(InvalidNumber):
         normalise(raw, "CN")
