@@ -13,9 +13,10 @@ Numbers, by the vendor's rules:
   a bare mainland mobile: the relay never sends one to SendSms (``ambiguous_number``, cannot
   carry) and sends mainland numbers as their bare 11 digits. ``reads_as_mainland`` is the
   check every non-mainland ``PhoneNumbers`` value passes first.
-- Templates: SendSms's ``TemplateCode`` must be an international template for a number
-  outside the mainland (the SendSms page), so each template mapping says which numbers it
-  is for (``templates.py``); a number with no mapping for it is ``no_template``.
+- Templates: SendSms's ``TemplateCode`` must be an international/HK-Macao-Taiwan template
+  for a number outside the mainland ("发送国际/港澳台消息时，请使用国际/港澳台短信模版", the
+  SendSms page), so each template mapping says which numbers it is for (``templates.py``);
+  a number with no mapping for it is ``no_template`` (cannot carry).
 - SendMessageToGlobe (``international_api``), Dysmsapi 2018-05-01 on the international site
   https://www.alibabacloud.com/help/en/sms/developer-reference/api-dysmsapi-2018-05-01-sendmessagetoglobe:
   free text (``Message``) to Hong Kong, Macao, Taiwan and abroad, ``To`` = country code +

@@ -4,11 +4,20 @@ SendSms https://cloud.tencent.com/document/api/382/55981 (errors: /382/59177, /3
 SendCodeVoice https://cloud.tencent.com/document/api/1128/51559, signature v3 (TC3-HMAC-SHA256)
 https://cloud.tencent.com/document/api/382/52072. Up to 200 numbers go in one SendSms call.
 
-Numbers, by the vendor's rules: SendSms takes E.164 (``+`` and the country code, so no
-number reads as another country's) and one call carries only mainland or only other numbers
-(SendSms page, ``PhoneNumberSet``). VMS reaches mainland mobiles only ("仅支持中国大陆地区手机
-号码", https://cloud.tencent.com/document/api/1128/51568): voice codes to other numbers are
-not called but go as the fallback SMS.
+Outside mainland China, by the vendor's rules (each on the SendSms page unless named):
+
+- ``PhoneNumberSet``: E.164 (``+`` and the country code, so no number reads as another
+  country's), at most 200, "all mainland or all other numbers": one call per side.
+- ``TemplateId``: "to a number outside the mainland only an international/HK-Macao-Taiwan
+  template": each template mapping says which numbers it is for (``templates.py``), and a
+  number with no mapping for it is ``no_template`` (cannot carry).
+- ``SignName``: required for mainland SMS ("国内短信为必填参数", the 2019-07-11 SendSms page
+  https://cloud.tencent.com/document/product/1125/38778): without ``sign_name`` or HAP's
+  Signature a mainland message is ``no_sign_name`` (cannot carry). International SMS are
+  sent without it; ``SenderId`` only if Tencent approved one ("默认使用公共 SenderId").
+- VMS reaches mainland mobiles only ("支持的号码：仅支持中国大陆地区手机号码",
+  https://cloud.tencent.com/document/api/1128/51568): voice codes to other numbers are not
+  called but go as the fallback SMS.
 """
 
 from __future__ import annotations
