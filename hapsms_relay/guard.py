@@ -1,8 +1,10 @@
 """The webhook's admission step for a valid body: duplicates, per-recipient limits, budget.
 
-``admit`` is synchronous and in memory (it runs on the hot path); ``stored`` and ``failed``
-close an admission once the enqueue has committed or failed, so concurrent requests see
-each other's reservations and duplicates of a body being stored wait for its answer.
+``Admitter`` is the step's interface: ``admit`` decides (synchronously: it runs on the hot
+path), then ``commit`` or ``abort`` closes the admission once the enqueue has committed or
+failed, so concurrent requests see each other's reservations and duplicates of a body being
+stored wait for its answer. ``Guard`` is the in-memory implementation, rebuilt from the
+outbox at start: right for one relay on its own outbox.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 
@@ -19,7 +22,7 @@ from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.dedup import Replies, Reply, body_key, header_key
 from hapsms_relay.limits import RATE_LIMITED, Limiter, LimitsConfig, Refusal
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox import NewEntry, Outbox
+from hapsms_relay.outbox import NewEntry, Queue
 
 LOAD_CHUNK = 10_000  # rows read at a time at start
 
@@ -40,7 +43,31 @@ class Admission:
                              for e, r in self.refused])
 
 
+class Admitter(Protocol):
+    """Admission of webhook bodies: duplicates, limits and budgets."""
+
+    def admit(self, entries: Sequence[NewEntry], idempotency_key: str | None) -> Admission:
+        """What of a valid body may be stored (``entries``, with ``keys`` to store with
+        them), what is refused, or the answer of a duplicate."""
+
+    def commit(self, adm: Admission, ids: Sequence[int]) -> None:
+        """The enqueue of ``adm.entries`` committed with these ids."""
+
+    def abort(self, adm: Admission) -> None:
+        """The enqueue failed (or was refused): give back what ``admit`` reserved."""
+
+    def set_config(self, cfg: LimitsConfig) -> None: ...
+
+    async def load(self, outbox: Queue) -> None:
+        """Rebuild what admission needs from the outbox (at start)."""
+
+    def prune(self, now: float, limit: int = 1 << 62) -> int:
+        """Forget up to ``limit`` expired things; return how many."""
+
+
 class Guard:
+    """``Admitter`` in memory: windows, answers and budget use of this process."""
+
     def __init__(self, cfg: LimitsConfig, budget: Budget, metrics: Metrics,
                  clock: Clock = SYSTEM) -> None:
         self.clock = clock
@@ -97,15 +124,15 @@ class Guard:
             log.warning("limits_full", numbers=self.limiter.held,
                         max_numbers=self.cfg.max_numbers)
 
-    def stored(self, adm: Admission, ids: Sequence[int]) -> None:
+    def commit(self, adm: Admission, ids: Sequence[int]) -> None:
         self.replies.stored(adm.keys, ids, adm.note())
 
-    def failed(self, adm: Admission) -> None:
+    def abort(self, adm: Admission) -> None:
         for e in adm.entries:
             self.limiter.untake(e.kind, e.recipient, adm.at)
         self.replies.failed(k for k, _ in adm.keys)
 
-    async def load(self, outbox: Outbox) -> None:
+    async def load(self, outbox: Queue) -> None:
         """Windows, answers and today's budget use from what the outbox holds."""
         now = self.clock.time()
         # a chunk at a time: a day of rows in one list (1,000,000 of a backlog) was ~230 MB

@@ -22,7 +22,7 @@ from hapsms_relay import log
 from hapsms_relay.config import Config
 from hapsms_relay.door import AddressFilter
 from hapsms_relay.errors import BadRequest, ClientGone, StorageError
-from hapsms_relay.guard import Guard
+from hapsms_relay.guard import Admitter
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.numbers import InvalidNumber, Number, normalise
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
@@ -45,7 +45,7 @@ class Webhook:
 
     def __init__(
         self, config: Config, outbox: Outbox, metrics: Metrics, notify: Callable[[], None],
-        ready: Callable[[], tuple[bool, dict[str, Any]]], guard: Guard,
+        ready: Callable[[], tuple[bool, dict[str, Any]]], guard: Admitter,
     ) -> None:
         self.outbox = outbox
         self.metrics = metrics
@@ -168,7 +168,7 @@ class Webhook:
         n = len(entries)
         # entries being stored count too: concurrent requests see each other's
         if self.outbox.undelivered + self.storing + n > self.config.queue.max_pending:
-            self.guard.failed(adm)
+            self.guard.abort(adm)
             raise BadRequest(503, "queue_full", "the outbox is full; retry later",
                              {"Retry-After": "30"})
         note = adm.note()
@@ -178,7 +178,7 @@ class Webhook:
                                             note=note)
         except BaseException as exc:
             self.storing -= n
-            self.guard.failed(adm)
+            self.guard.abort(adm)
             if not isinstance(exc, StorageError):
                 raise
             log.error("enqueue_failed", error=str(exc), count=len(entries))
@@ -186,7 +186,7 @@ class Webhook:
                              "the relay cannot write its outbox; retry later",
                              {"Retry-After": "10"}) from None
         self.storing -= n
-        self.guard.stored(adm, ids)
+        self.guard.commit(adm, ids)
         self.notify()
         kind = "voice" if entries[0].kind == KIND_VOICE else "sms"
         self.metrics.accepted_by_kind[kind].inc(len(ids))
