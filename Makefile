@@ -15,7 +15,7 @@ STAGED  := $(DESTDIR)$(PREFIX)
 # /run/systemd/system exists only when systemd is PID 1 (what sd_booted(3) checks).
 SYSTEMD_RUNNING = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
 
-.PHONY: run test lint typecheck pytest fuzz bench bench-smoke wrk bench-smtp clean install uninstall
+.PHONY: run test lint typecheck pytest fuzz bench bench-smoke wrk bench-smtp postgresql clean install uninstall
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -37,7 +37,13 @@ lint: $(VENV)/.test-extras
 typecheck: $(VENV)/.test-extras
 	$(BIN)/mypy
 
-pytest: $(VENV)/.test-extras
+# The tests start throwaway PostgreSQL servers (tests/pg_server.py) from Debian's package.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| (apt-get update -q && apt-get install -y -q postgresql) \
+		|| { echo "make test needs PostgreSQL: apt-get install postgresql (Debian's package)" >&2; exit 1; }
+
+pytest: $(VENV)/.test-extras postgresql
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

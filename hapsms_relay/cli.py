@@ -110,7 +110,8 @@ def check_config(cfg: Config) -> int:
     print(f"config {cfg.source}: ok")
     print(f"  listen {s.listen}  path {s.path}  tokens {len(s.tokens)}"
           + ("  (unauthenticated!)" if not s.tokens else ""))
-    print(f"  outbox {q.path}  ttl {q.ttl:g}s  retry {q.retry_base:g}s..{q.retry_max:g}s")
+    where = q.path if q.url is None else f"postgres, url {q.url.source} (node {q.node})"
+    print(f"  outbox {where}  ttl {q.ttl:g}s  retry {q.retry_base:g}s..{q.retry_max:g}s")
     mainland = mainland_providers(r)
     warnings = []
     for name, p in cfg.providers.items():

@@ -25,7 +25,14 @@ def _sqlite(q: QueueConfig, clock: Clock, admin: bool) -> Outbox:
     return SQLiteOutbox(q.path, exclusive=not admin, clock=clock)
 
 
-BACKENDS: dict[str, Factory] = {"sqlite": _sqlite}
+def _postgres(q: QueueConfig, clock: Clock, admin: bool) -> Outbox:
+    from hapsms_relay.outbox_postgres import PostgresOutbox
+
+    assert q.url is not None  # config requires it with this backend
+    return PostgresOutbox(q.url, clock=clock, node=q.node, admin=admin)
+
+
+BACKENDS: dict[str, Factory] = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 def outbox(q: QueueConfig, clock: Clock = SYSTEM, *, admin: bool = False) -> Outbox:

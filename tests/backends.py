@@ -1,10 +1,10 @@
 """The outbox backends the contract suite runs against, each a fixture that makes fresh,
-empty storage for one test: SQLite in a temp dir (and, in test_postgres, PostgreSQL on a
-throwaway server)."""
+empty storage for one test: SQLite in a temp dir, a new database on the session's
+throwaway PostgreSQL server."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +12,13 @@ import pytest
 
 from hapsms_relay.clock import Clock
 from hapsms_relay.outbox import Outbox
+from hapsms_relay.outbox_postgres import PostgresOutbox
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
+from hapsms_relay.secret import Secret
+from tests.pg_server import PostgresServer
 
 #: fixture names, one per backend (conftest.py defines them)
-BACKEND_PARAMS = ["sqlite_backend"]
+BACKEND_PARAMS = ["sqlite_backend", "postgres_backend"]
 
 
 @dataclass
@@ -29,3 +32,25 @@ class Backend:
 def sqlite_backend(tmp_path: Path) -> Backend:
     path = str(tmp_path / "outbox.db")
     return Backend("sqlite", lambda clock: SQLiteOutbox(path, clock=clock))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session; each test takes a database of its own."""
+    server = PostgresServer()
+    server.init()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> str:
+    """A new, empty database on the session's server."""
+    return pg_server.database()
+
+
+@pytest.fixture
+def postgres_backend(pg_url: str) -> Backend:
+    url = Secret(pg_url)
+    return Backend("postgres", lambda clock: PostgresOutbox(url, clock=clock, node="test"))

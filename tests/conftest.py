@@ -11,7 +11,7 @@ import pytest
 import uvloop
 
 from hapsms_relay import log
-from tests.backends import sqlite_backend  # noqa: F401 - fixtures
+from tests.backends import pg_server, pg_url, postgres_backend, sqlite_backend  # noqa: F401 - fixtures
 from tests.fakes import FakeAPI
 from tests.helpers import RunningRelay, leaked, start_relay
 

@@ -23,8 +23,9 @@ TOKEN = "test-token-5f2c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TOKEN2 = "rotated-token-81a9"
 API_KEY = "api-key-c0ffee-7e1d"
+PG_PASSWORD = "pg-secret-4d2e"  # in queue.url (the test server's trust authentication ignores it)
 #: Every secret the suite configures: none may appear in any log line the suite produces.
-SECRETS = (TOKEN, TOKEN2, API_KEY, "env-secret-3a1b", "file-secret-77d0", "cred-secret-9e42",
+SECRETS = (TOKEN, TOKEN2, API_KEY, PG_PASSWORD, "env-secret-3a1b", "file-secret-77d0", "cred-secret-9e42",
            "k-123")
 # A phone number unmasked: E.164, or a bare CN mobile (ids are 16 digits, not matched).
 _NUMBER = re.compile(r"\+\d{7,}|(?<!\d)1[3-9]\d{9}(?!\d)")

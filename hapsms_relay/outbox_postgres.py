@@ -1,0 +1,510 @@
+"""The PostgreSQL outbox: several relays share one database (cluster mode).
+
+Operations are queued to one connection and run a batch at a time, one transaction each
+(group commit, as the SQLite outbox does): every caller's future resolves after its COMMIT
+returned, so a 200 is only sent for what is on the primary's disk (and on a synchronous
+standby, if the database has one). Entries are claimed with ``FOR UPDATE SKIP LOCKED`` for
+an owner and a lease; ids come from a sequence, unique across relays.
+
+The driver is psycopg 3: it is libpq itself, so ``queue.url`` means exactly what it means to
+psql (several hosts, ``target_session_attrs=read-write``, service files, TLS settings), and
+its pipeline mode sends a batch without a round trip per statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from hapsms_relay import log
+from hapsms_relay.clock import SYSTEM, Clock
+from hapsms_relay.errors import StorageError
+from hapsms_relay.outbox import Entry, NewEntry, Row, State, Stats
+from hapsms_relay.secret import Secret
+
+SCHEMA_VERSION = 1
+# One key for every relay of every version: schema changes are made by one at a time.
+_SCHEMA_LOCK = 0x48415053_0001
+_RECONNECT_EVERY = 1.0  # seconds between attempts while the database is unreachable
+_CONNECT_TIMEOUT = 5
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hapsms_meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE SEQUENCE IF NOT EXISTS hapsms_messages_id_seq;
+CREATE TABLE IF NOT EXISTS hapsms_messages (
+    id        bigint PRIMARY KEY,
+    batch     bigint   NOT NULL,
+    kind      smallint NOT NULL,
+    recipient text     NOT NULL,
+    region    text     NOT NULL,
+    national  text     NOT NULL,
+    text      text     NOT NULL,
+    signature text     NOT NULL,
+    code      text     NOT NULL,
+    created   float8   NOT NULL,
+    due       float8   NOT NULL,
+    expires   float8   NOT NULL,
+    attempts  integer  NOT NULL DEFAULT 0,
+    state     smallint NOT NULL DEFAULT 0,
+    provider  text     NOT NULL DEFAULT '',
+    error     text     NOT NULL DEFAULT '',
+    updated   float8   NOT NULL,
+    owner     text     NOT NULL DEFAULT '',
+    lease     float8   NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS hapsms_pending_due ON hapsms_messages (due) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS hapsms_inflight_lease ON hapsms_messages (lease) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS hapsms_dead_id ON hapsms_messages (id) WHERE state = 3;
+-- ids from several relays do not follow acceptance time: windows and cleanup read this
+CREATE INDEX IF NOT EXISTS hapsms_created ON hapsms_messages (created);
+CREATE TABLE IF NOT EXISTS hapsms_replies (
+    pos     bigserial PRIMARY KEY,
+    key     bytea    NOT NULL UNIQUE,
+    ids     bigint[] NOT NULL,
+    note    bytea    NOT NULL,
+    expires float8   NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hapsms_replies_expires ON hapsms_replies (expires);
+"""
+
+_ENTRY_COLS = (
+    "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts"
+)
+_INSERT = (
+    "INSERT INTO hapsms_messages (id, batch, kind, recipient, region, national, text, signature,"
+    " code, created, due, expires, updated) SELECT * FROM unnest(%s::bigint[], %s::bigint[],"
+    " %s::smallint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+    " %s::float8[], %s::float8[], %s::float8[], %s::float8[])"
+)
+# A key whose answer expired (not yet cleaned up) answers for the new body.
+_INSERT_REPLY = (
+    "INSERT INTO hapsms_replies (key, ids, note, expires) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (key) DO UPDATE SET ids = excluded.ids, note = excluded.note, "
+    "expires = excluded.expires WHERE hapsms_replies.expires <= %s"
+)
+_CLAIM = (
+    "UPDATE hapsms_messages m SET state = 1, attempts = m.attempts + 1, updated = %s, "
+    "owner = %s, lease = %s FROM (SELECT id FROM hapsms_messages WHERE {where} LIMIT %s "
+    "FOR UPDATE SKIP LOCKED) c WHERE m.id = c.id RETURNING "
+    + ", ".join(f"m.{c.strip()}" for c in _ENTRY_COLS.split(","))
+)
+_CLAIM_EXPIRED = _CLAIM.format(where="state = 1 AND lease <= %s")
+_CLAIM_DUE = _CLAIM.format(where="state = 0 AND due <= %s ORDER BY due")
+CLEANUP_CHUNK = 5000
+
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+_Fn = Callable[[Conn], Awaitable[Any]]
+
+
+class _Op:
+    __slots__ = ("args", "fn", "fut", "sql")
+
+    def __init__(self, fn: _Fn | None, sql: str | None, args: Any,
+                 fut: asyncio.Future[Any]) -> None:
+        self.fn = fn  # a function of the connection, or None for an enqueue or a merged write
+        self.sql = sql  # a write merged with its like (executemany); None: an enqueue
+        self.args = args
+        self.fut = fut
+
+
+class PostgresOutbox:
+    """``Outbox`` on a PostgreSQL database that several relays may share."""
+
+    def __init__(self, url: Secret, *, clock: Clock = SYSTEM, node: str = "",
+                 admin: bool = False) -> None:
+        self._url = url
+        self.clock = clock
+        self.node = node
+        self._admin = admin
+        self._conn: Conn | None = None
+        self._ops: list[_Op] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._undelivered = 0
+        self._next_connect = 0.0
+        self._problem = ""  # why the last batch failed ("" once one committed)
+
+    def __repr__(self) -> str:  # never the URL: it may hold a password
+        return f"PostgresOutbox(node={self.node!r})"
+
+    @property
+    def undelivered(self) -> int:
+        return self._undelivered
+
+    @property
+    def writable(self) -> bool:
+        # the dispatcher's claims (every second at least) retry the database on their own
+        return not self._problem
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._conn = await self._connect()
+        try:
+            await self._schema(self._conn)
+            self._undelivered = await self._count(self._conn)
+            await self._conn.commit()
+        except BaseException:
+            await self._drop()
+            raise
+        self._task = asyncio.create_task(self._run(), name="hapsms-outbox-postgres")
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._drop()
+
+    async def _connect(self) -> Conn:
+        try:
+            conn: Conn = await psycopg.AsyncConnection.connect(
+                self._url.reveal(), connect_timeout=_CONNECT_TIMEOUT,
+                application_name=f"hapsms-relay {self.node}"[:63],
+            )
+        except psycopg.Error as exc:
+            raise StorageError(_describe(exc)) from None
+        return conn
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+    async def _schema(self, conn: Conn) -> None:
+        """Create or upgrade the schema, one relay at a time (an advisory lock held to the
+        end of the transaction), refusing a schema newer than this relay knows."""
+        try:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            await conn.execute(_SCHEMA)
+            cur = await conn.execute("SELECT value FROM hapsms_meta WHERE key = 'schema'")
+            row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    f"the database was written by a newer hapsms-relay (schema {version}, this "
+                    f"one knows {SCHEMA_VERSION}); upgrade this relay")
+            if version < SCHEMA_VERSION:  # new (upgrades from older versions go here)
+                await conn.execute(
+                    "INSERT INTO hapsms_meta VALUES ('schema', %s) ON CONFLICT (key) DO UPDATE "
+                    "SET value = excluded.value", (str(SCHEMA_VERSION),))
+            await conn.commit()
+        except psycopg.Error as exc:
+            raise StorageError(_describe(exc)) from None
+
+    # -- the batch loop --------------------------------------------------------------------
+
+    def _submit(self, fn: _Fn | None, sql: str | None, args: Any) -> asyncio.Future[Any]:
+        if self._task is None or self._closing:
+            raise StorageError("the outbox is not open")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ops.append(_Op(fn, sql, args, fut))
+        self._wake.set()
+        return fut
+
+    def _call(self, fn: _Fn) -> asyncio.Future[Any]:
+        return self._submit(fn, None, None)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._ops:
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            batch, self._ops = self._ops, []
+            await self._execute(batch)
+
+    async def _execute(self, batch: list[_Op]) -> None:
+        conn = await self._usable()
+        if conn is None:
+            _fail(batch, StorageError(self._problem))
+            return
+        try:
+            results = await self._transaction(conn, batch)
+        except pgerrors.Error as exc:
+            if _connection_lost(exc) or conn.closed:
+                await self._lost(exc)
+                _fail(batch, StorageError(self._problem))
+                return
+            # one op's data was refused: the others should not fail with it
+            with contextlib.suppress(Exception):
+                await conn.rollback()
+            if len(batch) == 1:
+                _fail(batch, StorageError(_describe(exc)))
+                return
+            for op in batch:
+                await self._execute([op])
+            return
+        self._problem = ""
+        for op, value in zip(batch, results, strict=True):
+            if not op.fut.done():
+                op.fut.set_result(value)
+
+    async def _transaction(self, conn: Conn, batch: list[_Op]) -> list[Any]:
+        results: list[Any] = [None] * len(batch)
+        enqueues = [i for i, op in enumerate(batch) if op.fn is None and op.sql is None]
+        if enqueues:
+            ids = await self._insert(conn, [batch[i] for i in enqueues])
+            for i, op_ids in zip(enqueues, ids, strict=True):
+                results[i] = op_ids
+        merged: dict[str, list[tuple[Any, ...]]] = {}
+        for op in batch:
+            if op.sql is not None:
+                merged.setdefault(op.sql, []).extend(op.args)
+        async with conn.cursor() as cur:
+            for sql, params in merged.items():
+                await cur.executemany(sql, params)
+        for i, op in enumerate(batch):
+            if op.fn is not None:
+                results[i] = await op.fn(conn)
+        await conn.commit()
+        return results
+
+    async def _insert(self, conn: Conn, ops: list[_Op]) -> list[list[int]]:
+        """Every enqueue of the batch: its ids from the sequence, all rows in one INSERT."""
+        total = sum(len(op.args[0]) for op in ops)
+        cur = await conn.execute(
+            "SELECT nextval('hapsms_messages_id_seq') FROM generate_series(1, %s)", (total,))
+        fresh = [r[0] for r in await cur.fetchall()]
+        cols: list[list[Any]] = [[] for _ in range(13)]
+        replies: list[tuple[Any, ...]] = []
+        out: list[list[int]] = []
+        at = 0
+        for op in ops:
+            entries, now, ttl, keys, note = op.args
+            ids = fresh[at : at + len(entries)]
+            at += len(entries)
+            out.append(ids)
+            for i, e in zip(ids, entries, strict=True):
+                for col, value in zip(cols, (i, ids[0], *e[:7], now, now, now + ttl, now),
+                                      strict=True):
+                    col.append(value)
+            replies.extend((k, ids, note, exp, now) for k, exp in keys)
+        await conn.execute(_INSERT, cols)
+        if replies:
+            async with conn.cursor() as c:
+                await c.executemany(_INSERT_REPLY, replies)
+        return out
+
+    async def _usable(self) -> Conn | None:
+        """The connection, reconnecting (at most once a second) if it was lost."""
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        now = self.clock.monotonic()
+        if now < self._next_connect:
+            return None
+        self._next_connect = now + _RECONNECT_EVERY
+        try:
+            self._conn = await self._connect()
+        except StorageError as exc:
+            self._problem = str(exc)
+            return None
+        log.info("database_reconnected", node=self.node)
+        return self._conn
+
+    async def _lost(self, exc: BaseException) -> None:
+        self._problem = _describe(exc)
+        log.error("database_unavailable", error=self._problem)
+        await self._drop()
+
+    # -- the Outbox interface --------------------------------------------------------------
+
+    async def enqueue(
+        self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
+        note: bytes = b"",
+    ) -> list[int]:
+        ids: list[int] = await self._submit(None, None, (entries, self.clock.time(), ttl, keys, note))
+        self._undelivered += len(ids)
+        return ids
+
+    async def claim(self, owner: str, limit: int, now: float, lease: float) -> list[Entry]:
+        until = now + lease
+
+        async def run(conn: Conn) -> list[Entry]:
+            cur = await conn.execute(_CLAIM_EXPIRED, (now, owner, until, now, limit))
+            rows = await cur.fetchall()
+            if len(rows) < limit:
+                cur = await conn.execute(_CLAIM_DUE, (now, owner, until, now, limit - len(rows)))
+                rows += await cur.fetchall()
+            return sorted((Entry(*r) for r in rows), key=lambda e: e.id)
+
+        entries: list[Entry] = await self._call(run)
+        return entries
+
+    async def renew(self, owner: str, ids: Sequence[int], until: float) -> int:
+        return await self._change(
+            "UPDATE hapsms_messages SET lease = %s WHERE id = ANY(%s) AND state = 1 AND owner = %s",
+            (until, list(ids), owner))
+
+    async def next_due(self) -> float | None:
+        due: float | None = await self._one("SELECT min(due) FROM hapsms_messages WHERE state = 0", ())
+        return due
+
+    async def delivered(self, ids: Sequence[int], provider: str) -> None:
+        now = self.clock.time()
+        await self._submit(None, "UPDATE hapsms_messages SET state = 2, provider = %s, updated = %s "
+                           "WHERE id = %s AND state <> 2", [(provider, now, i) for i in ids])
+        self._undelivered -= len(ids)
+
+    async def retry(self, owner: str, id: int, due: float, provider: str, error: str) -> None:
+        await self._submit(
+            None, "UPDATE hapsms_messages SET state = 0, due = %s, provider = %s, error = %s, "
+            "updated = %s WHERE id = %s AND state = 1 AND owner = %s",
+            [(due, provider, error, self.clock.time(), id, owner)])
+
+    async def dead(self, owner: str, id: int, provider: str, error: str) -> None:
+        await self._submit(
+            None, "UPDATE hapsms_messages SET state = 3, provider = %s, error = %s, updated = %s "
+            "WHERE id = %s AND state = 1 AND owner = %s",
+            [(provider, error, self.clock.time(), id, owner)])
+        self._undelivered -= 1
+
+    async def release(self, owner: str, ids: Sequence[int]) -> None:
+        await self._submit(
+            None, "UPDATE hapsms_messages SET state = 0, due = %s, attempts = greatest(attempts - 1, 0) "
+            "WHERE id = %s AND state = 1 AND owner = %s",
+            [(self.clock.time(), i, owner) for i in ids])
+
+    async def refresh(self) -> int:
+        n: int = await self._one(
+            "SELECT (SELECT count(*) FROM hapsms_messages WHERE state = 0) + "
+            "(SELECT count(*) FROM hapsms_messages WHERE state = 1)", ())
+        self._undelivered = int(n)
+        return self._undelivered
+
+    async def stats(self) -> Stats:
+        rows = await self._rows(
+            "SELECT state, count(*), min(created) FROM hapsms_messages GROUP BY state", ())
+        counts = {State(s): (n, c) for s, n, c in rows}
+        oldest = [c for s, (n, c) in counts.items() if s in (State.PENDING, State.INFLIGHT)]
+        return Stats(
+            pending=counts.get(State.PENDING, (0, None))[0],
+            inflight=counts.get(State.INFLIGHT, (0, None))[0],
+            delivered=counts.get(State.DELIVERED, (0, None))[0],
+            dead=counts.get(State.DEAD, (0, None))[0],
+            oldest_pending=min(oldest) if oldest else None,
+        )
+
+    async def list(self, state: State | None, limit: int) -> builtins.list[Row]:
+        where = "WHERE state = %s" if state is not None else ""
+        params: tuple[Any, ...] = (int(state), limit) if state is not None else (limit,)
+        rows = await self._rows(
+            "SELECT id, kind, recipient, state, created, due, attempts, provider, error, updated "
+            f"FROM hapsms_messages {where} ORDER BY id DESC LIMIT %s", params)
+        return [Row(r[0], r[1], r[2], State(r[3]), *r[4:]) for r in rows]
+
+    async def requeue(self, ids: Sequence[int] | None, ttl: float) -> int:
+        now = self.clock.time()
+        sql = ("UPDATE hapsms_messages SET state = 0, due = %s, expires = %s, attempts = 0, "
+               "updated = %s WHERE state = 3")
+        if ids is None:
+            n = await self._change(sql, (now, now + ttl, now))
+        else:
+            n = await self._change(sql + " AND id = ANY(%s)", (now, now + ttl, now, list(ids)))
+        self._undelivered += n
+        return n
+
+    async def purge_dead(self) -> int:
+        return await self._change("DELETE FROM hapsms_messages WHERE state = 3", ())
+
+    async def cleanup(self, delivered_before: float) -> int:
+        n = 0
+        while True:  # in chunks: other relays' writes go on between them
+            deleted = await self._change(
+                "DELETE FROM hapsms_messages WHERE id IN (SELECT id FROM hapsms_messages WHERE "
+                "created < %s AND state = 2 LIMIT %s)", (delivered_before, CLEANUP_CHUNK))
+            n += deleted
+            if deleted < CLEANUP_CHUNK:
+                break
+        now = self.clock.time()
+        while await self._change(
+            "DELETE FROM hapsms_replies WHERE pos IN (SELECT pos FROM hapsms_replies WHERE "
+            "expires <= %s LIMIT %s)", (now, CLEANUP_CHUNK)) == CLEANUP_CHUNK:
+            pass
+        return n
+
+    async def recent(self, since: float, after: int,
+                     limit: int) -> builtins.list[tuple[int, int, str, float]]:
+        rows: builtins.list[tuple[int, int, str, float]] = await self._rows(
+            "SELECT id, kind, recipient, created FROM hapsms_messages WHERE created >= %s "
+            "AND id > %s ORDER BY id LIMIT %s", (since, after, limit))
+        return rows
+
+    async def replies(
+        self, now: float, after: int, limit: int,
+    ) -> builtins.list[tuple[int, bytes, Sequence[int], bytes, float]]:
+        rows: builtins.list[tuple[int, bytes, Sequence[int], bytes, float]] = await self._rows(
+            "SELECT pos, key, ids, note, expires FROM hapsms_replies WHERE pos > %s AND "
+            "expires > %s ORDER BY pos LIMIT %s", (after, now, limit))
+        return rows
+
+    async def delivered_since(self, since: float) -> dict[str, int]:
+        rows = await self._rows(
+            "SELECT provider, count(*) FROM hapsms_messages WHERE state = 2 AND updated >= %s "
+            "GROUP BY provider", (since,))
+        return {p: int(n) for p, n in rows}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _rows(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
+        async def run(conn: Conn) -> builtins.list[Any]:
+            cur = await conn.execute(sql, params)
+            return [tuple(r) for r in await cur.fetchall()]
+
+        rows: builtins.list[Any] = await self._call(run)
+        return rows
+
+    async def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        rows = await self._rows(sql, params)
+        return rows[0][0] if rows else None
+
+    async def _change(self, sql: str, params: tuple[Any, ...]) -> int:
+        async def run(conn: Conn) -> int:
+            cur = await conn.execute(sql, params)
+            return cur.rowcount
+
+        n: int = await self._call(run)
+        return n
+
+    async def _count(self, conn: Conn) -> int:
+        cur = await conn.execute(
+            "SELECT (SELECT count(*) FROM hapsms_messages WHERE state = 0) + "
+            "(SELECT count(*) FROM hapsms_messages WHERE state = 1)")
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def _fail(batch: list[_Op], exc: BaseException) -> None:
+    for op in batch:
+        if not op.fut.done():
+            op.fut.set_exception(exc)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """The connection cannot go on: reconnect (possibly to another host) before the next
+    batch. A read-only server (a standby after a failover) counts: the next connection
+    looks for one that is writable (target_session_attrs=read-write)."""
+    return isinstance(exc, psycopg.OperationalError | pgerrors.ReadOnlySqlTransaction
+                      | pgerrors.AdminShutdown | pgerrors.CannotConnectNow)
+
+
+def _describe(exc: BaseException) -> str:
+    """A database error for logs and answers: libpq's own first line (which names hosts,
+    never passwords)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"database: {text}"

@@ -1,0 +1,110 @@
+"""A throwaway PostgreSQL server for the tests: Debian's postgresql package (``make test``
+installs it), ``initdb`` and ``pg_ctl`` on a temp dir, a Unix socket only, fsync left on.
+
+PostgreSQL refuses to run as root, and the tests run as root in CI: the server then runs as
+``nobody`` (its directory handed over to it), the tests connect over the socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+_BINDIRS = "/usr/lib/postgresql/*/bin"
+_counter = itertools.count()
+
+
+def bindir() -> Path:
+    """The newest installed server's bin directory."""
+    def version(initdb: str) -> int:
+        name = Path(initdb).parent.parent.name
+        return int(name) if name.isdigit() else 0
+
+    found = sorted(glob.glob(f"{_BINDIRS}/initdb"), key=version)
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: `make test` installs Debian's "
+                           "postgresql package (apt-get install postgresql)")
+    return Path(found[-1]).parent
+
+
+class PostgresServer:
+    """``start``, ``stop``, ``restart`` (``-m immediate``: a crash as far as clients see),
+    and a fresh database per test from ``database()``."""
+
+    def __init__(self) -> None:
+        self.bin = bindir()
+        self.dir = Path(tempfile.mkdtemp(prefix="hapsms-pg-"))
+        self.data = self.dir / "data"
+        self.socket_dir = self.dir
+        self.user = "hapsms"
+        self._as: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
+            self._as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+
+    def _run(self, *args: str, check: bool = True,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True,
+                              text=True, timeout=120, check=check, cwd=self.dir,
+                              env={**os.environ, **(env or {})}, **self._as)
+
+    def init(self, settings: str = "") -> None:
+        """initdb, and the server's settings (``settings``: more lines of postgresql.conf)."""
+        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust",
+                  "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions")
+        with open(self.data / "postgresql.conf", "a", encoding="utf-8") as fh:
+            fh.write(
+                "listen_addresses = ''\n"
+                f"unix_socket_directories = '{self.socket_dir}'\n"
+                "fsync = on\nsynchronous_commit = on\n"
+                "max_connections = 200\nshared_buffers = 32MB\n"
+                "log_min_messages = warning\n" + settings
+            )
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w",
+                  "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def restart(self, mode: str = "immediate") -> None:
+        self.stop(mode)
+        self.start()
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        """Run one statement as the superuser (writable even where sessions default to
+        read-only); its output."""
+        done = self._run("psql", "-h", str(self.socket_dir), "-U", self.user, "-d", database,
+                         "-v", "ON_ERROR_STOP=1", "-AtXqc", statement,
+                         env={"PGOPTIONS": "-c default_transaction_read_only=off"})
+        return done.stdout.strip()
+
+    def database(self) -> str:
+        """A new, empty database; its libpq URL."""
+        name = f"t{os.getpid()}_{next(_counter)}"
+        self.sql(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    @staticmethod
+    def name(url: str) -> str:
+        """The database a URL of ``database()`` names."""
+        return urlsplit(url).path.lstrip("/")
+
+    def url(self, name: str) -> str:
+        return f"postgresql://{self.user}@/{name}?host={self.socket_dir}"
+
+    def cleanup(self) -> None:
+        self.stop("immediate")
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.dir)

@@ -1,0 +1,226 @@
+"""Relays on PostgreSQL (queue.backend = "postgres"), on a throwaway server: the webhook and
+delivery end to end, several relays on one database, the URL as a secret, multi-host URLs
+with target_session_attrs, the database down or read-only (503, /readyz, reconnect), and
+the queue commands against the database."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from hapsms_relay import config
+from hapsms_relay.errors import ConfigError, StorageError
+from hapsms_relay.outbox import State
+from tests.fakes import FakeAPI
+from tests.helpers import PG_PASSWORD, SMS_BODY, base_config, eventually, http_provider, write_config
+from tests.pg_server import PostgresServer
+from tests.process import run_cli
+
+
+def pg_config(tmp_path: Path, url: str, api: FakeAPI | None = None, **sections: Any) -> dict[str, Any]:
+    """A relay config on the PostgreSQL database ``url``, delivering to ``api`` if given."""
+    queue = {"backend": "postgres", "url": url, "retry_base": "50ms", "retry_max": "200ms",
+             **sections.pop("queue", {})}
+    extra: dict[str, Any] = {}
+    if api is not None:
+        extra = {"providers": [http_provider("api", api.url)], "routes": {"sms": ["api"]}}
+    return base_config(tmp_path, queue=queue, **extra, **sections)
+
+
+def with_password(url: str) -> str:
+    """The URL with a password (trust authentication ignores it): what must never leak."""
+    return url.replace("postgresql://hapsms@", f"postgresql://hapsms:{PG_PASSWORD}@")
+
+
+def _doc(doc: dict[str, Any]) -> dict[str, Any]:
+    doc["queue"].pop("path", None)
+    return doc
+
+
+async def test_relay_on_postgres_end_to_end(tmp_path: Path, pg_url: str, relay_factory: Any,
+                                            session: aiohttp.ClientSession,
+                                            fake_api: FakeAPI) -> None:
+    """A post is stored in PostgreSQL, answered 200 and delivered; the queue commands see it."""
+    doc = _doc(pg_config(tmp_path, with_password(pg_url), fake_api, queue={"node": "pg-1"}))
+    relay = await relay_factory(doc)
+    status, answer = await relay.post(session, SMS_BODY)
+    assert status == 200
+    await eventually(lambda: len(fake_api.accepted) == 1, what="the delivery")
+    assert fake_api.accepted[0].json()["ref"] == answer["ids"][0]
+    await relay.settled(delivered=1)
+    async with session.get(relay.url + "/readyz") as r:
+        assert r.status == 200 and (await r.json())["node"] == "pg-1"
+    path = write_config(tmp_path, doc)
+    code, out, _ = await run_cli("queue", "stats", "--config", str(path))
+    assert code == 0 and "delivered 1" in out and "pending 0" in out
+
+
+async def test_url_is_a_secret(tmp_path: Path, pg_url: str) -> None:
+    """queue.url never shows its password: not in the config's repr, not in check-config."""
+    doc = _doc(pg_config(tmp_path, with_password(pg_url)))
+    path = write_config(tmp_path, doc)
+    cfg = config.load(str(path))
+    assert cfg.queue.url is not None and PG_PASSWORD not in repr(cfg)
+    code, out, err = await run_cli("check-config", "--config", str(path))
+    assert code == 0 and PG_PASSWORD not in out + err
+
+
+@pytest.mark.parametrize(("queue", "says"), [
+    ({"backend": "postgres"}, r"queue\.url: required"),
+    ({"backend": "sqlite", "url": "postgresql:///x"}, r"queue\.url: only used with"),
+    ({"backend": "mysql"}, r"queue\.backend: must be one of"),
+])
+def test_backend_settings_are_checked(tmp_path: Path, queue: dict[str, Any], says: str) -> None:
+    """A wrong backend, or a url without postgres (or postgres without url), names the key."""
+    doc = base_config(tmp_path, queue=queue)
+    if queue.get("backend") == "postgres":
+        doc["queue"].pop("path")
+    with pytest.raises(ConfigError, match=says):
+        config.parse(doc)
+
+
+async def test_multi_host_url_skips_hosts_that_are_down_or_read_only(
+    tmp_path: Path, pg_server: PostgresServer, pg_url: str, relay_factory: Any,
+    session: aiohttp.ClientSession,
+) -> None:
+    """host=DOWN,READ-ONLY,PRIMARY with target_session_attrs=read-write: libpq skips a host
+    that does not answer and one whose sessions are read-only, and the relay writes to the
+    primary, as it would after a failover."""
+    standby = PostgresServer()  # read-only, as a hot standby is
+    standby.init("default_transaction_read_only = on\n")
+    standby.start()
+    try:
+        name = PostgresServer.name(pg_url)
+        standby.sql(f"CREATE DATABASE {name}")
+        url = (f"postgresql://hapsms@/{name}?host={tmp_path}/nothing-here,{standby.socket_dir},"
+               f"{pg_server.socket_dir}&target_session_attrs=read-write&connect_timeout=2")
+        relay = await relay_factory(_doc(pg_config(tmp_path, url)), paused=True)
+        status, answer = await relay.post(session, SMS_BODY)
+        assert status == 200
+        assert pg_server.sql(f"SELECT count(*) FROM hapsms_messages WHERE id = {answer['ids'][0]}",
+                             name) == "1"
+    finally:
+        standby.cleanup()
+
+
+async def test_two_relays_share_one_database(tmp_path: Path, pg_url: str, relay_factory: Any,
+                                             session: aiohttp.ClientSession,
+                                             fake_api: FakeAPI) -> None:
+    """Posts spread over two relays on one database: ids are distinct, and every entry is
+    delivered exactly once between them (no crash, so no resend)."""
+    fake_api.delay = 0.01
+    relays = [await relay_factory(_doc(pg_config(tmp_path, pg_url, fake_api,
+                                                 queue={"node": f"relay-{n}"})))
+              for n in range(2)]
+
+    async def post(i: int) -> list[str]:
+        body = {"Type": 1, "Data": {"Mobiles": [f"1390000{i:04d}"], "Message": f"m{i}"}}
+        status, answer = await relays[i % 2].post(session, body)
+        assert status == 200
+        ids: list[str] = answer["ids"]
+        return ids
+
+    acked = [i for ids in await asyncio.gather(*(post(i) for i in range(200))) for i in ids]
+    assert len(set(acked)) == 200
+    await eventually(lambda: len(fake_api.accepted) >= 200, what="every message delivered")
+    await asyncio.sleep(0)  # nothing more may arrive: each was claimed by one relay only
+    refs = [r.json()["ref"] for r in fake_api.accepted]
+    assert sorted(refs) == sorted(acked)
+
+
+async def test_database_down_then_back(tmp_path: Path, pg_server: PostgresServer, pg_url: str,
+                                       relay_factory: Any, session: aiohttp.ClientSession,
+                                       fake_api: FakeAPI) -> None:
+    """With PostgreSQL stopped a post gets 503 storage_unavailable and /readyz is not ready;
+    once it is back the relay reconnects by itself, accepts and delivers, with no restart."""
+    relay = await relay_factory(_doc(pg_config(tmp_path, pg_url, fake_api)))
+    assert (await relay.post(session, SMS_BODY))[0] == 200
+    await eventually(lambda: len(fake_api.accepted) == 1, what="the first delivery")
+    pg_server.stop("immediate")
+    try:
+        status, body = await relay.post(session, SMS_BODY)
+        assert status == 503 and body["error"] == "storage_unavailable"
+
+        async def not_ready() -> bool:
+            async with session.get(relay.url + "/readyz") as r:
+                detail = await r.json()
+                return r.status == 503 and detail["storage"] == "failing"
+
+        await eventually(not_ready, what="/readyz not ready")
+    finally:
+        pg_server.start()
+
+    async def accepted() -> bool:
+        return (await relay.post(session, SMS_BODY))[0] == 200
+
+    await eventually(accepted, timeout=30, what="accepting again")
+    await eventually(lambda: len(fake_api.accepted) == 2, what="the later post delivered")
+
+    async def ready() -> bool:
+        async with session.get(relay.url + "/readyz") as r:
+            return r.status == 200
+
+    await eventually(ready, what="/readyz ready again")
+
+
+async def test_read_only_database_answers_503(tmp_path: Path, pg_server: PostgresServer,
+                                              pg_url: str, relay_factory: Any,
+                                              session: aiohttp.ClientSession) -> None:
+    """A database that turned read-only (a demoted primary) refuses writes: 503, not ready,
+    no 200 without a commit; writable again, the relay accepts again by itself."""
+    name = PostgresServer.name(pg_url)
+    relay = await relay_factory(_doc(pg_config(tmp_path, pg_url)), paused=True)
+    assert (await relay.post(session, SMS_BODY))[0] == 200
+    pg_server.sql(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+    pg_server.sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+    try:
+        async def refused() -> bool:
+            status, body = await relay.post(session, SMS_BODY)
+            assert status in (503, 200)
+            return status == 503 and body["error"] == "storage_unavailable"
+
+        await eventually(refused, what="503 while read-only")
+    finally:
+        pg_server.sql(f"ALTER DATABASE {name} SET default_transaction_read_only = off")
+
+    async def accepted() -> bool:
+        return (await relay.post(session, SMS_BODY))[0] == 200
+
+    await eventually(accepted, timeout=30, what="accepting again")
+    rows = await relay.relay.outbox.list(None, 100)
+    assert all(r.state == State.PENDING for r in rows)
+
+
+async def test_outcome_write_lost_with_the_database_is_sent_again(
+    tmp_path: Path, pg_server: PostgresServer, pg_url: str, relay_factory: Any,
+    session: aiohttp.ClientSession, fake_api: FakeAPI, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database goes away while a delivery is in flight: its outcome cannot be written,
+    so the entry is sent again once the database is back and its lease ran out, never
+    forgotten (at least once)."""
+    fake_api.delay = 1.0
+    doc = _doc(pg_config(tmp_path, pg_url, fake_api, queue={"lease": "2s"}))
+    relay = await relay_factory(doc)
+    status, answer = await relay.post(session, SMS_BODY)
+    assert status == 200
+    await eventually(lambda: len(fake_api.requests) == 1, what="the send under way")
+    pg_server.stop("immediate")
+    try:
+        await eventually(lambda: len(fake_api.accepted) == 1, what="the send done")
+        await eventually(lambda: "outbox_update_failed" in caplog.text, what="the lost outcome")
+    finally:
+        pg_server.start()
+
+    async def delivered() -> bool:
+        try:
+            rows = await relay.relay.outbox.list(None, 10)
+        except StorageError:  # not reconnected yet
+            return False
+        return [r.state for r in rows] == [State.DELIVERED]
+
+    await eventually(delivered, timeout=30, what="sent again and recorded as delivered")
+    assert [r.json()["ref"] for r in fake_api.accepted] == answer["ids"] * 2
