@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import http_exceptions, web
@@ -47,7 +48,28 @@ def malformed(exc: BaseException | None) -> str:
 
 
 class _Handler(RequestHandler):
-    """aiohttp's connection handler, answering malformed HTTP in the relay's JSON."""
+    """aiohttp's handler of one connection: admitted by the door when the connection is
+    made, and answering malformed HTTP in the relay's JSON."""
+
+    def __init__(self, door: Door, **kwargs: Any) -> None:
+        super().__init__(door, loop=door.loop, **kwargs)
+        self.door = door
+        self.admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio's protocol callback, before aiohttp sets the connection up: a refused one
+        # is closed here and never takes a slot, a task or a header timer
+        if self.door.admit(self, transport):
+            self.admitted = True
+            super().connection_made(transport)
+        else:
+            transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.door.release(self)
+            super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None,
@@ -69,68 +91,103 @@ class _Handler(RequestHandler):
 
 
 class Door(web.Server):
-    """aiohttp's low-level server with per-connection limits (see the module docstring)."""
+    """aiohttp's low-level server with the relay's admission (see the module docstring).
 
-    def __init__(self, handler: Any, cfg: ServerConfig, metrics: Metrics, **kwargs: Any) -> None:
+    aiohttp has no public hook for these jobs, so this reaches into it in two places, and
+    setup.cfg pins aiohttp's major version for them: ``__call__`` (the protocol factory
+    loop.create_server calls) makes ``_Handler``, a ``RequestHandler`` subclass overriding
+    ``handle_error`` (the answer to what the parser refuses) and asyncio's
+    ``connection_made``/``connection_lost``. Everything else is public: the handler's
+    keyword arguments, ``request.protocol``, and the request handler, wrapped to know which
+    connections are idle.
+    """
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                 cfg: ServerConfig, metrics: Metrics) -> None:
+        self.loop = asyncio.get_running_loop()
+        super().__init__(self._serve, loop=self.loop)
+        self._handler = handler
+        self.metrics = metrics
+        self._clients: dict[RequestHandler, str] = {}
+        self._per_client: dict[str, int] = {}
+        # Connections waiting for a request (a first one, or the next on a kept-alive
+        # connection), per address, the longest idle first.
+        self._idle: dict[str, dict[RequestHandler, None]] = {}
+        self._header_timers: dict[RequestHandler, asyncio.TimerHandle] = {}
+        self.set_config(cfg)
+
+    def set_config(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
         # keepalive_timeout: an idle connection, or one dribbling its next request's header,
         # is closed after header_timeout as well. lingering_time: after an answer to a body
         # that was not read whole (413, 408), wait 1s (not aiohttp's 10s) for the rest.
         # auto_decompress off: the webhook refuses a Content-Encoding rather than decoding.
-        super().__init__(handler, request_factory=self._request,
-                         keepalive_timeout=cfg.header_timeout, lingering_time=1.0,
-                         auto_decompress=False, **kwargs)
-        self.cfg = cfg
-        self.metrics = metrics
-        self._clients: dict[RequestHandler, str] = {}
-        self._per_client: dict[str, int] = {}
-        self._waiting: dict[RequestHandler, asyncio.TimerHandle] = {}
+        self._handler_args: dict[str, Any] = {
+            "keepalive_timeout": cfg.header_timeout, "lingering_time": 1.0,
+            "auto_decompress": False,
+        }
 
-    def __call__(self) -> RequestHandler:
-        return _Handler(self, loop=self._loop, **self._kwargs)
+    def __call__(self) -> _Handler:
+        return _Handler(self, **self._handler_args)
 
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
+    def admit(self, handler: RequestHandler, transport: asyncio.BaseTransport) -> bool:
+        """Whether a new connection may stay: there is a slot for it."""
         peer = transport.get_extra_info("peername")
         client = peer[0] if isinstance(peer, tuple) else ""
+        refused = self.metrics.connections_refused
+        n = self._per_client.get(client, 0)
+        if len(self._clients) >= self.cfg.max_connections:
+            refused.labels("max_connections").inc()
+            return False
+        if n >= self.cfg.max_connections_per_client:
+            refused.labels("max_connections_per_client").inc()
+            return False
         self._clients[handler] = client
-        n = self._per_client[client] = self._per_client.get(client, 0) + 1
-        if len(self._clients) > self.cfg.max_connections:
-            self.metrics.connections_refused.labels("max_connections").inc()
-            self._loop.call_soon(handler.force_close)  # once aiohttp has set the connection up
-        elif n > self.cfg.max_connections_per_client:
-            self.metrics.connections_refused.labels("max_connections_per_client").inc()
-            self._loop.call_soon(handler.force_close)
-        else:
-            self._waiting[handler] = self._loop.call_later(
-                self.cfg.header_timeout, self._header_timeout, handler
-            )
+        self._per_client[client] = n + 1
+        self._idle.setdefault(client, {})[handler] = None
+        self._header_timers[handler] = self.loop.call_later(
+            self.cfg.header_timeout, self._header_timeout, handler)
+        return True
 
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        super().connection_lost(handler, exc)
-        timer = self._waiting.pop(handler, None)
+    def release(self, handler: RequestHandler) -> None:
+        """Forget a connection (closed, or being closed by the door): its slot is free."""
+        timer = self._header_timers.pop(handler, None)
         if timer is not None:
             timer.cancel()
         client = self._clients.pop(handler, None)
-        if client is not None:
-            n = self._per_client[client] - 1
-            if n:
-                self._per_client[client] = n
-            else:
-                del self._per_client[client]
+        if client is None:
+            return
+        idle = self._idle[client]
+        idle.pop(handler, None)
+        n = self._per_client[client] - 1
+        if n:
+            self._per_client[client] = n
+        else:
+            del self._per_client[client]
+            del self._idle[client]
 
     def _header_timeout(self, handler: RequestHandler) -> None:
-        if self._waiting.pop(handler, None) is not None:
+        if self._header_timers.pop(handler, None) is not None:
             self.metrics.connections_refused.labels("header_timeout").inc()
             handler.force_close()
 
-    def _request(self, message: Any, payload: Any, protocol: RequestHandler, writer: Any,
-                 task: asyncio.Task[None]) -> web.BaseRequest:
-        # a complete header arrived: the first request's deadline is met (later requests on
-        # the connection are bounded by aiohttp's keepalive_timeout)
-        timer = self._waiting.pop(protocol, None)
+    async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        # A complete header arrived: the first request's deadline is met (later ones on the
+        # connection are bounded by aiohttp's keepalive_timeout), and the connection is busy
+        # until the handler is done, then idle again.
+        protocol = request.protocol
+        timer = self._header_timers.pop(protocol, None)
         if timer is not None:
             timer.cancel()
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        client = self._clients.get(protocol)
+        idle = self._idle.get(client) if client is not None else None
+        if idle is not None:
+            idle.pop(protocol, None)
+        try:
+            return await self._handler(request)
+        finally:
+            if idle is not None and protocol in self._clients:
+                idle[protocol] = None
 
 
 class AddressFilter:

@@ -127,6 +127,7 @@ class Relay:
         self.tls = tls_context(cfg.server) if cfg.server.tls_cert else None
         self.session: aiohttp.ClientSession | None = None
         self.runner: web.ServerRunner | None = None
+        self.door: Door | None = None
         self.address = ""
         self._stack = contextlib.AsyncExitStack()  # what start() opened, for stop() to close
         self._started = False
@@ -163,9 +164,9 @@ class Relay:
         stack.push_async_callback(self._stop_delivery)
         housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
         stack.push_async_callback(_cancel, housekeeping)
-        server = Door(self.webhook, self.config.server, self.metrics)
+        self.door = Door(self.webhook, self.config.server, self.metrics)
         self.runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=self.config.server.shutdown_timeout
+            self.door, handle_signals=False, shutdown_timeout=self.config.server.shutdown_timeout
         )
         await self.runner.setup()
         stack.push_async_callback(self._close_http, self.runner)
