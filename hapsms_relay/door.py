@@ -1,8 +1,12 @@
-"""The front door: connection limits, a header deadline, allowed addresses and TLS.
+"""The front door: allowed addresses, connection limits, a header deadline and TLS.
 
-A slow or hostile client must not starve the others: connections past ``max_connections``
-(or ``max_connections_per_client`` from one address) are closed at once, and a connection
-that has not sent a complete request header within ``header_timeout`` is closed.
+Admission happens when a connection is made, before it takes a slot: an address outside
+``allow_ips`` is closed at once. A slow or hostile client must not starve the others: past
+``max_connections_per_client`` from one address a new connection is closed; when all
+``max_connections`` are taken, the longest idle connection of the address holding the most
+is closed to make room (only when every connection has a request in progress is the new
+one refused); and a connection that has not sent a complete request header within
+``header_timeout`` is closed.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ class _Handler(RequestHandler):
 class Door(web.Server):
     """aiohttp's low-level server with the relay's admission (see the module docstring).
 
-    aiohttp has no public hook for these jobs, so this reaches into it in two places, and
+    aiohttp has no public hook for either job, so this reaches into it in two places, and
     setup.cfg pins aiohttp's major version for them: ``__call__`` (the protocol factory
     loop.create_server calls) makes ``_Handler``, a ``RequestHandler`` subclass overriding
     ``handle_error`` (the answer to what the parser refuses) and asyncio's
@@ -111,13 +115,16 @@ class Door(web.Server):
         self._clients: dict[RequestHandler, str] = {}
         self._per_client: dict[str, int] = {}
         # Connections waiting for a request (a first one, or the next on a kept-alive
-        # connection), per address, the longest idle first.
+        # connection), per address, the longest idle first: what a full door closes.
         self._idle: dict[str, dict[RequestHandler, None]] = {}
         self._header_timers: dict[RequestHandler, asyncio.TimerHandle] = {}
         self.set_config(cfg)
 
     def set_config(self, cfg: ServerConfig) -> None:
+        """Limits and allowed addresses (reload): connections from addresses no longer
+        allowed are closed, a request in progress first."""
         self.cfg = cfg
+        self.allowed = AddressFilter(cfg.allow_ips) if cfg.allow_ips else None
         # keepalive_timeout: an idle connection, or one dribbling its next request's header,
         # is closed after header_timeout as well. lingering_time: after an answer to a body
         # that was not read whole (413, 408), wait 1s (not aiohttp's 10s) for the rest.
@@ -126,21 +133,30 @@ class Door(web.Server):
             "keepalive_timeout": cfg.header_timeout, "lingering_time": 1.0,
             "auto_decompress": False,
         }
+        if self.allowed is not None:
+            for handler, client in list(self._clients.items()):
+                if not self.allowed(client):
+                    self.metrics.connections_refused.labels("allow_ips").inc()
+                    self._close(handler, client)
 
     def __call__(self) -> _Handler:
         return _Handler(self, **self._handler_args)
 
     def admit(self, handler: RequestHandler, transport: asyncio.BaseTransport) -> bool:
-        """Whether a new connection may stay: there is a slot for it."""
+        """Whether a new connection may stay: its address is allowed, and there is a slot
+        for it (an idle connection is closed to make one when the door is full)."""
         peer = transport.get_extra_info("peername")
         client = peer[0] if isinstance(peer, tuple) else ""
         refused = self.metrics.connections_refused
-        n = self._per_client.get(client, 0)
-        if len(self._clients) >= self.cfg.max_connections:
-            refused.labels("max_connections").inc()
+        if self.allowed is not None and not self.allowed(client):
+            refused.labels("allow_ips").inc()
             return False
+        n = self._per_client.get(client, 0)
         if n >= self.cfg.max_connections_per_client:
             refused.labels("max_connections_per_client").inc()
+            return False
+        if len(self._clients) >= self.cfg.max_connections and not self._evict():
+            refused.labels("max_connections").inc()
             return False
         self._clients[handler] = client
         self._per_client[client] = n + 1
@@ -148,6 +164,27 @@ class Door(web.Server):
         self._header_timers[handler] = self.loop.call_later(
             self.cfg.header_timeout, self._header_timeout, handler)
         return True
+
+    def _evict(self) -> bool:
+        """Close an idle connection to make room: of the address holding the most
+        connections, the longest idle; False if every connection has a request going."""
+        victim, most = "", 0
+        for client, idle in self._idle.items():
+            if idle and self._per_client[client] > most:
+                victim, most = client, self._per_client[client]
+        if not most:
+            return False
+        self.metrics.connections_refused.labels("idle_evicted").inc()
+        self._close(next(iter(self._idle[victim])), victim)
+        return True
+
+    def _close(self, handler: RequestHandler, client: str) -> None:
+        idle = handler in self._idle.get(client, ())
+        self.release(handler)
+        if idle:
+            handler.force_close()  # as aiohttp's keep-alive timeout closes an idle one
+        else:
+            handler.close()  # after the request in progress
 
     def release(self, handler: RequestHandler) -> None:
         """Forget a connection (closed, or being closed by the door): its slot is free."""

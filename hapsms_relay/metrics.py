@@ -67,9 +67,6 @@ class Metrics:
             f"{PREFIX}_requests_aborted", "Webhook requests whose client disconnected before "
             "the whole body arrived (nothing stored, not counted in requests_total)", registry=r,
         )
-        self.forbidden = Counter(
-            f"{PREFIX}_forbidden", "Requests from addresses outside server.allow_ips", registry=r,
-        )
         self.connections_refused = Counter(
             f"{PREFIX}_connections_refused", "Connections closed by the front door, by reason",
             ["reason"], registry=r,

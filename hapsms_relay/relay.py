@@ -244,6 +244,8 @@ class Relay:
             # providers they started with, which are closed once those deliveries are done.
             self.config = new
             self.webhook.set_config(new)
+            if self.door is not None:
+                self.door.set_config(new.server)
             self.dispatcher.set_config(new)
             log.LOGGER.setLevel(new.log_level.upper())
             self.reload_error = ""

@@ -20,7 +20,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hapsms_relay import log
 from hapsms_relay.config import Config
-from hapsms_relay.door import AddressFilter
 from hapsms_relay.errors import BadRequest, ClientGone, StorageError
 from hapsms_relay.guard import Admitter
 from hapsms_relay.metrics import Metrics
@@ -68,7 +67,6 @@ class Webhook:
         self.bearer = s.token_header.lower() == "authorization"
         # Compare digests: constant time whatever the length of what the client sent.
         self.token_digests = tuple(hashlib.sha256(t.reveal().encode()).digest() for t in s.tokens)
-        self.allowed = AddressFilter(s.allow_ips) if s.allow_ips else None
         self.guard.set_config(config.limits)
 
     async def drain(self, timeout: float) -> None:
@@ -88,10 +86,6 @@ class Webhook:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
-            if self.allowed is not None and not self.allowed(request.remote):
-                self.metrics.forbidden.inc()
-                raise BadRequest(403, "forbidden", "this address may not use the relay "
-                                 "(server.allow_ips)")
             if request.version not in _HTTP_VERSIONS:  # aiohttp's parser lets 0.9 and 2.0 by
                 raise BadRequest(505, "http_version_not_supported",
                                  "the relay speaks HTTP/1.1 (and 1.0)", {"Connection": "close"})

@@ -22,20 +22,166 @@ async def metrics_text(session: aiohttp.ClientSession, url: str) -> str:
         return await r.text()
 
 
-@pytest.mark.parametrize(("allow", "status"), [
-    (["10.0.0.0/8", "192.168.1.7"], 403),
-    (["10.0.0.0/8", "127.0.0.0/8"], 200),
-    (["::1", "127.0.0.1/32"], 200),
+@pytest.mark.parametrize(("allow", "served"), [
+    (["10.0.0.0/8", "192.168.1.7"], False),
+    (["10.0.0.0/8", "127.0.0.0/8"], True),
+    (["::1", "127.0.0.1/32"], True),
 ])
-async def test_allow_ips(tmp_path: Path, relay_factory, session, allow: list[str], status: int) -> None:
-    """Only clients inside server.allow_ips are served; others get 403 forbidden JSON."""
+async def test_allow_ips(tmp_path: Path, relay_factory, session, allow: list[str],
+                         served: bool) -> None:
+    """Only clients inside server.allow_ips are served; others are closed when they connect,
+    without an answer, and counted."""
     relay = await relay_factory(base_config(tmp_path, server={"allow_ips": allow}))
-    got, body = await relay.post(session, SMS_BODY)
-    assert got == status
-    if status == 403:
-        assert body == {"ok": False, "error": "forbidden",
-                        "detail": "this address may not use the relay (server.allow_ips)"}
-        assert relay.relay.outbox.undelivered == 0
+    if served:
+        assert (await relay.post(session, SMS_BODY))[0] == 200
+        return
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await relay.post(session, SMS_BODY)
+    port = int(relay.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await reader.read() == b""  # closed at once, before any request
+    writer.close()
+    assert relay.relay.outbox.undelivered == 0
+    assert await refused(session, relay, "allow_ips") >= 2
+
+
+async def refused(session: aiohttp.ClientSession, relay: Any, reason: str) -> float:
+    """hapsms_relay_connections_refused_total{reason}, read without using the relay's
+    socket (allow_ips may refuse this client): from its registry."""
+    from prometheus_client import generate_latest
+
+    text = generate_latest(relay.relay.metrics.registry).decode()
+    line = next((x for x in text.splitlines()
+                 if x.startswith(f'hapsms_relay_connections_refused_total{{reason="{reason}"}}')),
+                None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+async def _idle_flood(host: str, port: int, stop: asyncio.Event, opened: list[int]) -> None:
+    """Connections that send nothing, opened again as soon as the relay closes one."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(host, 0))
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        opened[0] += 1
+        try:
+            stop_wait = asyncio.ensure_future(stop.wait())
+            closed = asyncio.ensure_future(reader.read())
+            await asyncio.wait([stop_wait, closed], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            closed.cancel()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def _served(relay: Any, n: int) -> int:
+    """How many of ``n`` requests from 127.0.0.1, each on a new connection, got a 200."""
+    ok = 0
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as client:
+        for i in range(n):
+            try:
+                status, _ = await relay.post(client, {"Type": 1, "Data": {
+                    "Mobiles": [f"138001380{i % 100:02d}"], "Message": "still served"}})
+            except aiohttp.ClientError:
+                continue
+            ok += status == 200
+    return ok
+
+
+async def test_flood_from_outside_allow_ips_takes_no_slot(tmp_path: Path, relay_factory,
+                                                          session) -> None:
+    """With allow_ips = 127.0.0.1/32, idle connections from 8 other addresses, far more than
+    max_connections, are refused when made: every request of the allowed client is served."""
+    relay = await relay_factory(base_config(tmp_path, server={
+        "allow_ips": ["127.0.0.1/32"], "max_connections": 50, "header_timeout": "30s",
+    }), paused=True)
+    port = int(relay.url.rsplit(":", 1)[1])
+    stop = asyncio.Event()
+    opened = [0]
+    flood = [asyncio.create_task(_idle_flood(f"127.0.0.{2 + i % 8}", port, stop, opened))
+             for i in range(400)]
+    try:
+        await eventually(lambda: opened[0] >= 400, what="the flood connected")
+        assert await _served(relay, 40) == 40
+        assert len(relay.relay.runner.server.connections) <= 1
+    finally:
+        stop.set()
+        await asyncio.gather(*flood, return_exceptions=True)
+    assert await refused(session, relay, "allow_ips") >= 400
+
+
+async def test_idle_flood_without_allow_ips_does_not_lock_out(tmp_path: Path, relay_factory,
+                                                              session) -> None:
+    """Without allow_ips, 8 addresses holding every slot with idle connections (reopened as
+    soon as closed) do not lock another client out: a full door closes the longest idle
+    connection of the address holding the most, so each new client's connection stays."""
+    relay = await relay_factory(base_config(tmp_path, server={
+        "max_connections": 100, "max_connections_per_client": 50, "header_timeout": "30s",
+    }), paused=True)
+    port = int(relay.url.rsplit(":", 1)[1])
+    stop = asyncio.Event()
+    opened = [0]
+    flood = [asyncio.create_task(_idle_flood(f"127.0.0.{2 + i % 8}", port, stop, opened))
+             for i in range(400)]
+    try:
+        await eventually(lambda: len(relay.relay.runner.server.connections) >= 100,
+                         what="the flood holding every slot")
+        assert await _served(relay, 40) == 40
+    finally:
+        stop.set()
+        await asyncio.gather(*flood, return_exceptions=True)
+    assert await refused(session, relay, "idle_evicted") >= 40
+
+
+async def test_busy_connections_are_never_evicted(tmp_path: Path, relay_factory) -> None:
+    """A full door whose connections all have a request in progress refuses a new one
+    rather than cutting a request short."""
+    relay = await relay_factory(base_config(tmp_path, server={
+        "max_connections": 3, "body_timeout": "30s"}), paused=True)
+    port = int(relay.url.rsplit(":", 1)[1])
+    body = orjson.dumps(SMS_BODY)
+    held = []
+    for _ in range(3):  # each sends its header and half its body: busy
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /sms/webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     + f"\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n"
+                       "\r\n".encode() + body[:10])
+        held.append((reader, writer))
+    await eventually(lambda: relay.relay.webhook.handling == 3, what="three requests in flight")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await reader.read() == b""  # refused: nobody idle to close
+    writer.close()
+    for reader, writer in held:
+        writer.write(body[10:])
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+
+
+async def test_reload_closes_connections_no_longer_allowed(tmp_path: Path, session) -> None:
+    """A reload that narrows allow_ips closes kept-alive connections from addresses it no
+    longer allows."""
+    from tests.helpers import start_relay
+
+    doc = base_config(tmp_path)
+    path = write_config(tmp_path, doc)
+    relay = await start_relay(doc, paused=True)
+    try:
+        assert (await relay.post(session, SMS_BODY))[0] == 200  # leaves a kept-alive one
+        assert len(relay.relay.runner.server.connections) == 1
+        doc["server"] = {**doc["server"], "allow_ips": ["10.0.0.0/8"]}
+        write_config(tmp_path, doc)
+        assert await relay.relay.reload(str(path)) is None
+        await eventually(lambda: not relay.relay.runner.server.connections,
+                         what="the kept-alive connection closed")
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await relay.post(session, SMS_BODY)
+    finally:
+        await relay.stop()
 
 
 async def test_failed_auth_counted_and_logged_without_token(tmp_path: Path, relay_factory, session,
@@ -175,16 +321,26 @@ async def test_slow_body_gets_408(tmp_path: Path, relay_factory) -> None:
 
 
 async def test_connection_limit(tmp_path: Path, relay_factory, session) -> None:
-    """Past max_connections a new connection is closed at once; closing one makes room."""
+    """Past max_connections a new connection closes the longest idle one (of the address
+    holding the most) and is served; closing connections makes room."""
     relay = await relay_factory(base_config(tmp_path, server={"max_connections": 5}))
     port = int(relay.url.rsplit(":", 1)[1])
-    held: list[Any] = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
-    await eventually(lambda: len(relay.relay.runner.server.connections) == 5, what="5 connections")
+    held: list[Any] = []
+    for _ in range(5):
+        held.append(await asyncio.open_connection("127.0.0.1", port))
+        await eventually(lambda: len(relay.relay.runner.server.connections) == len(held),
+                         what="the connection admitted")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await reader.read() == b""  # closed without a word
+    assert await asyncio.wait_for(held[0][0].read(), 10) == b""  # the longest idle, closed
+    body = orjson.dumps(SMS_BODY)
+    writer.write(b"POST /sms/webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                 + body)
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
     writer.close()
     for _, w in held:
         w.close()
     await eventually(lambda: not relay.relay.runner.server.connections, what="connections closed")
     status, _ = await relay.post(session, SMS_BODY)
     assert status == 200
+    assert await refused(session, relay, "idle_evicted") == 1
