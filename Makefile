@@ -84,6 +84,9 @@ install:
 	  find $(STAGED)/bin -maxdepth 1 -type f -exec grep -lI -F '$(STAGED)' {} + \
 	    | xargs -r sed -i 's|$(STAGED)|$(PREFIX)|g'; fi
 	install -m 0644 README.md $(STAGED)/README.md
+	install -d -m 0755 $(STAGED)/docs/providers
+	install -m 0644 docs/*.md $(STAGED)/docs/
+	install -m 0644 docs/providers/*.md $(STAGED)/docs/providers/
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	for unit in hapsms-relay.service hapsms-relay.socket; do \
 	  sed 's|/opt/hapsms-relay|$(PREFIX)|g' systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit && \
@@ -99,7 +102,7 @@ install:
 	    > $(DESTDIR)$(CONFDIR)/credentials/webhook-token) && \
 	  echo "generated the webhook token: $(CONFDIR)/credentials/webhook-token"; fi
 	$(if $(SYSTEMD_RUNNING),systemctl daemon-reload)
-	@echo "installed hapsms-relay in $(PREFIX); next: see README.md, \"Deploy on a VM\""
+	@echo "installed hapsms-relay in $(PREFIX); next: see $(PREFIX)/docs/operations.md, \"Deploy on a VM\""
 
 # Leaves $(CONFDIR) (config and credentials) and /var/lib/hapsms-relay (the outbox).
 uninstall:

@@ -1,4 +1,4 @@
-"""The README's and the example config's Tencent and Alibaba examples are complete and valid."""
+"""The docs' and the example config's Tencent and Alibaba examples are complete and valid."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from hapsms_relay import config
 from hapsms_relay.providers.aliyun import AliyunProvider
 from hapsms_relay.providers.tencent import TencentProvider
+from tests import docs
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = "您的验证码是123456，感谢您的使用！"
@@ -36,13 +37,14 @@ def check(doc: str, name: str) -> None:
 
 
 def blocks_with(name: str) -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    return [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if f'type = "{name}"' in b]
+    """The toml blocks of docs/providers/ that configure a provider of this type."""
+    pages = sorted((docs.DOCS / "providers").glob("*.md"))
+    return [b for p in pages for b in docs.toml_blocks(p.read_text()) if f'type = "{name}"' in b]
 
 
 @pytest.mark.parametrize("name", ["tencent", "aliyun"])
-def test_readme_example_loads(name: str, credentials: None) -> None:
-    """The README's config example for the provider loads and maps HAP's sample text, for
+def test_docs_example_loads(name: str, credentials: None) -> None:
+    """The provider page's config example loads and maps HAP's sample text, for
     mainland numbers and, with its international mapping, for others."""
     (block,) = [b for b in blocks_with(name) if "[server]" not in b]
     check(block, name)
@@ -52,7 +54,7 @@ def test_readme_example_loads(name: str, credentials: None) -> None:
     assert provider.templates.match(INTL_SAMPLE, "HK") is not None
 
 
-def test_readme_mainland_and_international_example(
+def test_docs_mainland_and_international_example(
     credentials: None, tmp_path: Path
 ) -> None:
     """The complete mainland + international example loads, and each provider has a way to

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import docs
 from tests.fakes import FakeAPI, Reply
 from tests.helpers import (
     AUTH,
@@ -22,8 +23,6 @@ from tests.helpers import (
     http_provider,
     outbox_rows,
 )
-
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 async def test_healthz_and_readyz(tmp_path: Path, relay_factory: Any,
@@ -53,7 +52,7 @@ async def _metrics(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, 
 async def test_metrics_count_what_happened(
     tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI
 ) -> None:
-    """Every metric the README lists exists and counts requests, accepted, delivered, retried
+    """Every metric docs/operations.md lists exists and counts requests, accepted, delivered, retried
     and dead messages, provider calls and the queue depth."""
     fake_api.script.append(Reply(500, "once"))
     doc = base_config(tmp_path, providers=[http_provider("api", fake_api.url)],
@@ -86,12 +85,11 @@ async def test_metrics_count_what_happened(
     assert sum(v for (name, _), v in m.items() if name == "hapsms_relay_requests_total") == 4
 
 
-async def test_readme_lists_the_metrics_there_are(
+async def test_docs_list_the_metrics_there_are(
     tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession
 ) -> None:
-    """The metric names in the README's Metrics section are the ones /metrics exposes."""
-    readme = README.read_text()
-    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    """The metric names in docs/operations.md's Metrics section are the ones /metrics exposes."""
+    section = docs.section(docs.page("docs/operations.md"), "Metrics")
     documented = set(re.findall(r"`(hapsms_relay_[a-z_]+)", section))
     relay = await relay_factory(base_config(tmp_path))
     async with session.get(relay.url + "/metrics") as r:

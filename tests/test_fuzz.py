@@ -79,7 +79,7 @@ _request = st.tuples(
 
 
 def expected_ids(body: bytes) -> int | None:
-    """An oracle written from the README: how many ids a valid body gets, None if invalid."""
+    """An oracle written from docs/webhook.md: how many ids a valid body gets, None if invalid."""
     if len(body) > MAX_BODY:
         return None
     try:
@@ -148,7 +148,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def test_webhook_fuzz(served: Any) -> None:
     """Generated requests never get a 5xx or a traceback; a 200 only for a valid body, with
-    exactly its recipients enqueued; a body the README calls valid is accepted."""
+    exactly its recipients enqueued; a body docs/webhook.md calls valid is accepted."""
     log.setup("warning", stream=io.StringIO())  # 10,000 lines are not worth keeping
     errors = _Errors()
     log.LOGGER.addHandler(errors)

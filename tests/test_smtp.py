@@ -19,6 +19,7 @@ from hapsms_relay.outbox import State
 from hapsms_relay.providers.base import DEFAULT_SIGNATURE_FORMAT, Common, Message, Sent
 from hapsms_relay.providers.smtp import SmtpProvider
 from hapsms_relay.table import Table
+from tests import docs
 from tests.helpers import SMS_BODY, VOICE_BODY, base_config, eventually, to_toml
 from tests.smtp_server import Drop, Hold, SMTPServer
 
@@ -514,10 +515,8 @@ def test_config_defaults(tmp_path: Path) -> None:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _readme_example() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### `smtp`: email-to-SMS gateways", 1)[1]
-    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+def _docs_example() -> str:
+    return docs.toml_blocks(docs.provider_page("smtp"))[0]
 
 
 def _config_example() -> str:
@@ -527,12 +526,13 @@ def _config_example() -> str:
     return "\n".join(line[2:] for line in block.splitlines())
 
 
-@pytest.mark.parametrize("example", [_readme_example, _config_example],
-                         ids=["README", "config.example.toml"])
+@pytest.mark.parametrize("example", [_docs_example, _config_example],
+                         ids=["docs", "config.example.toml"])
 def test_documented_example_is_valid(
     example: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The smtp examples in the README and in systemd/config.example.toml load as written."""
+    """The smtp examples in docs/providers/smtp.md and systemd/config.example.toml load as
+    written."""
     (tmp_path / "mailgw-password").write_text("pw\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     doc = tomllib.loads(example())

@@ -92,8 +92,9 @@ def own_tmp() -> Iterator[Path]:
 
 def test_make_install_destdir_lays_out_what_the_units_expect(own_tmp: Path) -> None:
     """make install DESTDIR=... PREFIX=...: a working venv in PREFIX whose console script is
-    the service's ExecStart, the units (verify-clean), the example config and a private
-    token; a second install keeps an edited config; make uninstall keeps config and token."""
+    the service's ExecStart, the units (verify-clean), the docs they name, the example
+    config and a private token; a second install keeps an edited config; make uninstall
+    keeps config and token."""
     dest, prefix = own_tmp / "root", "/srv/hapsms"
     make = ["make", "-C", str(ROOT), f"DESTDIR={dest}", f"PREFIX={prefix}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
@@ -115,6 +116,13 @@ def test_make_install_destdir_lays_out_what_the_units_expect(own_tmp: Path) -> N
                              capture_output=True, text=True, check=True)
     assert version.stdout.startswith("hapsms-relay ")
     verify(units, prefix, staged, own_tmp / "verify")
+    # What the units' Documentation= points at is installed: the front page and docs/.
+    for unit in (SERVICE, SOCKET):
+        (line,) = [ln for ln in (units / unit).read_text().splitlines()
+                   if ln.startswith("Documentation=")]
+        for uri in line.removeprefix("Documentation=").split():
+            assert (dest / uri.removeprefix("file:///")).is_file(), uri
+    assert (staged / "docs/providers/twilio.md").is_file()
 
     conf = dest / "etc/hapsms-relay"
     assert (conf / "config.toml").read_text() == (UNITS / "config.example.toml").read_text()

@@ -180,7 +180,7 @@ async def test_bad_request_is_refused_cleanly(
 
 
 def test_every_documented_error_code_is_in_the_table() -> None:
-    """The table covers every 4xx error code the README documents for bad input."""
+    """The table covers every 4xx error code docs/webhook.md documents for bad input."""
     covered = {c.error for c in CASES}
     expected = {"invalid_json", "invalid_body", "unknown_type", "invalid_number", "invalid_code",
                 "too_many_recipients", "message_too_long", "unauthorized", "not_found",
