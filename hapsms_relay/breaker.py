@@ -5,6 +5,7 @@ and its outcome closes the circuit or opens it again.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,8 +45,10 @@ class Breakers:
         self.cfg = cfg
         self.clock = clock
         self.metrics = metrics
+        # The one record of each circuit: its state is derived from it and the clock when
+        # asked (allow, /readyz, a metrics scrape), so no copy of it can lag behind the
+        # cool-off and disagree.
         self._circuits: dict[str, _Circuit] = {}
-        self.not_closed: dict[str, str] = {}  # provider -> open / half_open (status line)
 
     def allow(self, name: str) -> float:
         """0 when a call to ``name`` may go now (a probe, if half open); else the seconds
@@ -61,7 +64,6 @@ class Breakers:
         if c.probe_at and now - c.probe_at < self.cfg.cool_off:
             return self.cfg.cool_off - (now - c.probe_at)
         c.probe_at = now
-        self._publish(name, HALF_OPEN)
         return 0.0
 
     def record(self, name: str, outcomes: Sequence[Outcome]) -> None:
@@ -70,11 +72,9 @@ class Breakers:
             return
         c = self._circuits.setdefault(name, _Circuit())
         if any(isinstance(o, Sent | PermanentError) for o in outcomes):
-            if c.failures or c.opened_at or c.probe_at:  # else closed already: nothing to do
-                if c.opened_at:
-                    log.info("circuit_closed", provider=name)
-                c.failures, c.opened_at, c.probe_at = 0, 0.0, 0.0
-                self._publish(name, CLOSED)
+            if c.opened_at:
+                log.info("circuit_closed", provider=name)
+            c.failures, c.opened_at, c.probe_at = 0, 0.0, 0.0
         elif outcomes and all(isinstance(o, TransientError) for o in outcomes):
             c.failures += 1
             last = outcomes[-1]
@@ -85,7 +85,6 @@ class Breakers:
                     log.warning("circuit_open", provider=name, failures=c.failures,
                                 cool_off_s=self.cfg.cool_off)
                 c.opened_at, c.probe_at = self.clock.monotonic(), 0.0
-                self._publish(name, OPEN)
         else:  # the provider could not carry these messages: says nothing of its health
             c.probe_at = 0.0
 
@@ -95,6 +94,7 @@ class Breakers:
         return c.last_error if c is not None else ""
 
     def state(self, name: str) -> str:
+        """closed, open, or half_open once the cool-off has passed (a probe may go)."""
         c = self._circuits.get(name)
         if c is None or not c.opened_at:
             return CLOSED
@@ -106,13 +106,9 @@ class Breakers:
         return {n: self.state(n) for n in names}
 
     def track(self, names: Sequence[str]) -> None:
-        """Show these providers' circuits in the metrics from the start."""
+        """Show these providers' circuits in the metrics: each scrape reads ``state``."""
         for name in names:
-            self._publish(name, self.state(name))
+            self.metrics.circuit.labels(name).set_function(functools.partial(self._gauge, name))
 
-    def _publish(self, name: str, state: str) -> None:
-        self.metrics.circuit.labels(name).set(_GAUGE[state])
-        if state == CLOSED:
-            self.not_closed.pop(name, None)
-        else:
-            self.not_closed[name] = state
+    def _gauge(self, name: str) -> float:
+        return _GAUGE[self.state(name)]

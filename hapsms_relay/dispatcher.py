@@ -42,7 +42,6 @@ class Activity:
     dead: int = 0
     last_error: str = ""
     last_error_at: float = 0.0
-    circuits: dict[str, str] = field(default_factory=dict)  # providers whose circuit is open
 
 
 @dataclass
@@ -83,7 +82,6 @@ class Dispatcher:
             self.budget = Budget(self.config.limits, self.metrics)
         self.breakers = Breakers(self.config.breaker, self.metrics, self.clock)
         self.breakers.track(list(self.config.providers))
-        self.activity.circuits = self.breakers.not_closed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dispatcher")

@@ -163,6 +163,20 @@ class RunningRelay:
 
         await eventually(reached, what=f"{delivered} delivered and {dead} dead entries")
 
+    async def caught_up(self) -> None:
+        """Wait until the relay has done all that is due by its clock's time: nothing in
+        flight and every pending entry due later (how a test moving a ManualClock knows the
+        relay has reacted before it moves the clock again)."""
+        from hapsms_relay.outbox import State
+
+        async def idle() -> bool:
+            if self.relay.dispatcher.inflight or (await self.relay.outbox.stats()).inflight:
+                return False
+            now = self.relay.clock.time()
+            return all(r.due > now for r in await self.relay.outbox.list(State.PENDING, 10_000))
+
+        await eventually(idle, what="the relay to catch up with its clock")
+
     async def stop(self) -> None:
         await self.relay.stop()
 
