@@ -59,7 +59,9 @@ class FakeAPI:
     ``script`` is consumed one action per request; when it is empty, ``respond`` decides
     (by default: 200 ``{"ok": true}``). ``delay`` slows every answer down. ``requests`` has
     every request received; ``accepted`` those answered with a 2xx; ``max_inflight`` is the
-    most requests it was handling at once.
+    most requests it was handling at once. ``hold(n)`` keeps requests waiting until ``n``
+    are in flight at once: a test sees a client reach its concurrency, however slow the
+    machine, instead of hoping a delay is long enough.
     """
 
     def __init__(self, respond: Responder | None = None) -> None:
@@ -70,8 +72,14 @@ class FakeAPI:
         self.delay = 0.0
         self.inflight = 0
         self.max_inflight = 0
+        self._gate: asyncio.Event | None = None
+        self._hold = 0
         self._runner: web.AppRunner | None = None
         self.url = ""
+
+    def hold(self, n: int) -> None:
+        """Hold each request until ``n`` are in flight together; then let every one through."""
+        self._hold, self._gate = n, asyncio.Event()
 
     async def start(self) -> str:
         app = web.Application()
@@ -92,6 +100,10 @@ class FakeAPI:
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
         try:
+            if self._gate is not None:
+                if self.inflight >= self._hold:
+                    self._gate.set()
+                await self._gate.wait()
             return await self._answer(request)
         finally:
             self.inflight -= 1

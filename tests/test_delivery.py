@@ -295,8 +295,10 @@ async def test_provider_concurrency_limit_is_honoured(
     tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI,
     second_api: FakeAPI,
 ) -> None:
-    """No provider is sent more requests at once than its ``concurrency`` setting."""
-    fake_api.delay = second_api.delay = 0.1
+    """No provider is sent more requests at once than its ``concurrency`` setting, and each
+    is sent that many: the fakes hold requests until the limit is in flight."""
+    fake_api.hold(2)
+    second_api.hold(5)
     doc = _doc(tmp_path, [http_provider("a", fake_api.url, concurrency=2),
                           http_provider("b", second_api.url, concurrency=5)],
                routes={"sms": ["a"], "voice": ["b"]})
