@@ -92,12 +92,19 @@ class ManualClock:
         """How many waits are pending (a test advances once the code under test waits)."""
         return sum(1 for _, _, f in self._sleepers if not f.done())
 
+    def _timer(self, seconds: float) -> asyncio.Future[None]:
+        """A future woken once the clock reaches now + ``seconds``, "now" being this call's:
+        a deadline taken later (when a task first runs) could miss an advance in between
+        and wait for one that never comes."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), fut))
+        return fut
+
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:
             await asyncio.sleep(0)
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), fut))
+        fut = self._timer(seconds)
         try:
             await fut
         finally:
@@ -106,11 +113,11 @@ class ManualClock:
     async def wait(self, event: asyncio.Event, timeout: float) -> bool:
         if event.is_set() or timeout <= 0:
             return event.is_set()
+        timer = self._timer(timeout)
         setter = asyncio.ensure_future(event.wait())
-        sleeper = asyncio.ensure_future(self.sleep(timeout))
         try:
-            await asyncio.wait((setter, sleeper), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((setter, timer), return_when=asyncio.FIRST_COMPLETED)
         finally:
             setter.cancel()
-            sleeper.cancel()
+            timer.cancel()
         return event.is_set()

@@ -50,6 +50,17 @@ async def test_manual_wait_returns_on_event_or_timeout() -> None:
     assert clock.waiting == 0
 
 
+async def test_manual_wait_counts_from_its_call() -> None:
+    """A wait's deadline is taken when it is called: a move of the clock right after the
+    call (before any helper task of the wait has run) still ends it."""
+    clock = ManualClock()
+    event = asyncio.Event()
+    waiter = asyncio.ensure_future(clock.wait(event, 5))
+    await asyncio.sleep(0)  # the wait has been called, and nothing more
+    clock.advance(5)
+    assert await asyncio.wait_for(waiter, 5) is False
+
+
 async def test_system_wait_times_out() -> None:
     """The real clock's wait gives up after its timeout with the event unset."""
     assert await SYSTEM.wait(asyncio.Event(), 0.01) is False
