@@ -1,0 +1,142 @@
+"""Daily budgets on a ManualClock: reservations keep concurrent rounds from overshooting,
+what was delivered is counted, warnings come once each, counts are seeded at start and
+forgotten at local midnight; /metrics shows what is left."""
+
+from __future__ import annotations
+
+import time
+
+from hapsms_relay.budget import ALL, Budget, day_start
+from hapsms_relay.clock import ManualClock
+from hapsms_relay.limits import LimitsConfig
+from hapsms_relay.metrics import Metrics
+
+NOON = day_start(time.time()) + 86400 * 2 + 12 * 3600
+
+
+def budget(**cfg: object) -> tuple[Budget, ManualClock, Metrics]:
+    clock, metrics = ManualClock(NOON), Metrics()
+    return Budget(LimitsConfig(**cfg), metrics, clock), clock, metrics  # type: ignore[arg-type]
+
+
+def remaining(metrics: Metrics, name: str) -> float | None:
+    value: float | None = metrics.registry.get_sample_value(
+        "hapsms_relay_budget_remaining", {"provider": name})
+    return value
+
+
+def test_no_budget_no_limit() -> None:
+    """Without budgets every reservation is granted and nothing is shown."""
+    b, _, metrics = budget()
+    assert b.reserve("a", 1000) == 1000 and b.left("a") is None and b.left(ALL) is None
+    assert not b.exhausted() and remaining(metrics, ALL) is None
+
+
+def test_reservations_cap_concurrent_rounds() -> None:
+    """Reserved sends count against the budget until settled: two rounds cannot overshoot."""
+    b, _, metrics = budget(daily_budget=10)
+    assert b.reserve("a", 6) == 6
+    assert b.reserve("b", 6) == 4  # only 4 left while the first round is out
+    assert b.left(ALL) == 0 and b.exhausted()
+    b.settle("a", 6, 2)  # two of six delivered: four freed
+    assert b.left(ALL) == 4 and not b.exhausted()
+    assert remaining(metrics, ALL) == 8  # what is left once reservations settle
+    b.settle("b", 4, 4)
+    assert b.left(ALL) == 4 and remaining(metrics, ALL) == 4
+    assert b.reserve("a", 0) == 0
+
+
+def test_provider_budget_and_overall_budget_both_apply() -> None:
+    """A provider's own budget and the overall one: the smaller of what each leaves."""
+    b, _, metrics = budget(daily_budget=5, provider_budgets={"a": 3})
+    assert remaining(metrics, "a") == 3 and remaining(metrics, ALL) == 5
+    assert b.reserve("a", 10) == 3
+    b.settle("a", 3, 3)
+    assert b.left("a") == 0 and b.left(ALL) == 2
+    assert b.reserve("a", 1) == 0
+    assert b.reserve("b", 10) == 2  # b has no budget of its own: the overall one caps it
+    b.settle("b", 2, 2)
+    assert b.exhausted() and remaining(metrics, ALL) == 0 and remaining(metrics, "a") == 0
+    assert b.left("b") is None
+
+
+def test_settle_never_goes_negative() -> None:
+    """Settling more than was reserved leaves no negative reservation behind."""
+    b, _, _ = budget(daily_budget=10)
+    b.reserve("a", 2)
+    b.settle("a", 5, 0)
+    assert b.left(ALL) == 10
+
+
+def test_warnings_once_each(caplog) -> None:
+    """budget_low once at the warning share, budget_exhausted once when used up."""
+    b, _, _ = budget(daily_budget=10, budget_warning=0.5)
+    for _ in range(4):
+        b.settle("a", b.reserve("a", 1), 1)
+    assert "budget_low" not in caplog.text
+    b.settle("a", b.reserve("a", 1), 1)
+    assert caplog.text.count("budget_low provider=all used=5 budget=10") == 1
+    for _ in range(4):
+        b.settle("a", b.reserve("a", 1), 1)
+    assert caplog.text.count("budget_low") == 1 and "budget_exhausted" not in caplog.text
+    b.settle("a", b.reserve("a", 1), 1)
+    assert caplog.text.count("budget_exhausted provider=all used=10 budget=10 then=hold") == 1
+    b.settle("a", 0, 1)  # delivered past the budget (a round that was out): no new warning
+    assert caplog.text.count("budget_exhausted") == 1
+
+
+def test_refuse_mode_is_named_in_the_warning(caplog) -> None:
+    """over_budget = "refuse": hold is off and the warning says what follows."""
+    b, _, _ = budget(provider_budgets={"a": 1}, over_budget="refuse")
+    assert not b.hold
+    b.settle("a", b.reserve("a", 1), 1)
+    assert "budget_exhausted provider=a used=1 budget=1 then=refuse" in caplog.text
+    assert budget(daily_budget=1)[0].hold
+
+
+def test_nothing_delivered_warns_nothing(caplog) -> None:
+    """A round that delivered nothing does not warn, even at a budget of one."""
+    b, _, _ = budget(daily_budget=1, budget_warning=0.1)
+    b.settle("a", b.reserve("a", 1), 0)
+    assert "budget_" not in caplog.text
+
+
+def test_load_seeds_todays_counts() -> None:
+    """Counts rebuilt from the outbox at start count against today's budgets."""
+    b, _, metrics = budget(daily_budget=10, provider_budgets={"a": 4})
+    b.load({"a": 3, "b": 2, "": 1})  # "": delivered by a provider since removed
+    assert b.left("a") == 1 and b.left(ALL) == 4
+    assert remaining(metrics, "a") == 1 and remaining(metrics, ALL) == 4
+
+
+def test_midnight_forgets_the_day() -> None:
+    """At the next local midnight the counts and warnings start again; not a second before."""
+    b, clock, metrics = budget(daily_budget=2)
+    b.settle("a", b.reserve("a", 2), 2)
+    assert b.exhausted()
+    clock.set(day_start(NOON) + 86400 - 1)
+    assert b.exhausted()
+    clock.advance(1)
+    assert not b.exhausted() and b.left(ALL) == 2 and remaining(metrics, ALL) == 2
+    clock.advance(86400 * 3)  # days without traffic
+    assert b.reserve("a", 5) == 2
+
+
+def test_set_config_applies_new_budgets() -> None:
+    """A reload's budgets apply at once, keeping today's counts."""
+    b, _, metrics = budget(daily_budget=2)
+    b.settle("a", b.reserve("a", 2), 2)
+    assert b.exhausted()
+    b.set_config(LimitsConfig(daily_budget=5))
+    assert b.left(ALL) == 3 and remaining(metrics, ALL) == 3
+    b.set_config(LimitsConfig())
+    assert b.left(ALL) is None and not b.exhausted()
+
+
+def test_day_start_is_local_midnight() -> None:
+    """day_start is the local midnight at or before the given time."""
+    start = day_start(NOON)
+    assert start <= NOON < start + 86400 + 3600
+    assert time.localtime(start)[3:6] == (0, 0, 0)
+    assert day_start(start) == start
+    assert day_start(start - 1) < start
