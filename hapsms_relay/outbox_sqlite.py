@@ -597,6 +597,15 @@ class SQLiteOutbox:
         )
         return stats
 
+    async def durability(self) -> tuple[str, int]:
+        """``journal_mode`` and ``synchronous`` as the writer's own connection has them in
+        force: ("wal", 2), FULL, is what lets a 200 promise the entry is on disk (the WAL
+        is synced at every commit, before any caller's future resolves)."""
+        rows = await self._call(
+            self._op_query, "SELECT * FROM pragma_journal_mode, pragma_synchronous", ()
+        )
+        return str(rows[0][0]), int(rows[0][1])
+
     async def list(self, state: State | None, limit: int) -> builtins.list[Row]:
         where = "WHERE state = ?" if state is not None else ""
         params: tuple[Any, ...] = (int(state), limit) if state is not None else (limit,)

@@ -40,6 +40,20 @@ async def post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int
         return r.status, await r.json(content_type=None), dict(r.headers)
 
 
+async def test_commits_are_synced_before_the_200(tmp_path: Path, relay_factory, session) -> None:
+    """The relay's own outbox connection runs in WAL mode with synchronous = FULL (the WAL is
+    fsynced at every commit, and a 200 waits for its commit), on a new outbox and on one
+    opened again: what the README's "committed to disk" rests on."""
+    relay = await relay_factory(base_config(tmp_path))
+    assert isinstance(relay.relay.outbox, SQLiteOutbox)
+    assert await relay.relay.outbox.durability() == ("wal", 2)
+    status, _ = await relay.post(session, SMS_BODY)
+    assert status == 200
+    await relay.stop()
+    relay = await relay_factory(base_config(tmp_path))
+    assert await relay.relay.outbox.durability() == ("wal", 2)
+
+
 async def test_queue_full_leaves_accepted_untouched(tmp_path: Path, relay_factory, session) -> None:
     """Past max_pending: 503 queue_full with Retry-After; what was accepted is delivered intact."""
     relay = await relay_factory(base_config(tmp_path, queue={"max_pending": 3}), paused=True)
