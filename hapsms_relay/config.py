@@ -70,6 +70,7 @@ class QueueConfig:
     max_pending: int = 1_000_000
     workers: int = 64
     keep_delivered: float = 86400.0
+    housekeeping: float = 30.0  # seconds between rounds of cleanup (delivered entries, keys)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ def _queue(t: Table) -> QueueConfig:
         max_pending=t.integer("max_pending", 1_000_000, min=1),
         workers=t.integer("workers", 64, min=1, max=10_000),
         keep_delivered=t.duration("keep_delivered", "24h"),
+        housekeeping=t.duration("housekeeping", "30s"),
     )
     if cfg.retry_max < cfg.retry_base:
         raise t.error("retry_max", "must not be less than retry_base")

@@ -29,7 +29,6 @@ from hapsms_relay.outbox import Outbox
 from hapsms_relay.providers import Provider
 from hapsms_relay.webhook import Webhook
 
-HOUSEKEEPING_EVERY = 30.0
 # Expired windows and answers are forgotten every second, a chunk at a time with the event
 # loop free between chunks: one pass over a 30 s pile stalled requests for ~65 ms.
 PRUNE_EVERY = 1.0
@@ -340,7 +339,7 @@ class Relay:
 
     async def _housekeep_storage(self) -> None:
         while True:
-            await self.clock.sleep(HOUSEKEEPING_EVERY)
+            await self.clock.sleep(self.config.queue.housekeeping)
             try:
                 # delivered entries are the log the limits count on: keep them long enough
                 keep = max(self.config.queue.keep_delivered, self.config.limits.retention)

@@ -1,11 +1,14 @@
 """Housekeeping forgets what has expired and nothing else: limits windows and dedup answers
 in memory (a chunk at a time), delivered entries and expired answers on disk (in chunks);
-and the start rebuilds windows and answers from the outbox read in chunks."""
+the start rebuilds windows and answers from the outbox read in chunks; and the loop runs
+every queue.housekeeping of the relay's clock."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import aiohttp
 
 from hapsms_relay import guard, outbox_sqlite
 from hapsms_relay.budget import Budget
@@ -13,8 +16,19 @@ from hapsms_relay.clock import ManualClock
 from hapsms_relay.dedup import Replies
 from hapsms_relay.limits import Limiter, LimitsConfig, Window
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox import KIND_SMS, NewEntry
+from hapsms_relay.outbox import KIND_SMS, NewEntry, State
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
+from tests.fakes import FakeAPI
+from tests.helpers import (
+    SMS_BODY,
+    base_config,
+    eventually,
+    http_provider,
+    outbox_rows,
+    outbox_states,
+    settled,
+    start_relay,
+)
 
 DAY = 86400.0
 
@@ -139,3 +153,35 @@ def test_replies_give_back_what_was_stored() -> None:
     assert noted.note == b'[{"mobile":"+1"}]'
     assert r.find([b"plain"], 100.25) is None
     assert isinstance(r.find([b"noted"], 100.25), tuple)
+
+
+async def test_housekeeping_loop_runs_every_interval(
+        tmp_path: Path, session: aiohttp.ClientSession, fake_api: FakeAPI) -> None:
+    """The housekeeping loop itself, every queue.housekeeping of the relay's clock: a
+    delivered entry is kept by the round before it is past keep_delivered and deleted by the
+    first round after, not earlier."""
+    clock = ManualClock(time.time())
+    doc = base_config(tmp_path, providers=[http_provider("api", fake_api.url)],
+                      routes={"sms": ["api"]}, queue={"housekeeping": "45s", "keep_delivered": "1m"})
+    relay = await start_relay(doc, clock=clock)
+    try:
+        status, answer = await relay.post(session, SMS_BODY)
+        assert status == 200
+        await settled(relay, answer["ids"])
+        await relay.caught_up()
+        # the dispatcher, the prune loop and the housekeeping loop, each waiting on the clock
+        await eventually(lambda: clock.waiting >= 3, what="the relay's loops asleep")
+        asleep = clock.waiting
+        clock.advance(45)  # a round: 45 s old, within keep_delivered
+        await eventually(lambda: clock.waiting >= asleep, what="the round over, the loops asleep")
+        assert await outbox_states(tmp_path / "outbox.db") == [State.DELIVERED]
+        clock.advance(44.9)  # past keep_delivered, but no round yet
+        assert await outbox_states(tmp_path / "outbox.db") == [State.DELIVERED]
+        clock.advance(0.1)  # the next round deletes it
+
+        async def deleted() -> bool:
+            return await outbox_rows(tmp_path / "outbox.db") == []
+
+        await eventually(deleted, what="the delivered entry deleted")
+    finally:
+        await relay.stop()
