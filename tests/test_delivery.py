@@ -3,6 +3,7 @@ the random strategy, TTL, dead-lettering, voice fallback and per-provider concur
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hapsms_relay.clock import ManualClock
 from hapsms_relay.dispatcher import backoff
 from hapsms_relay.outbox import State
 from tests.fakes import Action, FakeAPI, Hang, Reply, Reset
@@ -22,6 +24,8 @@ from tests.helpers import (
     http_provider,
     outbox_rows,
     outbox_states,
+    settled,
+    start_relay,
     write_config,
 )
 from tests.process import run_cli
@@ -209,6 +213,36 @@ async def test_ttl_makes_an_entry_dead(
     assert (await relay.post(session, SMS_BODY))[0] == 200
     await eventually(lambda: len(fake_api.accepted) == 1, what="the next message delivered")
     assert len(fake_api.requests) == count + 1
+
+
+async def test_ttl_passed_while_paused_is_dead_without_a_call(
+    tmp_path: Path, session: aiohttp.ClientSession, fake_api: FakeAPI
+) -> None:
+    """Entries whose TTL passed while delivery was paused (``serve --pause-delivery``, then a
+    restart) are dead when claimed, with zero provider calls, from exactly their TTL on; one
+    still inside its TTL is delivered."""
+    clock = ManualClock(time.time())
+    doc = _doc(tmp_path, [http_provider("api", fake_api.url)], queue={"ttl": "10m"})
+    late = {"Type": 1, "Data": {"Mobiles": ["13800138001"], "Message": "in time"}}
+    relay = await start_relay(doc, paused=True, clock=clock)
+    try:
+        status, first = await relay.post(session, SMS_BODY)
+        assert status == 200
+        clock.advance(1)
+        status, second = await relay.post(session, late)
+        assert status == 200
+    finally:
+        await relay.stop()
+    clock.advance(599)  # the first is exactly 10 minutes old, the second has a second left
+    relay = await start_relay(doc, clock=clock)
+    try:
+        rows = await settled(relay, first["ids"] + second["ids"])
+        expired, delivered = rows[first["ids"][0]], rows[second["ids"][0]]
+        assert expired.state == State.DEAD and expired.error == "expired: ttl passed before delivery"
+        assert delivered.state == State.DELIVERED
+        assert [r.json()["to"] for r in fake_api.requests] == ["+8613800138001"]
+    finally:
+        await relay.stop()
 
 
 async def test_all_providers_failing_transiently_retries_through_the_route(
