@@ -4,6 +4,7 @@ number types, daily budgets, dedup and Idempotency-Key, including across a resta
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from hapsms_relay import config
+from hapsms_relay.clock import ManualClock
 from hapsms_relay.limits import Window
 from tests.fakes import FakeAPI
 from tests.helpers import AUTH, base_config, eventually, start_relay
@@ -148,9 +150,12 @@ async def test_premium_and_shared_cost_numbers_refused(tmp_path: Path, relay_fac
 
 
 async def test_number_types_can_be_allowed(tmp_path: Path, relay_factory, session) -> None:
-    """deny_number_types = [] lets a premium-rate number through."""
+    """deny_number_types = [] lets a premium-rate number through: stored and delivered."""
     relay = await relay_factory(limited(tmp_path, deny_number_types=[]))
-    assert (await relay.post(session, sms("+19005550123")))[0] == 200
+    status, body = await relay.post(session, sms("+19005550123"))
+    assert status == 200 and "refused" not in body
+    await eventually(lambda: len(sent(tmp_path)) == 1, what="the premium-rate number delivered")
+    assert sent(tmp_path)[0]["to"] == "+19005550123"
 
 
 async def test_identical_body_is_acknowledged_again(tmp_path: Path, relay_factory, session) -> None:
@@ -179,15 +184,19 @@ async def test_concurrent_duplicates_send_once(tmp_path: Path, relay_factory, se
 
 
 async def test_dedup_window_expires(tmp_path: Path, relay_factory, session) -> None:
-    """After dedup_window the same body is a new message."""
-    relay = await relay_factory(limited(tmp_path, dedup_window="200ms"))
+    """Inside dedup_window the same body is a duplicate (the first ids, nothing sent again);
+    from the window's end on it is a new message."""
+    clock = ManualClock(time.time())
+    relay = await relay_factory(limited(tmp_path, dedup_window="10s"), clock=clock)
     _, first = await relay.post(session, sms("13800138000"))
-
-    async def new_ids() -> bool:
-        _, body = await relay.post(session, sms("13800138000"))
-        return "duplicate" not in body and body["ids"] != first["ids"]
-
-    await eventually(new_ids, what="a fresh acceptance after the window")
+    clock.advance(9.999)
+    status, again = await relay.post(session, sms("13800138000"))
+    assert status == 200 and again == {**first, "duplicate": True}
+    clock.advance(0.001)
+    status, fresh = await relay.post(session, sms("13800138000"))
+    assert status == 200 and "duplicate" not in fresh and fresh["ids"] != first["ids"]
+    await eventually(lambda: len(sent(tmp_path)) == 2, what="two deliveries")
+    assert await metric(session, relay.url, "hapsms_relay_duplicates_total") == 1
 
 
 async def test_idempotency_key_across_restart(tmp_path: Path, session) -> None:

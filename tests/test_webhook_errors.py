@@ -13,8 +13,18 @@ import aiohttp
 import orjson
 import pytest
 
+from hapsms_relay.outbox import State
 from tests.fakes import FakeAPI
-from tests.helpers import AUTH, SMS_BODY, TOKEN, TOKEN2, base_config, eventually, outbox_rows
+from tests.helpers import (
+    AUTH,
+    SMS_BODY,
+    TOKEN,
+    TOKEN2,
+    base_config,
+    eventually,
+    outbox_rows,
+    settled,
+)
 
 
 def _body(data: dict[str, Any], kind: Any = 1) -> bytes:
@@ -217,10 +227,15 @@ async def test_rotation_accepts_every_configured_token(
 async def test_token_header_mode_accepts_the_raw_token(
     tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession
 ) -> None:
-    """With ``token_header = "X-Api-Key"`` the raw token in that header is accepted."""
+    """With ``token_header = "X-Api-Key"`` the raw token in that header is accepted: the
+    message is stored and delivered; the same token as a Bearer header is not."""
     relay = await relay_factory(base_config(tmp_path, server={"token_header": "X-Api-Key"}))
     status, body = await relay.post(session, SMS_BODY, {"X-Api-Key": TOKEN})
     assert status == 200 and body["ok"] is True
+    rows = await settled(relay, body["ids"])
+    assert rows[body["ids"][0]].state == State.DELIVERED
+    status, body = await relay.post(session, SMS_BODY, {"Authorization": f"Bearer {TOKEN}"})
+    assert (status, body["error"]) == (401, "unauthorized")
 
 
 async def test_unauthenticated_when_allowed(
@@ -230,8 +245,10 @@ async def test_unauthenticated_when_allowed(
     doc = base_config(tmp_path)
     doc["server"] = {"listen": "127.0.0.1:0", "allow_unauthenticated": True}
     relay = await relay_factory(doc)
-    status, _ = await relay.post(session, SMS_BODY, {})
+    status, body = await relay.post(session, SMS_BODY, {})
     assert status == 200
+    rows = await settled(relay, body["ids"])
+    assert rows[body["ids"][0]].state == State.DELIVERED
 
 
 async def test_shutting_down_answers_503(
