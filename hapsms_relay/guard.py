@@ -4,7 +4,9 @@
 path), then ``commit`` or ``abort`` closes the admission once the enqueue has committed or
 failed, so concurrent requests see each other's reservations and duplicates of a body being
 stored wait for its answer. ``Guard`` is the in-memory implementation, rebuilt from the
-outbox at start: right for one relay on its own outbox.
+outbox at start: right for one relay on its own outbox. ``SharedGuard`` leaves duplicates
+and windows to the transaction of the enqueue itself (``CheckingQueue``), so that they hold
+across the relays that share a database.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.dedup import Replies, Reply, body_key, header_key
 from hapsms_relay.limits import RATE_LIMITED, Limiter, LimitsConfig, Refusal
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox import NewEntry, Queue
+from hapsms_relay.outbox import Checked, CheckingQueue, History, NewEntry, Queue
 
 LOAD_CHUNK = 10_000  # rows read at a time at start
 
@@ -34,6 +36,8 @@ class Admission:
     keys: list[tuple[bytes, float]] = field(default_factory=list)  # stored with the entries
     at: float = 0.0
     duplicate: Reply | asyncio.Future[Reply | None] | None = None
+    #: decided by the storage in the enqueue's transaction: ``Admitter.store`` stores it
+    deferred: bool = False
 
     def note(self) -> bytes:
         """The refused recipients as the response lists them (JSON), or b""."""
@@ -63,6 +67,9 @@ class Admitter(Protocol):
 
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         """Forget up to ``limit`` expired things; return how many."""
+
+    async def store(self, adm: Admission, ttl: float) -> Checked:
+        """Enqueue a ``deferred`` admission, deciding it in the same transaction."""
 
 
 class Guard:
@@ -152,3 +159,87 @@ class Guard:
         if self._full and not self.limiter.sketched:
             self._full = False
         return n + self.replies.prune(now, limit - n)
+
+    async def store(self, adm: Admission, ttl: float) -> Checked:
+        raise NotImplementedError("Guard admissions are never deferred")
+
+
+class SharedGuard:
+    """``Admitter`` for relays sharing a database: countries, number types and the budget's
+    refusal are decided here, duplicates and per-number windows in the enqueue's own
+    transaction (numbers locked, keys unique, windows counted from an index), so the same
+    body posted to two relays at once is stored once, and windows hold in total."""
+
+    def __init__(self, cfg: LimitsConfig, budget: Budget, metrics: Metrics, outbox: CheckingQueue,
+                 clock: Clock = SYSTEM) -> None:
+        self.clock = clock
+        self.budget = budget
+        self.metrics = metrics
+        self.outbox = outbox
+        self.set_config(cfg)
+
+    def set_config(self, cfg: LimitsConfig) -> None:
+        self.cfg = cfg
+        self._rules = Limiter(cfg)  # never takes: its checks are countries and number types
+        self.budget.set_config(cfg)
+
+    def admit(self, entries: Sequence[NewEntry], idempotency_key: str | None) -> Admission:
+        now = self.clock.time()
+        cfg = self.cfg
+        adm = Admission(at=now, deferred=True)
+        if idempotency_key is not None:
+            adm.keys.append((header_key(idempotency_key), now + cfg.idempotency_ttl))
+        if cfg.dedup_window > 0:
+            adm.keys.append((body_key(entries), now + cfg.dedup_window))
+        over = None
+        if not self.budget.hold and self.budget.exhausted():
+            over = Refusal(RATE_LIMITED, 429, f"the daily budget of {cfg.daily_budget} messages "
+                           "is used up (limits.daily_budget)")
+        for e in entries:
+            refusal = over or self._rules.check(e.kind, e.recipient, e.region, now, e.number_type)
+            if refusal is None:
+                adm.entries.append(e)
+            else:
+                adm.refused.append((e, refusal))
+                self.metrics.refused.labels(refusal.code).inc()
+        return adm
+
+    async def store(self, adm: Admission, ttl: float) -> Checked:
+        cfg, now = self.cfg, adm.at
+        refused_here = list(adm.refused)
+
+        def history() -> History:
+            return Limiter(cfg)
+
+        def decide(book: History) -> tuple[list[NewEntry], bytes]:
+            assert isinstance(book, Limiter)
+            admitted: list[NewEntry] = []
+            adm.refused = list(refused_here)  # decided again if the transaction is retried
+            for e in adm.entries:
+                refusal = book.check(e.kind, e.recipient, e.region, now, e.number_type or "-")
+                if refusal is None:
+                    admitted.append(e)
+                    book.take(e.kind, e.recipient, now)
+                else:
+                    adm.refused.append((e, refusal))
+            return admitted, adm.note()
+
+        done = await self.outbox.enqueue_checked(
+            adm.entries, ttl, keys=adm.keys, since=now - cfg.retention, history=history,
+            decide=decide)
+        for _, refusal in adm.refused[len(refused_here):]:
+            self.metrics.refused.labels(refusal.code).inc()
+        return done
+
+    def commit(self, adm: Admission, ids: Sequence[int]) -> None:
+        pass  # in the database already
+
+    def abort(self, adm: Admission) -> None:
+        pass  # nothing was reserved here
+
+    async def load(self, outbox: Queue) -> None:
+        """Today's budget use (budgets are still counted per relay)."""
+        self.budget.load(await outbox.delivered_since(day_start(self.clock.time())))
+
+    def prune(self, now: float, limit: int = 1 << 62) -> int:
+        return 0

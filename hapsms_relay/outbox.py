@@ -10,10 +10,10 @@ and an entry is claimed by one owner for a lease that the owner renews while it 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 class State(IntEnum):
@@ -167,6 +167,42 @@ class Queue(Protocol):
 
     async def delivered_since(self, since: float) -> dict[str, int]:
         """Entries delivered since ``since``, by provider."""
+
+
+class History(Protocol):
+    """What admission decided inside the enqueue's transaction knows: the entries stored
+    for the recipients of a batch, loaded as (id, kind, recipient, accepted at)."""
+
+    def load(self, rows: Iterable[tuple[int, int, str, float]]) -> object: ...
+
+
+#: One body's decision against a batch's history: the entries to store, the refused note.
+Decide = Callable[[History], tuple[list[NewEntry], bytes]]
+
+
+class Checked(NamedTuple):
+    """What ``enqueue_checked`` stored: the ids (none if everything was refused) and the
+    refused note, or, with ``duplicate``, the answer a key already had."""
+
+    ids: Sequence[int]
+    note: bytes
+    duplicate: bool
+
+
+@runtime_checkable
+class CheckingQueue(Queue, Protocol):
+    """A queue that several relays share decides duplicates and windows in the enqueue's
+    own transaction, so that they hold across the relays."""
+
+    async def enqueue_checked(
+        self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]],
+        since: float, history: Callable[[], History], decide: Decide,
+    ) -> Checked:
+        """In one transaction, with the recipients locked across writers: if a live key
+        already answers, that answer (nothing stored); else the history of the recipients
+        since ``since`` is loaded into ``history()`` (one per transaction, shared by the
+        bodies of a batch in order), ``decide`` picks what is stored, and the keys answer
+        for it (not stored if nothing was)."""
 
 
 class Admin(Protocol):

@@ -17,7 +17,7 @@ import asyncio
 import builtins
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -25,12 +25,13 @@ from psycopg import errors as pgerrors
 from hapsms_relay import log
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.errors import StorageError
-from hapsms_relay.outbox import Entry, NewEntry, Row, State, Stats
+from hapsms_relay.outbox import Checked, Decide, Entry, History, NewEntry, Row, State, Stats
 from hapsms_relay.secret import Secret
 
 SCHEMA_VERSION = 1
-# One key for every relay of every version: schema changes are made by one at a time.
-_SCHEMA_LOCK = 0x48415053_0001
+# One key for every relay of every version: schema changes are made by one at a time. Two
+# int4 keys: a space apart from the one-bigint keys that lock phone numbers (admission).
+_SCHEMA_LOCK = (0x48415053, 1)
 _RECONNECT_EVERY = 1.0  # seconds between attempts while the database is unreachable
 _CONNECT_TIMEOUT = 5
 
@@ -66,6 +67,8 @@ CREATE INDEX IF NOT EXISTS hapsms_inflight_lease ON hapsms_messages (lease) WHER
 CREATE INDEX IF NOT EXISTS hapsms_dead_id ON hapsms_messages (id) WHERE state = 3;
 -- ids from several relays do not follow acceptance time: windows and cleanup read this
 CREATE INDEX IF NOT EXISTS hapsms_created ON hapsms_messages (created);
+-- per-number windows across relays count from here (admission in the enqueue)
+CREATE INDEX IF NOT EXISTS hapsms_recipient ON hapsms_messages (recipient, created);
 CREATE TABLE IF NOT EXISTS hapsms_replies (
     pos     bigserial PRIMARY KEY,
     key     bytea    NOT NULL UNIQUE,
@@ -112,8 +115,24 @@ class _Op:
                  fut: asyncio.Future[Any]) -> None:
         self.fn = fn  # a function of the connection, or None for an enqueue or a merged write
         self.sql = sql  # a write merged with its like (executemany); None: an enqueue
-        self.args = args
+        self.args = args  # an enqueue's: _Enqueue
         self.fut = fut
+
+
+class _Same(NamedTuple):
+    first: int  # the index in the batch of the body this one duplicates
+
+
+class _Enqueue:
+    """One enqueue of a batch; ``decide`` set: admission decided in the transaction."""
+
+    __slots__ = ("decide", "entries", "history", "keys", "note", "now", "since", "ttl")
+
+    def __init__(self, entries: Sequence[NewEntry], now: float, ttl: float,
+                 keys: Sequence[tuple[bytes, float]], note: bytes, since: float = 0.0,
+                 history: Callable[[], History] | None = None, decide: Decide | None = None) -> None:
+        self.entries, self.now, self.ttl, self.keys, self.note = entries, now, ttl, keys, note
+        self.since, self.history, self.decide = since, history, decide
 
 
 class PostgresOutbox:
@@ -188,7 +207,7 @@ class PostgresOutbox:
         """Create or upgrade the schema, one relay at a time (an advisory lock held to the
         end of the transaction), refusing a schema newer than this relay knows."""
         try:
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _SCHEMA_LOCK)
             await conn.execute(_SCHEMA)
             cur = await conn.execute("SELECT value FROM hapsms_meta WHERE key = 'schema'")
             row = await cur.fetchone()
@@ -244,6 +263,7 @@ class PostgresOutbox:
             # one op's data was refused: the others should not fail with it
             with contextlib.suppress(Exception):
                 await conn.rollback()
+            log.warning("database_batch_failed", error=_describe(exc), ops=len(batch))
             if len(batch) == 1:
                 _fail(batch, StorageError(_describe(exc)))
                 return
@@ -275,31 +295,117 @@ class PostgresOutbox:
         await conn.commit()
         return results
 
-    async def _insert(self, conn: Conn, ops: list[_Op]) -> list[list[int]]:
-        """Every enqueue of the batch: its ids from the sequence, all rows in one INSERT."""
-        total = sum(len(op.args[0]) for op in ops)
-        cur = await conn.execute(
-            "SELECT nextval('hapsms_messages_id_seq') FROM generate_series(1, %s)", (total,))
-        fresh = [r[0] for r in await cur.fetchall()]
+    async def _insert(self, conn: Conn, ops: list[_Op]) -> list[Any]:
+        """Every enqueue of the batch: admission for those that ask for it, their ids from
+        the sequence, all rows in one INSERT, the keys' answers; each op's result."""
+        reqs: list[_Enqueue] = [op.args for op in ops]
+        checked = [r for r in reqs if r.decide is not None]
+        results: list[Any] = [None] * len(reqs)
+        stored: list[Sequence[NewEntry]] = [r.entries for r in reqs]
+        notes = [r.note for r in reqs]
+        if checked:
+            await self._admit(conn, reqs, results, stored, notes)
+        total = sum(len(e) for e in stored)
+        fresh: list[int] = []
+        if total:
+            cur = await conn.execute(
+                "SELECT nextval('hapsms_messages_id_seq') FROM generate_series(1, %s)", (total,))
+            fresh = [r[0] for r in await cur.fetchall()]
         cols: list[list[Any]] = [[] for _ in range(13)]
         replies: list[tuple[Any, ...]] = []
-        out: list[list[int]] = []
+        answers: list[tuple[Any, ...]] = []
         at = 0
-        for op in ops:
-            entries, now, ttl, keys, note = op.args
+        for n, r in enumerate(reqs):
+            if results[n] is not None:  # a duplicate
+                continue
+            entries = stored[n]
             ids = fresh[at : at + len(entries)]
             at += len(entries)
-            out.append(ids)
             for i, e in zip(ids, entries, strict=True):
-                for col, value in zip(cols, (i, ids[0], *e[:7], now, now, now + ttl, now),
+                for col, value in zip(cols, (i, ids[0], *e[:7], r.now, r.now, r.now + r.ttl, r.now),
                                       strict=True):
                     col.append(value)
-            replies.extend((k, ids, note, exp, now) for k, exp in keys)
-        await conn.execute(_INSERT, cols)
-        if replies:
-            async with conn.cursor() as c:
+            if r.decide is None:
+                replies.extend((k, ids, r.note, exp, r.now) for k, exp in r.keys)
+            elif ids:  # the keys claimed in _admit now answer for these ids
+                answers.extend((ids, notes[n], k) for k, _ in r.keys)
+            results[n] = Checked(ids, notes[n], False) if r.decide is not None else ids
+        for n, res in enumerate(results):
+            if isinstance(res, _Same):  # the earlier body's answer (its refusal, if refused)
+                ids, note, _ = results[res.first]
+                results[n] = Checked(ids, note, bool(ids))
+        if total:
+            await conn.execute(_INSERT, cols)
+        async with conn.cursor() as c:
+            if replies:
                 await c.executemany(_INSERT_REPLY, replies)
-        return out
+            if answers:
+                await c.executemany(
+                    "UPDATE hapsms_replies SET ids = %s, note = %s WHERE key = %s", answers)
+        return results
+
+    async def _admit(self, conn: Conn, reqs: list[_Enqueue], results: list[Any],
+                     stored: list[Sequence[NewEntry]], notes: list[bytes]) -> None:
+        """Admission in the transaction: the batch's numbers locked (in order: no deadlock
+        between relays), its keys claimed (a key another relay holds is its answer), the
+        numbers' history loaded, then each body decided in turn."""
+        checked = [n for n, r in enumerate(reqs) if r.decide is not None]
+        numbers = sorted({int(e.recipient) for n in checked for e in reqs[n].entries})
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest(%s::bigint[]) AS k) s", (numbers,))
+        now = min(reqs[n].now for n in checked)
+        owner: dict[bytes, int] = {}  # key -> the first body of the batch that has it
+        claims: list[tuple[bytes, float]] = []
+        for n in checked:
+            for k, exp in reqs[n].keys:
+                if k not in owner:
+                    owner[k] = n
+                    claims.append((k, exp))
+        held: dict[bytes, tuple[Any, ...]] = {}
+        mine: set[bytes] = set()  # keys this transaction holds (placeholders to fill or drop)
+        if claims:
+            cur = await conn.execute(
+                "INSERT INTO hapsms_replies (key, ids, note, expires) SELECT k, '{}', '', e "
+                "FROM unnest(%s::bytea[], %s::float8[]) AS c(k, e) ON CONFLICT (key) DO UPDATE "
+                "SET ids = '{}', note = '', expires = excluded.expires "
+                "WHERE hapsms_replies.expires <= %s RETURNING key",
+                ([k for k, _ in claims], [e for _, e in claims], now))
+            mine = {bytes(r[0]) for r in await cur.fetchall()}
+            others = [k for k, _ in claims if k not in mine]
+            if others:
+                cur = await conn.execute(
+                    "SELECT key, ids, note, expires FROM hapsms_replies WHERE key = ANY(%s)",
+                    (others,))
+                held = {bytes(r[0]): tuple(r[1:]) for r in await cur.fetchall()}
+        history = reqs[checked[0]].history
+        assert history is not None
+        book = history()
+        since = min(reqs[n].since for n in checked)
+        cur = await conn.execute(
+            "SELECT id, kind, recipient, created FROM hapsms_messages WHERE recipient = ANY(%s) "
+            "AND created >= %s ORDER BY created, id",
+            ([e.recipient for n in checked for e in reqs[n].entries], since))
+        book.load(await cur.fetchall())
+        release: list[bytes] = []
+        for n in checked:
+            r = reqs[n]
+            answer = next((held[k] for k, _ in r.keys if k in held), None)
+            first = next((owner[k] for k, _ in r.keys if owner[k] != n), None)
+            if answer is not None:
+                results[n] = Checked(list(answer[0]), bytes(answer[1]), True)
+                stored[n] = []
+                release += [k for k, _ in r.keys if owner[k] == n and k in mine]
+                continue
+            if first is not None:  # a duplicate of an earlier body of this batch
+                results[n] = _Same(first)
+                stored[n] = []
+                continue
+            assert r.decide is not None
+            stored[n], notes[n] = r.decide(book)
+            if not stored[n]:
+                release += [k for k, _ in r.keys if owner[k] == n and k in mine]
+        if release:
+            await conn.execute("DELETE FROM hapsms_replies WHERE key = ANY(%s)", (release,))
 
     async def _usable(self) -> Conn | None:
         """The connection, reconnecting (at most once a second) if it was lost."""
@@ -328,9 +434,20 @@ class PostgresOutbox:
         self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
         note: bytes = b"",
     ) -> list[int]:
-        ids: list[int] = await self._submit(None, None, (entries, self.clock.time(), ttl, keys, note))
+        ids: list[int] = await self._submit(
+            None, None, _Enqueue(entries, self.clock.time(), ttl, keys, note))
         self._undelivered += len(ids)
         return ids
+
+    async def enqueue_checked(
+        self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]],
+        since: float, history: Callable[[], History], decide: Decide,
+    ) -> Checked:
+        done: Checked = await self._submit(
+            None, None, _Enqueue(entries, self.clock.time(), ttl, keys, b"", since, history, decide))
+        if not done.duplicate:
+            self._undelivered += len(done.ids)
+        return done
 
     async def claim(self, owner: str, limit: int, now: float, lease: float) -> list[Entry]:
         until = now + lease

@@ -23,9 +23,9 @@ from hapsms_relay.config import Config
 from hapsms_relay.dispatcher import Dispatcher
 from hapsms_relay.door import Door, load_certificate, tls_context
 from hapsms_relay.errors import ConfigError, StorageError
-from hapsms_relay.guard import Admitter, Guard
+from hapsms_relay.guard import Admitter, Guard, SharedGuard
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox import Outbox
+from hapsms_relay.outbox import CheckingQueue, Outbox
 from hapsms_relay.providers import Provider
 from hapsms_relay.webhook import Webhook
 
@@ -117,8 +117,11 @@ class Relay:
         self.owner = storage.owner(cfg.queue.node)
         # one budget: the dispatcher spends it, the webhook refuses when it is used up
         budget = Budget(cfg.limits, self.metrics, clock)
-        # in memory, per process (guard.py); limits across relays need the database's own
-        self.guard: Admitter = Guard(cfg.limits, budget, self.metrics, clock)
+        # a storage several relays share decides duplicates and windows itself (guard.py)
+        self.guard: Admitter = (
+            SharedGuard(cfg.limits, budget, self.metrics, self.outbox, clock)
+            if isinstance(self.outbox, CheckingQueue)
+            else Guard(cfg.limits, budget, self.metrics, clock))
         self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=budget,
                                      clock=clock, owner=self.owner)
         self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready,

@@ -168,8 +168,12 @@ class Webhook:
         note = adm.note()
         self.storing += n
         try:
-            ids = await self.outbox.enqueue(entries, self.config.queue.ttl, keys=adm.keys,
-                                            note=note)
+            if adm.deferred:  # duplicates and windows decided in the enqueue's transaction
+                done = await self.guard.store(adm, self.config.queue.ttl)
+                ids, note = done.ids, done.note
+            else:
+                ids = await self.outbox.enqueue(entries, self.config.queue.ttl, keys=adm.keys,
+                                                note=note)
         except BaseException as exc:
             self.storing -= n
             self.guard.abort(adm)
@@ -180,6 +184,12 @@ class Webhook:
                              "the relay cannot write its outbox; retry later",
                              {"Retry-After": "10"}) from None
         self.storing -= n
+        if adm.deferred and (done.duplicate or not ids):
+            if done.duplicate:
+                self.metrics.duplicates.inc()
+                return self.answer(ids, note, duplicate=True)
+            first = adm.refused[0][1]
+            raise BadRequest(first.status, first.code, first.detail, refused=note)
         self.guard.commit(adm, ids)
         self.notify()
         kind = "voice" if entries[0].kind == KIND_VOICE else "sms"

@@ -16,7 +16,7 @@ from hapsms_relay import config
 from hapsms_relay.errors import ConfigError, StorageError
 from hapsms_relay.outbox import State
 from tests.fakes import FakeAPI
-from tests.helpers import PG_PASSWORD, SMS_BODY, base_config, eventually, http_provider, write_config
+from tests.helpers import AUTH, PG_PASSWORD, SMS_BODY, base_config, eventually, http_provider, write_config
 from tests.pg_server import PostgresServer
 from tests.process import run_cli
 
@@ -224,3 +224,63 @@ async def test_outcome_write_lost_with_the_database_is_sent_again(
 
     await eventually(delivered, timeout=30, what="sent again and recorded as delivered")
     assert [r.json()["ref"] for r in fake_api.accepted] == answer["ids"] * 2
+
+
+async def _relays(n: int, tmp_path: Path, url: str, relay_factory: Any, **sections: Any) -> list[Any]:
+    return [await relay_factory(_doc(pg_config(tmp_path, url, queue={"node": f"relay-{i}"},
+                                               **sections)), paused=True)
+            for i in range(n)]
+
+
+async def test_duplicates_hold_across_relays(tmp_path: Path, pg_url: str, relay_factory: Any,
+                                             session: aiohttp.ClientSession) -> None:
+    """The same body posted to two relays at the same moment, twenty bodies at once: each is
+    stored once and both answers carry the same ids (one of them marked duplicate)."""
+    relays = await _relays(2, tmp_path, pg_url, relay_factory,
+                           limits={"sms": [], "voice": [], "dedup_window": "10s"})
+
+    async def both(i: int) -> list[Any]:
+        body = {"Type": 1, "Data": {"Mobiles": [f"1390000{i:04d}", f"1370000{i:04d}"],
+                                    "Message": f"m{i}"}}
+        return list(await asyncio.gather(relays[0].post(session, body), relays[1].post(session, body)))
+
+    for (s1, a1), (s2, a2) in await asyncio.gather(*(both(i) for i in range(20))):
+        assert s1 == s2 == 200
+        assert a1["ids"] == a2["ids"] and len(a1["ids"]) == 2
+        assert [bool(a1.get("duplicate")), bool(a2.get("duplicate"))].count(True) == 1
+    assert (await relays[0].relay.outbox.stats()).pending == 40
+
+
+async def test_idempotency_key_holds_across_relays(tmp_path: Path, pg_url: str, relay_factory: Any,
+                                                   session: aiohttp.ClientSession) -> None:
+    """One Idempotency-Key posted to three relays at once (different bodies even): stored
+    once, every answer has the same ids."""
+    relays = await _relays(3, tmp_path, pg_url, relay_factory)
+    headers = {**AUTH, "Idempotency-Key": "order-7781"}
+    answers = await asyncio.gather(*(
+        r.post(session, {"Type": 1, "Data": {"Mobiles": ["13800138000"], "Message": f"m{i}"}},
+               headers) for i, r in enumerate(relays * 3)))
+    assert {s for s, _ in answers} == {200}
+    assert len({tuple(a["ids"]) for _, a in answers}) == 1
+    assert sum(1 for _, a in answers if not a.get("duplicate")) == 1
+    assert (await relays[0].relay.outbox.stats()).pending == 1
+
+
+async def test_windows_hold_across_relays(tmp_path: Path, pg_url: str, relay_factory: Any,
+                                          session: aiohttp.ClientSession) -> None:
+    """Posts for one number spread over three relays at once are admitted no more often in
+    total than its window allows (3 in 10 minutes); the rest get 429 rate_limited."""
+    relays = await _relays(3, tmp_path, pg_url, relay_factory,
+                           limits={"sms": ["3/10m"], "voice": [], "dedup_window": "0s"})
+    answers = await asyncio.gather(*(
+        r.post(session, {"Type": 1, "Data": {"Mobiles": ["13800138000", f"1390000{i:04d}"],
+                                             "Message": f"m{i}"}})
+        for i, r in enumerate(relays * 6)))
+    assert {s for s, _ in answers} == {200}  # the other number of each body always fits
+    got = sum(len(a["ids"]) for _, a in answers)
+    assert got == 18 + 3
+    refused = [r for _, a in answers for r in a.get("refused", [])]
+    assert len(refused) == 15 and {r["error"] for r in refused} == {"rate_limited"}
+    alone = await relays[0].post(session, {"Type": 1, "Data": {"Mobiles": ["13800138000"],
+                                                               "Message": "again"}})
+    assert alone[0] == 429 and alone[1]["error"] == "rate_limited"
