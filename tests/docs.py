@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -36,3 +39,18 @@ def toml_blocks(text: str) -> list[str]:
 def provider_page(kind: str) -> str:
     """The page of one provider type: docs/providers/<type>.md."""
     return page(f"docs/providers/{kind}.md")
+
+
+def provide_secrets(node: Any, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Provide every secret the example names: credential files and environment variables."""
+    if isinstance(node, dict):
+        if set(node) == {"credential"}:
+            (directory / node["credential"]).write_text("s3cret\n")
+        elif set(node) == {"env"}:
+            monkeypatch.setenv(node["env"], "s3cret")
+        for value in node.values():
+            provide_secrets(value, directory, monkeypatch)
+    elif isinstance(node, list):
+        for value in node:
+            provide_secrets(value, directory, monkeypatch)
+

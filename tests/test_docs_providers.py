@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -37,27 +36,13 @@ def test_every_type_has_a_page_and_an_example() -> None:
         assert path.stem in REGISTRY or linked, f"{path} is not linked from the index"
 
 
-def _secrets(node: Any, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Provide every secret the example names: credential files and environment variables."""
-    if isinstance(node, dict):
-        if set(node) == {"credential"}:
-            (directory / node["credential"]).write_text("s3cret\n")
-        elif set(node) == {"env"}:
-            monkeypatch.setenv(node["env"], "s3cret")
-        for value in node.values():
-            _secrets(value, directory, monkeypatch)
-    elif isinstance(node, list):
-        for value in node:
-            _secrets(value, directory, monkeypatch)
-
-
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_provider_page_examples_load(
     block: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each provider example in docs/providers/ is a valid config as written."""
     doc = tomllib.loads(block)
-    _secrets(doc, tmp_path, monkeypatch)
+    docs.provide_secrets(doc, tmp_path, monkeypatch)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     names = [p["name"] for p in doc["providers"]]
     doc |= {"server": {"tokens": ["t"]}, "queue": {"path": str(tmp_path / "o.db")},
