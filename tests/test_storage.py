@@ -142,6 +142,10 @@ async def _readyz(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return r.status, await r.json()
 
 
+async def _ready_again(session: aiohttp.ClientSession, url: str) -> bool:
+    return (await _readyz(session, url))[0] == 200
+
+
 async def test_readyz_reports_a_failing_outbox(tmp_path: Path, session, fake_api: FakeAPI) -> None:
     """While the outbox cannot be written /readyz answers 503 (storage failing), so a load
     balancer takes the node out; it is ready again once writes work, with no post needed."""
@@ -184,7 +188,8 @@ def tmpfs(path: Path, size: str, *options: str) -> Iterator[Path]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 async def test_disk_full_on_small_tmpfs(tmp_path: Path, session, fake_api: FakeAPI) -> None:
-    """On a real full filesystem (ENOSPC): 503 until a file is deleted, then 200 again."""
+    """On a real full filesystem (ENOSPC): 503 (posts and /readyz) until a file is deleted,
+    then 200 again."""
     with tmpfs(tmp_path / "state", "3m") as state:
         filler = state / "filler"
         filler.write_bytes(b"\0" * (2 * 1024 * 1024))
@@ -195,7 +200,10 @@ async def test_disk_full_on_small_tmpfs(tmp_path: Path, session, fake_api: FakeA
         try:
             acked, _ = await _fill_until_refused(session, relay.url)
             assert "enqueue_failed" in relay.text() or await _logged(relay, "enqueue_failed")
+            assert (await _readyz(session, relay.url))[0] == 503
             filler.unlink()  # space returns
+            await eventually(lambda: _ready_again(session, relay.url), timeout=30,
+                             what="/readyz ready again once space returns")
             await _recovers(session, relay.url, acked)
             await eventually(lambda: {r.json()["ref"] for r in fake_api.accepted} == set(acked),
                              timeout=60, what="every acknowledged message delivered")
@@ -317,6 +325,57 @@ async def test_full_disk_at_start_keeps_the_outbox(tmp_path: Path, session,
                          timeout=60, what="every pending message delivered after the fault")
     finally:
         assert await relay.stop() == 0
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the filesystem of ``directory`` to the last byte; the filler file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+async def test_really_full_disk_at_start_names_it(tmp_path: Path, session,
+                                                  fake_api: FakeAPI) -> None:
+    """On a really full filesystem (ENOSPC) at start-up the relay says the filesystem is
+    full and to keep the file; once space is freed every pending message is delivered."""
+    with tmpfs(tmp_path / "state", "2m") as state:
+        doc = base_config(tmp_path, providers=http_provider(fake_api), routes={"sms": ["api"]},
+                          queue={"path": str(state / "outbox.db")})
+        cfg = write_config(tmp_path, doc)
+        relay = RelayProcess(cfg, paused=True)
+        await relay.start()
+        acked = []
+        for i in range(5):
+            status, body, _ = await post(session, relay.url, {"Type": 1, "Data": {
+                "Mobiles": [f"1380013800{i}"], "Message": f"pending {i}"}})
+            assert status == 200
+            acked += body["ids"]
+        assert await relay.stop() == 0
+        filler = _fill(state)
+        code, out = await _serve_once(cfg, fsize=0)
+        assert code == 1, out
+        line = next(x for x in out.splitlines() if "start_failed" in x)
+        assert f"the filesystem of {state} is full" in line, line
+        assert "Do not move or delete the file" in line
+        filler.unlink()  # space returns
+        relay = RelayProcess(cfg)
+        await relay.start()
+        try:
+            await eventually(lambda: {r.json()["ref"] for r in fake_api.accepted} == set(acked),
+                             timeout=60, what="every pending message delivered")
+        finally:
+            assert await relay.stop() == 0
+        assert _integrity(state / "outbox.db") == "ok"
 
 
 async def test_max_pending_holds_under_concurrent_posts(tmp_path: Path, relay_factory, session) -> None:
