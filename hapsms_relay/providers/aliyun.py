@@ -36,6 +36,17 @@ than the parameters alone, and SHA-1 is past its time.
 One number per SendSms call (``max_batch = 1``) although the API takes a comma-separated list:
 it answers once for the whole list, so one illegal or capped number would fail, or a
 throttle retry the whole batch, and the relay reports every recipient on its own.
+
+Receipts: SmsReport in the console's HTTP batch push mode
+(https://help.aliyun.com/zh/sms/developer-reference/smsreport-2) POSTs a JSON array:
+``biz_id`` (SendSms's BizId), ``out_id`` (the relay's id, sent as ``OutId``), ``success``,
+``err_code``, ``err_msg``, ``sms_size``, ``report_time``; answered ``{"code": 0}``. The
+international site's push (https://help.aliyun.com/zh/sms/smsreport-http-intl) has
+``MessageId``, ``TaskId`` (sent as ``TaskId``), ``Status`` 1/2/6, ``ErrorCode``. Pushes are
+not signed: the endpoint takes a secret in the path (``receipts.secret``) and ``allow_ips``.
+They can also be pulled with QuerySendDetails
+(https://help.aliyun.com/zh/sms/developer-reference/api-dysmsapi-2017-05-25-querysenddetails);
+the relay does not poll.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from hapsms_relay import log, segments
+from hapsms_relay import log, receipts, segments
 from hapsms_relay.errors import DeliveryError, PermanentError, TransientError, UnsupportedError
 from hapsms_relay.providers.base import (
     BaseProvider,
@@ -84,6 +95,8 @@ _TEXT_LIMIT = 300
 
 _PERMANENT_CAP = "isv.BUSINESS_LIMIT_CONTROL"  # Alibaba's per-number minute/hour/day caps
 _TRANSIENT = ("Throttling", "isp.", "ServiceUnavailable", "InternalError")
+#: the international receipt's Status: 1 delivered, 2 failed, 6 expired
+_INTL_STATUS: dict[str, receipts.Status] = {"1": "delivered", "2": "undelivered", "6": "undelivered"}
 DEFAULT_VOICE_PARAMS = Params(("code",), ("{code}",))  # TtsParam {"code": "<the code>"}
 
 
@@ -155,6 +168,7 @@ class AliyunProvider(BaseProvider):
     def from_config(cls, common: Common, t: Table) -> AliyunProvider:
         return cls(
             common,
+            receipt_config=receipts.read_config(t, signed=False),
             access_key_id=t.secret("access_key_id"),
             access_key_secret=t.secret("access_key_secret"),
             sign_name=t.string("sign_name", ""),
@@ -249,6 +263,27 @@ class AliyunProvider(BaseProvider):
         billed = str(doc.get("Segments") or "")
         return self.sent(message, *_ref(doc, "MessageId"),
                          billed=int(billed) if billed.isdigit() else 0)
+
+    def parse_receipts(self, request: receipts.ReceiptRequest) -> receipts.ReceiptBatch:
+        found = []
+        for o in receipts.objects(request.json(), "Alibaba's SmsReport"):
+            if "success" in o:  # the mainland's SmsReport
+                ok, ref, entry = o.get("success"), o.get("biz_id"), o.get("out_id")
+                code, text = o.get("err_code"), o.get("err_msg")
+                status: receipts.Status | None = (
+                    "delivered" if ok is True else "undelivered" if ok is False else None)
+                size = o.get("sms_size")
+            else:  # the international site's: Status 1 delivered, 2 failed, 6 expired
+                ref, entry, code = o.get("MessageId"), o.get("TaskId"), o.get("ErrorCode")
+                text, size = o.get("ErrorDescription"), o.get("SmsSize")
+                status = _INTL_STATUS.get(str(o.get("Status")))
+            if status is None or not (isinstance(ref, str) and ref):
+                raise receipts.invalid("each report needs biz_id and success (or MessageId "
+                                       "and Status)")
+            found.append(receipts.Receipt(
+                status, receipts.entry_id(entry), ref, str(code or ""), str(text or ""),
+                int(size) if isinstance(size, str) and size.isdigit() else 0))
+        return receipts.ReceiptBatch(found, orjson.dumps({"code": 0, "msg": "接收成功"}))
 
     def sendsms_number(self, message: Message) -> str:
         """``PhoneNumbers`` for one recipient: a mainland number as its bare 11 digits, any

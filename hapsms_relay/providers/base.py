@@ -27,6 +27,7 @@ from hapsms_relay.errors import (
     UnsupportedError,
 )
 from hapsms_relay.rate import Rate
+from hapsms_relay.receipts import ReceiptConfig
 from hapsms_relay.table import REQUIRED, Table
 
 Kind = Literal["sms", "voice"]
@@ -123,6 +124,8 @@ class BaseProvider:
     """Convenience base: one message per call, the shared session kept on ``open``."""
 
     common: Common
+    #: the ``receipts`` table of a provider whose vendor posts receipts (``ReceiptSource``)
+    receipt_config: ReceiptConfig | None = None
     supports_voice: ClassVar[bool] = False
     max_batch: ClassVar[int] = 1
     session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)

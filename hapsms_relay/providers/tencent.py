@@ -18,6 +18,14 @@ Outside mainland China, by the vendor's rules (each on the SendSms page unless n
 - VMS reaches mainland mobiles only ("支持的号码：仅支持中国大陆地区手机号码",
   https://cloud.tencent.com/document/api/1128/51568): voice codes to other numbers are not
   called but go as the fallback SMS.
+
+Receipts: the status callback configured in the console ("短信下发状态通知",
+https://cloud.tencent.com/document/product/382/52077, in English
+https://www.tencentcloud.com/document/api/382/43547) POSTs a JSON array, one object per
+message: ``sid`` (the SendSms ``SerialNo``), ``report_status`` (``SUCCESS`` or ``FAIL``),
+``errmsg`` (the status code, ``DELIVRD``...), ``description``, ``mobile``,
+``user_receive_time``; answered ``{"result": 0, "errmsg": "OK"}``. The callback is not
+signed: its endpoint takes a secret in the path (``receipts.secret``) and ``allow_ips``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from hapsms_relay import receipts
 from hapsms_relay.errors import DeliveryError, PermanentError, TransientError
 from hapsms_relay.providers.base import (
     BaseProvider,
@@ -119,6 +128,7 @@ class TencentProvider(BaseProvider):
     def from_config(cls, common: Common, t: Table) -> TencentProvider:
         return cls(
             common,
+            receipt_config=receipts.read_config(t, signed=False),
             secret_id=t.secret("secret_id"),
             secret_key=t.secret("secret_key"),
             sdk_app_id=_app_id(t, "sdk_app_id", required=True),
@@ -229,6 +239,17 @@ class TencentProvider(BaseProvider):
 
     def config_warnings(self, *, mainland: bool) -> list[str]:
         return sign_name_warning(self.name, self.sign_name, mainland)
+
+    def parse_receipts(self, request: receipts.ReceiptRequest) -> receipts.ReceiptBatch:
+        found = []
+        for o in receipts.objects(request.json(), "Tencent's status callback"):
+            sid, status = o.get("sid"), o.get("report_status")
+            if not isinstance(sid, str) or not sid or status not in ("SUCCESS", "FAIL"):
+                raise receipts.invalid("each report needs sid and report_status SUCCESS or FAIL")
+            found.append(receipts.Receipt(
+                "delivered" if status == "SUCCESS" else "undelivered", None, sid,
+                str(o.get("errmsg") or status), str(o.get("description") or "")))
+        return receipts.ReceiptBatch(found, b'{"result":0,"errmsg":"OK"}')
 
     async def send_one(self, message: Message) -> Sent:
         """A voice code: SendCodeVoice reads ``CodeMessage`` out after its own prompt."""

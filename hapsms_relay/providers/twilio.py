@@ -6,19 +6,34 @@ https://www.twilio.com/docs/voice/api/call-resource (calls, ``Twiml``),
 https://www.twilio.com/docs/voice/twiml/say (``<Say>``),
 https://www.twilio.com/docs/usage/requests-to-twilio (Basic auth, API keys),
 https://www.twilio.com/docs/api/errors (error codes).
+
+Receipts: ``StatusCallback`` (the relay's ``/receipts/<name>`` URL, the entry's id in its
+query) gets a form POST per status change, ``MessageStatus`` (``CallStatus`` for calls),
+``MessageSid``, ``ErrorCode``:
+https://www.twilio.com/docs/messaging/guides/track-outbound-message-status,
+https://www.twilio.com/docs/voice/api/call-resource#statuscallback. Each is signed in
+``X-Twilio-Signature``: base64 HMAC-SHA1, keyed with the auth token, of the full URL Twilio
+posted to and the form's names and values sorted by name
+(https://www.twilio.com/docs/usage/webhooks/webhooks-security). The URL checked is the
+configured ``status_callback`` (what Twilio was told), not what a proxy in front of the
+relay turned it into; with and without the scheme's default port, as Twilio's own
+``RequestValidator`` checks it.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
+from hapsms_relay import receipts
 from hapsms_relay.errors import DeliveryError, PermanentError, TransientError
 from hapsms_relay.providers.base import (
     BaseProvider,
@@ -47,6 +62,14 @@ _TRANSIENT_CODES = frozenset({
     21611,  # the 'From' number's queue is full: another provider may still deliver in time
 })
 _PERMANENT_CODES = frozenset({21211, 21614, 21610, 20003})
+
+#: MessageStatus and CallStatus values as receipt statuses; any other is on its way.
+RECEIPT_STATUS: dict[str, receipts.Status] = {
+    "delivered": "delivered", "read": "delivered", "completed": "delivered",
+    "undelivered": "undelivered", "failed": "undelivered", "canceled": "undelivered",
+    "busy": "undelivered", "no-answer": "undelivered",
+}
+_HASHES = {"HMAC_SHA1": "sha1", "HMAC_SHA256": "sha256"}
 
 
 @dataclass
@@ -91,8 +114,16 @@ class TwilioProvider(BaseProvider):
         if voice and sender is None:
             raise t.error("from", "voice calls need a Twilio number to call from; "
                           "or set voice = false to send voice codes as SMS")
+        receipt_config = receipts.read_config(t, signed=True)
+        if receipt_config is not None:
+            if auth_token is None:
+                raise t.error("receipts", "Twilio signs status callbacks with the account's "
+                              "auth_token: configure auth_token to take receipts")
+            if not t.has("status_callback"):
+                raise t.error("status_callback", "required with receipts: the relay's "
+                              "/receipts URL as Twilio reaches it")
         provider = cls(
-            common, account_sid=account_sid,
+            common, receipt_config=receipt_config, account_sid=account_sid,
             username=api_key or account_sid, password=auth_token or api_secret,
             sender=sender, messaging_service_sid=service,
             status_callback=url_setting(t, "status_callback") if t.has("status_callback") else None,
@@ -161,6 +192,32 @@ class TwilioProvider(BaseProvider):
         return self.sent(message, *((sid,) if isinstance(sid, str) and sid else ()),
                          billed=int(billed) if billed.isdigit() else 0)
 
+    def parse_receipts(self, request: receipts.ReceiptRequest) -> receipts.ReceiptBatch:
+        params = request.form()
+        signature = request.headers.get("X-Twilio-Signature", "")
+        algorithm = _HASHES.get(_signature_algorithm(
+            request.headers.get("X-Twilio-Webhooks-Signature-Settings", "")))
+        assert self.password is not None and self.status_callback is not None
+        _, _, query = request.path_qs.partition("?")
+        url = self.status_callback + (("&" if "?" in self.status_callback else "?") + query
+                                      if query else "")
+        if not signature or algorithm is None or not any(
+            hmac.compare_digest(twilio_signature(self.password.reveal(), u, params, algorithm),
+                                signature)
+            for u in _with_and_without_port(url)
+        ):
+            raise receipts.forged("X-Twilio-Signature does not match status_callback and the "
+                                  "form (check status_callback and auth_token)")
+        form = dict(params)
+        status = form.get("MessageStatus") or form.get("CallStatus") or ""
+        ref = form.get("MessageSid") or form.get("SmsSid") or form.get("CallSid") or ""
+        entry = receipts.entry_id(dict(request.query).get("id"))
+        if not status or not (ref or entry):
+            raise receipts.invalid("expected MessageStatus (or CallStatus) and MessageSid")
+        receipt = receipts.Receipt(RECEIPT_STATUS.get(status, "progress"), entry, ref,
+                                   form.get("ErrorCode") or status, status)
+        return receipts.ReceiptBatch([receipt], b"", "text/plain")
+
     def _basic_auth(self) -> str:
         # built per request and never stored, so no object holding the secret lingers
         # (aiohttp.BasicAuth is deprecated, and its repr shows the password)
@@ -185,6 +242,36 @@ class TwilioProvider(BaseProvider):
         if code in _TRANSIENT_CODES or status in (408, 429) or status >= 500:
             return TransientError(self.name, str(code), text, retry_after=retry_after(headers))
         return PermanentError(self.name, str(code), text)
+
+
+def twilio_signature(token: str, url: str, params: Sequence[tuple[str, str]],
+                     digest: str = "sha1") -> str:
+    """``X-Twilio-Signature`` of a request: the URL, then each name and its (distinct,
+    sorted) values in name order, HMAC-SHA1 (or the settings header's algorithm), base64."""
+    by_name: dict[str, set[str]] = {}
+    for name, value in params:
+        by_name.setdefault(name, set()).add(value)
+    data = url + "".join(n + v for n in sorted(by_name) for v in sorted(by_name[n]))
+    mac = hmac.new(token.encode(), data.encode(), digest)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def _signature_algorithm(settings: str) -> str:
+    """The algorithm ``X-Twilio-Webhooks-Signature-Settings`` names; HMAC_SHA1 without one."""
+    for part in settings.split(","):
+        name, sep, value = part.partition("=")
+        if sep and name.strip() == "algorithm" and value.strip():
+            return value.strip().upper()
+    return "HMAC_SHA1"
+
+
+def _with_and_without_port(url: str) -> tuple[str, str]:
+    """The URL with the scheme's default port and without any: Twilio signs either."""
+    parts = urlsplit(url)
+    if parts.port is not None:
+        return url, parts._replace(netloc=parts.netloc.rsplit(":", 1)[0]).geturl()
+    port = 443 if parts.scheme == "https" else 80
+    return parts._replace(netloc=f"{parts.netloc}:{port}").geturl(), url
 
 
 def _sid(t: Table, name: str, prefix: str, *, required: bool = True) -> str | None:

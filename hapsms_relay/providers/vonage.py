@@ -4,16 +4,30 @@ API docs: https://developer.vonage.com/en/api/sms (``POST /sms/json``),
 https://developer.vonage.com/en/messaging/sms/guides/troubleshooting-sms (``status`` codes),
 https://developer.vonage.com/en/api-errors/sms (what each status means).
 No voice calls here: the dispatcher hands Type 2 codes to it as the voice fallback SMS.
+
+Receipts: a delivery receipt (DLR) per message part, to the account's DLR webhook (GET,
+POST form or POST-JSON, as set in the dashboard): ``messageId`` (the part), ``client-ref``
+(the relay's id, sent with every message), ``status`` (delivered, expired, failed,
+rejected, accepted, buffered, unknown), ``err-code``
+(https://developer.vonage.com/en/messaging/sms/guides/delivery-receipts). Signed only when
+the account has signed webhooks on: then ``sig`` over the other parameters (``timestamp``
+and ``nonce`` among them) with the signature secret and the dashboard's method, MD5 hash
+by default (https://developer.vonage.com/en/getting-started/concepts/signing-messages);
+without ``signature_secret`` the endpoint needs its path secret.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import aiohttp
 import orjson
 
+from hapsms_relay import receipts
 from hapsms_relay.errors import DeliveryError, PermanentError, TransientError
 from hapsms_relay.providers.base import (
     BaseProvider,
@@ -56,12 +70,35 @@ STATUS: dict[str, tuple[str, bool]] = {
 }
 
 
+#: DLR ``status`` values as receipt statuses; accepted, buffered and unknown are on the way.
+RECEIPT_STATUS: dict[str, receipts.Status] = {
+    "delivered": "delivered", "expired": "undelivered", "failed": "undelivered",
+    "rejected": "undelivered",
+}
+#: the dashboard's signature methods (``md5hash``: MD5 of the string and the secret)
+SIGNATURE_METHODS = ("md5hash", "md5", "sha1", "sha256", "sha512")
+MAX_SKEW = 300.0  # seconds a signed webhook's timestamp may be off the relay's clock
+
+
+def vonage_signature(secret: str, method: str, params: Sequence[tuple[str, str]]) -> str:
+    """``sig`` of signed webhook parameters: ``&name=value`` for each but ``sig`` in name
+    order, ``&`` and ``=`` in values as ``_``; MD5 of that and the secret (``md5hash``),
+    else the HMAC of it keyed with the secret; lower-case hex."""
+    data = "".join(f"&{k}={v.replace('&', '_').replace('=', '_')}"
+                   for k, v in sorted(params) if k != "sig")
+    if method == "md5hash":
+        return hashlib.md5((data + secret).encode(), usedforsecurity=False).hexdigest()
+    return hmac.new(secret.encode(), data.encode(), method).hexdigest()
+
+
 @dataclass
 class VonageProvider(BaseProvider):
     api_key: str = ""
     api_secret: Secret | None = None
     sender: str = ""  # "from": an alphanumeric sender ID or a Vonage number
     callback: str | None = None
+    signature_secret: Secret | None = None
+    signature_method: str = "md5hash"
     endpoint: str = DEFAULT_ENDPOINT
     supports_voice: ClassVar[bool] = False
 
@@ -72,9 +109,12 @@ class VonageProvider(BaseProvider):
             sender = sender[1:]  # Vonage writes numbers without '+'
         if not sender.isdigit() and len(sender) > 11:
             raise t.error("from", "an alphanumeric sender ID has at most 11 characters")
+        signature_secret = t.optional_secret("signature_secret")
         return cls(
             common, api_key=t.string("api_key"), api_secret=t.secret("api_secret"),
-            sender=sender,
+            sender=sender, signature_secret=signature_secret,
+            signature_method=t.choice("signature_method", SIGNATURE_METHODS, "md5hash"),
+            receipt_config=receipts.read_config(t, signed=signature_secret is not None),
             callback=url_setting(t, "callback") if t.has("callback") else None,
             endpoint=url_setting(t, "endpoint", DEFAULT_ENDPOINT),
         )
@@ -105,6 +145,33 @@ class VonageProvider(BaseProvider):
         if isinstance(outcome, DeliveryError):
             raise outcome
         return outcome
+
+    def parse_receipts(self, request: receipts.ReceiptRequest) -> receipts.ReceiptBatch:
+        if request.content_type == "application/json":
+            doc = request.json()
+            if not isinstance(doc, dict):
+                raise receipts.invalid("expected a JSON object")
+            params = [(str(k), str(v)) for k, v in doc.items() if v is not None]
+        else:
+            params = request.form() or list(request.query)
+        form = dict(params)
+        if self.signature_secret is not None:
+            sig = form.get("sig", "").lower()
+            expected = vonage_signature(self.signature_secret.reveal(), self.signature_method,
+                                        params)
+            if not sig or not hmac.compare_digest(sig, expected):
+                raise receipts.forged("sig does not match (check signature_secret and "
+                                      "signature_method)")
+            stamp = form.get("timestamp", "")
+            if not stamp.isdigit() or abs(request.now - int(stamp)) > MAX_SKEW:
+                raise receipts.forged("the signed timestamp is missing or over 5 minutes off")
+        status, ref = form.get("status", ""), form.get("messageId", "")
+        if not status or not ref:
+            raise receipts.invalid("expected a delivery receipt: messageId and status")
+        receipt = receipts.Receipt(
+            RECEIPT_STATUS.get(status, "progress"), receipts.entry_id(form.get("client-ref")),
+            ref, form.get("err-code") or status, status)
+        return receipts.ReceiptBatch([receipt], b"", "text/plain")
 
     def check(self, body: str) -> Sent | DeliveryError:
         """A 200 answer lists one entry per message part (long texts are split); the text
