@@ -46,7 +46,7 @@ class Budget:
         return self.cfg.over_budget == "hold"
 
     def load(self, delivered_today: Mapping[str, int]) -> None:
-        """Seed today's counts (``Outbox.delivered_since(day_start)``)."""
+        """Seed today's counts (``Queue.sent_since(day_start)``, messages)."""
         for name, n in delivered_today.items():
             if name:
                 self.used[name] = self.used.get(name, 0) + n

@@ -15,13 +15,14 @@ from collections.abc import Sequence
 import aiohttp
 import orjson
 
-from hapsms_relay import __version__, config, log, storage
+from hapsms_relay import __version__, config, history, log, storage
 from hapsms_relay.config import Config, RoutesConfig
 from hapsms_relay.dispatcher import make_message
 from hapsms_relay.errors import ConfigError, PermanentError, StorageError, TransientError
 from hapsms_relay.numbers import InvalidNumber, normalise
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, Entry, State
 from hapsms_relay.providers import Sent
+from hapsms_relay.table import parse_duration
 from hapsms_relay.webhook import strip_signature
 
 EX_OK, EX_FAIL, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
@@ -56,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--dead", action="store_true", help="only dead entries, with reasons")
     ql.add_argument("--limit", type=int, default=50)
     ql.add_argument("--json", action="store_true", help="one JSON object per line")
+    qs = qsub.add_parser("show", parents=[common], help="one entry's whole history")
+    qs.add_argument("id", type=int, help="the entry id (as HAP's answer gave it)")
+    qs.add_argument("--show-numbers", action="store_true", help="do not mask the number")
+    qs.add_argument("--json", action="store_true", help="one JSON object")
+    qf = qsub.add_parser("find", parents=[common], help="the entries for one number, newest first")
+    qf.add_argument("--to", required=True, metavar="NUMBER", help="as the user gave it")
+    qf.add_argument("--since", default="24h", metavar="DURATION", help="how far back (24h)")
+    qf.add_argument("--limit", type=int, default=50)
+    qf.add_argument("--show-numbers", action="store_true", help="do not mask the number")
+    qf.add_argument("--json", action="store_true", help="one JSON object per line")
     qr = qsub.add_parser("retry", parents=[common], help="send dead entries again")
     target = qr.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", type=int, help="the entry id")
@@ -169,7 +180,8 @@ async def send(cfg: Config, to: str, message: str | None, code: str | None, sign
             finally:
                 await provider.close()
             if isinstance(outcome, Sent):
-                print(f"{name}: delivered ({msg.kind} to {n.e164})")
+                ref = f", id {' '.join(outcome.ids)}" if outcome.ids else ""
+                print(f"{name}: sent ({msg.kind} to {n.e164}{ref})")
                 return EX_OK
             print(f"{name}: {type(outcome).__name__}: {outcome.reason()}")
             if isinstance(outcome, PermanentError):
@@ -188,21 +200,38 @@ async def queue_command(cfg: Config, args: argparse.Namespace) -> int:
         if action == "stats":
             st = await outbox.stats()
             oldest = f"{time.time() - st.oldest_pending:.0f}s" if st.oldest_pending else "-"
-            print(f"pending {st.pending}\ninflight {st.inflight}\ndelivered {st.delivered}\n"
-                  f"dead {st.dead}\noldest_undelivered_age {oldest}")
+            print(f"pending {st.pending}\ninflight {st.inflight}\nsent {st.sent}\n"
+                  f"dead {st.dead}\ndelivered {st.delivered}\nundelivered {st.undelivered}\n"
+                  f"oldest_undelivered_age {oldest}")
         elif action == "list":
             rows = await outbox.list(State.DEAD if args.dead else None, args.limit)
             for r in rows:
-                record = {
-                    "id": str(r.id), "type": "voice" if r.kind == KIND_VOICE else "sms",
-                    "to": log.mask(r.recipient), "state": r.state.name.lower(),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(r.created)),
-                    "attempts": r.attempts, "provider": r.provider, "error": r.error,
-                }
-                if args.json:
-                    print(orjson.dumps(record).decode())
-                else:
-                    print("  ".join(f"{k}={v}" for k, v in record.items() if v != ""))
+                _print_record(history.row_record(r), args.json)
+        elif action == "show":
+            detail = await outbox.show(args.id)
+            if detail is None:
+                print(f"hapsms-relay: no entry with id {args.id}", file=sys.stderr)
+                return EX_FAIL
+            record = history.detail_record(detail, show_numbers=args.show_numbers)
+            if args.json:
+                print(orjson.dumps(record).decode())
+            else:
+                events = record.pop("history")
+                _print_record(record, False)
+                for e in events:
+                    print("  " + "  ".join(f"{k}={v}" for k, v in e.items()))
+        elif action == "find":
+            try:
+                number = normalise(args.to, cfg.default_region).e164
+                since = time.time() - parse_duration(args.since)
+            except InvalidNumber:
+                print(f"hapsms-relay: {args.to!r} is not a valid phone number", file=sys.stderr)
+                return EX_USAGE
+            except ValueError as exc:
+                print(f"hapsms-relay: --since: {exc}", file=sys.stderr)
+                return EX_USAGE
+            for r in await outbox.find(number, since, args.limit):
+                _print_record(history.row_record(r, show_numbers=args.show_numbers), args.json)
         elif action == "retry":
             n = await outbox.requeue(None if args.all_dead else [args.id], cfg.queue.ttl)
             print(f"requeued {n}")
@@ -214,3 +243,10 @@ async def queue_command(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         await outbox.close()
     return EX_OK
+
+
+def _print_record(record: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(record).decode())
+    else:
+        print("  ".join(f"{k}={v}" for k, v in record.items() if v not in ("", None, [])))

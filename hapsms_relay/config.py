@@ -37,6 +37,7 @@ class ServerConfig:
     port: int = 8080
     path: str = "/sms/webhook"
     tokens: tuple[Secret, ...] = ()
+    admin_tokens: tuple[Secret, ...] = ()  # GET /messages/{id}; off without one
     token_header: str = "Authorization"  # noqa: S105 - a header name, not a secret
     allow_unauthenticated: bool = False
     max_body_bytes: int = 65536
@@ -156,9 +157,17 @@ def _server(t: Table) -> ServerConfig:
         raise t.error("listen", f"expected HOST:PORT such as \"127.0.0.1:8080\"; got {listen!r}")
     host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":8080" explicitly asks for all
     path = t.string("path", "/sms/webhook")
-    if not path.startswith("/") or path in ("/healthz", "/readyz", "/metrics"):
-        raise t.error("path", "must start with '/' and not be /healthz, /readyz or /metrics")
+    if not path.startswith("/") or path in ("/healthz", "/readyz", "/metrics") or \
+            path.startswith(("/receipts/", "/messages/")):
+        raise t.error("path", "must start with '/' and not be /healthz, /readyz, /metrics, "
+                      "/receipts/... or /messages/...")
     tokens = tuple(t.secret_list("tokens", []))
+    admin = tuple(t.secret_list("admin_tokens", []))
+    webhook_tokens = {s.reveal() for s in tokens}
+    for i, token in enumerate(admin):
+        if token.reveal() in webhook_tokens:
+            raise ConfigError(f"{t.path('admin_tokens')}[{i}]", "must differ from every one of "
+                              "tokens: HAP's token must not open the status lookup")
     allow_unauth = t.boolean("allow_unauthenticated", False)
     if not tokens and not allow_unauth:
         raise t.error(
@@ -166,7 +175,7 @@ def _server(t: Table) -> ServerConfig:
             "an open webhook on purpose"
         )
     cfg = ServerConfig(
-        host=host, port=int(port_text), path=path, tokens=tokens,
+        host=host, port=int(port_text), path=path, tokens=tokens, admin_tokens=admin,
         token_header=t.string("token_header", "Authorization"),
         allow_unauthenticated=allow_unauth,
         max_body_bytes=t.integer("max_body_bytes", 65536, min=256, max=64 * 1024 * 1024),

@@ -25,7 +25,7 @@ from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import Config
 from hapsms_relay.errors import DeliveryError, StorageError, TransientError, UnsupportedError
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox import KIND_VOICE, Entry, Outbox
+from hapsms_relay.outbox import KIND_VOICE, Entry, Event, Outbox, Sending
 from hapsms_relay.providers import Message, Outcome, Provider, Sent
 from hapsms_relay.providers.base import Kind
 from hapsms_relay.rate import RateLimiter
@@ -38,7 +38,7 @@ IDLE_POLL = 1.0  # seconds between looks at the outbox when nothing wakes the di
 class Activity:
     """What the status line and ``/readyz`` report."""
 
-    delivered: int = 0
+    sent: int = 0
     dead: int = 0
     last_error: str = ""
     last_error_at: float = 0.0
@@ -50,7 +50,11 @@ class Attempt:
 
     transient: TransientError | None = None
     unsupported: UnsupportedError | None = None
-    delivered: bool = False
+    sent: bool = False
+    trail: list[Event] = field(default_factory=list)  # the round's failures, for the history
+
+    def failed(self, err: DeliveryError, at: float, latency: float) -> None:
+        self.trail.append(Event(at, "attempt", err.provider, err.code, err.text, latency))
 
 
 @dataclass
@@ -265,10 +269,11 @@ class Dispatcher:
         for e in pending:
             a = attempts[e.id]
             if a.transient is not None:
-                await self._retry(e, a.transient)
+                await self._retry(e, a.transient, a.trail)
             else:
                 assert a.unsupported is not None
-                await self._dead(e, a.unsupported.provider, a.unsupported.reason(), a.unsupported.code)
+                await self._dead(e, a.unsupported.provider, a.unsupported.reason(),
+                                 a.unsupported.code, a.trail)
 
     async def _try_gated(
         self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt],
@@ -309,7 +314,7 @@ class Dispatcher:
         try:
             carried = await self._try_provider(provider, entries[:n], attempts, semaphores)
         finally:  # the reservation becomes what was delivered; the rest is freed
-            budget.settle(name, n, sum(attempts[e.id].delivered for e in entries[:n]))
+            budget.settle(name, n, sum(attempts[e.id].sent for e in entries[:n]))
         return carried + held
 
     async def _try_provider(
@@ -324,13 +329,16 @@ class Dispatcher:
         else:
             results = await asyncio.gather(*(self._send(provider, c, semaphores) for c in chunks))
         carried: list[Entry] = []
-        delivered: list[tuple[Entry, float]] = []
+        sent: list[tuple[Entry, Sent, float]] = []
+        now = self.clock.time()
         for chunk, (outcomes, elapsed) in zip(chunks, results, strict=True):
             for e, outcome in zip(chunk, outcomes, strict=True):
                 if isinstance(outcome, Sent):
-                    delivered.append((e, elapsed))
-                    attempts[e.id].delivered = True
-                elif isinstance(outcome, UnsupportedError):
+                    sent.append((e, outcome, elapsed))
+                    attempts[e.id].sent = True
+                    continue
+                attempts[e.id].failed(outcome, now, elapsed)
+                if isinstance(outcome, UnsupportedError):
                     attempts[e.id].unsupported = outcome
                     carried.append(e)
                 elif isinstance(outcome, TransientError):
@@ -345,9 +353,10 @@ class Dispatcher:
                     carried.append(e)
                 else:
                     self._note_error(outcome)
-                    await self._dead(e, provider.common.name, outcome.reason(), outcome.code)
-        if delivered:
-            await self._delivered(provider, delivered)
+                    await self._dead(e, provider.common.name, outcome.reason(), outcome.code,
+                                     attempts[e.id].trail[:-1])
+        if sent:
+            await self._sent(provider, sent, attempts)
         return carried
 
     async def _send(
@@ -423,22 +432,27 @@ class Dispatcher:
 
     # -- outcomes ------------------------------------------------------------------------------
 
-    async def _delivered(self, provider: Provider, entries: list[tuple[Entry, float]]) -> None:
+    async def _sent(self, provider: Provider, entries: list[tuple[Entry, Sent, float]],
+                    attempts: dict[int, Attempt]) -> None:
         name = provider.common.name
         try:
-            await self.outbox.delivered([e.id for e, _ in entries], name)
+            await self.outbox.sent(name, [
+                Sending(e.id, s.ids, s.segments, elapsed, tuple(attempts[e.id].trail))
+                for e, s, elapsed in entries])
         except StorageError as exc:
             # Sent, but not recorded: its lease runs out and it is sent again (at least once).
             log.error("outbox_update_failed", error=str(exc), count=len(entries))
-        self.activity.delivered += len(entries)
-        for e, elapsed in entries:
-            self.metrics.delivered_to(name, _kind(e)).inc()
+        self.activity.sent += len(entries)
+        for e, s, elapsed in entries:
+            self.metrics.sent_to(name, _kind(e), s.segments)
             log.info(
-                "delivered", id=e.id, to=log.mask(e.recipient), provider=name,
+                "sent", id=e.id, to=log.mask(e.recipient), provider=name,
                 type=_kind(e), attempt=e.attempts, latency_ms=round(elapsed * 1000, 1),
+                ref=s.ids[0] if len(s.ids) == 1 else " ".join(s.ids) or None,
+                segments=s.segments or None,
             )
 
-    async def _retry(self, e: Entry, err: TransientError) -> None:
+    async def _retry(self, e: Entry, err: TransientError, trail: Sequence[Event] = ()) -> None:
         q = self.config.queue
         now = self.clock.time()
         delay = backoff(e.attempts, q.retry_base, q.retry_max, err.retry_after)
@@ -446,20 +460,21 @@ class Dispatcher:
         if due >= e.expires:
             await self._dead(
                 e, err.provider, f"expired after {e.attempts} attempts; last: {err.reason()}",
-                err.code,
+                err.code, trail,
             )
             return
         try:
-            await self.outbox.retry(self.owner, e.id, due, err.provider, err.reason())
+            await self.outbox.retry(self.owner, e.id, due, err.provider, err.reason(), trail)
         except StorageError as exc:
             log.error("outbox_update_failed", error=str(exc), id=e.id)
             return
         log.info("retry_scheduled", id=e.id, to=log.mask(e.recipient), in_s=round(delay, 2),
                  attempt=e.attempts)
 
-    async def _dead(self, e: Entry, provider: str, reason: str, code: str) -> None:
+    async def _dead(self, e: Entry, provider: str, reason: str, code: str,
+                    trail: Sequence[Event] = ()) -> None:
         try:
-            await self.outbox.dead(self.owner, e.id, provider, reason)
+            await self.outbox.dead(self.owner, e.id, provider, reason, trail)
         except StorageError as exc:
             log.error("outbox_update_failed", error=str(exc), id=e.id)
             return

@@ -151,7 +151,8 @@ class Guard:
         while keys := await outbox.replies(now, after, LOAD_CHUNK):
             self.replies.load(k[1:] for k in keys)
             after = keys[-1][0]
-        self.budget.load(await outbox.delivered_since(day_start(now)))
+        sent = await outbox.sent_since(day_start(now))
+        self.budget.load({name: n for name, (n, _) in sent.items()})
 
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         """Forget up to ``limit`` expired windows and answers; return how many."""
@@ -239,7 +240,8 @@ class SharedGuard:
 
     async def load(self, outbox: Queue) -> None:
         """Today's budget use (budgets are still counted per relay)."""
-        self.budget.load(await outbox.delivered_since(day_start(self.clock.time())))
+        sent = await outbox.sent_since(day_start(self.clock.time()))
+        self.budget.load({name: n for name, (n, _) in sent.items()})
 
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         return 0

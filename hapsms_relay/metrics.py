@@ -30,9 +30,33 @@ class Metrics:
             f"{PREFIX}_messages_accepted", "Messages accepted into the outbox", ["type"],
             registry=r,
         )
-        self.delivered = Counter(
-            f"{PREFIX}_messages_delivered", "Messages a provider accepted", ["provider", "type"],
+        self.sent = Counter(
+            f"{PREFIX}_messages_sent", "Messages a provider accepted", ["provider", "type"],
             registry=r,
+        )
+        # the name of messages_sent before receipts; counted alike for one release
+        self.delivered_deprecated = Counter(
+            f"{PREFIX}_messages_delivered",
+            "Deprecated: use messages_sent (this counts what a provider accepted)",
+            ["provider", "type"], registry=r,
+        )
+        self.segments = Counter(
+            f"{PREFIX}_segments", "Segments (billed SMS parts) of the messages sent",
+            ["provider"], registry=r,
+        )
+        self.receipts = Counter(
+            f"{PREFIX}_receipts", "Delivery receipts taken, by provider and status "
+            "(delivered, undelivered, progress; unknown: no such entry, not stored)",
+            ["provider", "status"], registry=r,
+        )
+        self.receipts_refused = Counter(
+            f"{PREFIX}_receipts_refused", "Receipt requests refused (forged_receipt, "
+            "invalid_receipt, forbidden)", ["provider", "error"], registry=r,
+        )
+        self.time_to_delivery = Histogram(
+            f"{PREFIX}_delivery_seconds", "Time from sent to the receipt saying delivered",
+            ["provider"], registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
         )
         self.retried = Counter(
             f"{PREFIX}_messages_retried", "Delivery attempts that failed transiently",
@@ -88,7 +112,7 @@ class Metrics:
             ["provider"], registry=r,
         )
         self._status_children: dict[int, Counter] = {}
-        self._delivered_children: dict[tuple[str, str], Counter] = {}
+        self._sent_children: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
         self._latency_children: dict[str, Histogram] = {}
         # labels() takes a lock and a dict lookup per call: the hot path keeps the children
         self.accepted_by_kind = {k: self.accepted.labels(k) for k in ("sms", "voice")}
@@ -99,12 +123,17 @@ class Metrics:
             child = self._status_children[status] = self.requests.labels(str(status))
         child.inc()
 
-    def delivered_to(self, provider: str, kind: str) -> Counter:
-        """``delivered.labels(provider, kind)``, kept: it runs for every delivered message."""
-        child = self._delivered_children.get((provider, kind))
-        if child is None:
-            child = self._delivered_children[provider, kind] = self.delivered.labels(provider, kind)
-        return child
+    def sent_to(self, provider: str, kind: str, segments: int) -> None:
+        """One message sent: its counters' children kept, it runs for every message."""
+        children = self._sent_children.get((provider, kind))
+        if children is None:
+            children = self._sent_children[provider, kind] = (
+                self.sent.labels(provider, kind), self.delivered_deprecated.labels(provider, kind),
+                self.segments.labels(provider))
+        children[0].inc()
+        children[1].inc()
+        if segments:
+            children[2].inc(segments)
 
     def provider_latency(self, provider: str) -> Histogram:
         child = self._latency_children.get(provider)

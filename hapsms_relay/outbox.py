@@ -5,6 +5,10 @@ Backends implement both (``outbox_sqlite``, ``outbox_postgres``) and are picked 
 ``queue.backend`` in ``storage``; one contract suite (tests/test_outbox_contract.py) holds
 every backend to them. Several relays may share one storage: ids are unique across writers,
 and an entry is claimed by one owner for a lease that the owner renews while it delivers.
+
+An entry moves forward only: pending (in flight while claimed) -> sent (a provider accepted
+it) -> delivered or undelivered (the provider's receipt); or pending -> dead (the relay gave
+up before any provider accepted it). The outcome methods append to the entry's history.
 """
 
 from __future__ import annotations
@@ -13,14 +17,22 @@ import builtins
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
+
+from hapsms_relay.receipts import Receipt
 
 
 class State(IntEnum):
     PENDING = 0
     INFLIGHT = 1
-    DELIVERED = 2
-    DEAD = 3
+    SENT = 2  # a provider accepted it (before receipts, this state was called "delivered")
+    DEAD = 3  # the relay gave up before a provider accepted it
+    DELIVERED = 4  # the handset got it, per the provider's receipt
+    UNDELIVERED = 5  # the provider's receipt reports a final failure
+
+
+#: the states of entries a provider accepted (what budgets count)
+SENT_STATES = (State.SENT, State.DELIVERED, State.UNDELIVERED)
 
 
 KIND_SMS = 1
@@ -62,6 +74,46 @@ class Entry:
     attempts: int
 
 
+class Event(NamedTuple):
+    """One step of an entry's history.
+
+    ``kind``: ``attempt`` (a provider failed it, another was tried), ``sent``, ``retry``,
+    ``dead``, ``receipt``. ``status``: a receipt's (delivered, undelivered, progress).
+    ``part``: the provider's id the step is about (a Vonage part's message id).
+    """
+
+    at: float
+    kind: str
+    provider: str
+    code: str = ""
+    text: str = ""
+    latency: float | None = None  # seconds the provider took to answer
+    status: str = ""
+    part: str = ""
+
+
+class Sending(NamedTuple):
+    """An entry a provider accepted, as ``Queue.sent`` records it."""
+
+    id: int
+    refs: tuple[str, ...]  # the provider's message ids (one per part for Vonage)
+    segments: int
+    latency: float
+    trail: tuple[Event, ...] = ()  # providers that failed it earlier in the same round
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What ``Queue.receipt`` did: ``changed`` the entry's state, only ``recorded`` the
+    receipt in its history (on the way, a repeat, a late one, a part of several), or found
+    no ``unknown`` entry for it (nothing stored)."""
+
+    outcome: Literal["changed", "recorded", "unknown"]
+    id: int | None = None
+    state: State | None = None
+    sent_at: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """An entry as ``queue list`` shows it."""
@@ -79,12 +131,27 @@ class Row:
 
 
 @dataclass(frozen=True, slots=True)
+class Detail:
+    """One entry's whole story, as ``queue show`` and ``GET /messages/{id}`` tell it."""
+
+    row: Row
+    refs: tuple[str, ...]  # the provider's message ids
+    segments: int
+    sent_at: float  # 0: not sent
+    receipt: str  # the last receipt's code
+    receipt_at: float
+    events: builtins.list[Event]
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     pending: int
     inflight: int
-    delivered: int
+    sent: int  # accepted by a provider, no final receipt (yet)
     dead: int
     oldest_pending: float | None  # creation time of the oldest undelivered entry
+    delivered: int = 0
+    undelivered: int = 0
 
 
 class Queue(Protocol):
@@ -132,14 +199,23 @@ class Queue(Protocol):
     async def next_due(self) -> float | None:
         """When the earliest pending entry becomes due, or None if nothing is pending."""
 
-    async def delivered(self, ids: Sequence[int], provider: str) -> None:
-        """Entries sent: delivered, whoever holds them now."""
+    async def sent(self, provider: str, entries: Sequence[Sending]) -> None:
+        """Entries ``provider`` accepted: sent (whoever holds them now), with its ids and
+        segments, and each step in the history. A receipt that came first decides at once."""
 
-    async def retry(self, owner: str, id: int, due: float, provider: str, error: str) -> None:
+    async def retry(self, owner: str, id: int, due: float, provider: str, error: str,
+                    trail: Sequence[Event] = ()) -> None:
         """Put ``owner``'s in-flight entry back to pending until ``due``, recording why."""
 
-    async def dead(self, owner: str, id: int, provider: str, error: str) -> None:
+    async def dead(self, owner: str, id: int, provider: str, error: str,
+                   trail: Sequence[Event] = ()) -> None:
         """Give up on ``owner``'s in-flight entry for good, keeping the reason."""
+
+    async def receipt(self, provider: str, receipt: Receipt, now: float) -> Applied:
+        """Record ``provider``'s receipt for one of its entries (found by the relay's id or
+        the provider's) and move the entry forward in one statement: sent to delivered
+        once every part is delivered, to undelivered at the first final failure. A
+        repeated or late receipt changes nothing but the history."""
 
     async def release(self, owner: str, ids: Sequence[int]) -> None:
         """Put ``owner``'s in-flight entries back to pending, due now (shutdown)."""
@@ -165,8 +241,8 @@ class Queue(Protocol):
         """Up to ``limit`` keys stored with ``enqueue``, not yet expired, in the order they
         were stored, after position ``after``: (position, key, ids, note, expires)."""
 
-    async def delivered_since(self, since: float) -> dict[str, int]:
-        """Entries delivered since ``since``, by provider."""
+    async def sent_since(self, since: float) -> dict[str, tuple[int, int]]:
+        """Entries sent since ``since``, by provider: (messages, segments)."""
 
 
 class History(Protocol):
@@ -222,6 +298,13 @@ class Admin(Protocol):
         """Dead entries (given ones, or all with None) pending again with a fresh TTL."""
 
     async def purge_dead(self) -> int: ...
+
+    async def show(self, id: int) -> Detail | None:
+        """The entry and its history, or None."""
+
+    async def find(self, recipient: str, since: float,
+                   limit: int) -> builtins.list[Row]:
+        """Entries for one number (E.164) accepted since ``since``, newest first."""
 
 
 class Outbox(Queue, Admin, Protocol):

@@ -25,10 +25,25 @@ from psycopg import errors as pgerrors
 from hapsms_relay import log
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.errors import StorageError
-from hapsms_relay.outbox import Checked, Decide, Entry, History, NewEntry, Row, State, Stats
+from hapsms_relay.outbox import (
+    SENT_STATES,
+    Applied,
+    Checked,
+    Decide,
+    Detail,
+    Entry,
+    Event,
+    History,
+    NewEntry,
+    Row,
+    Sending,
+    State,
+    Stats,
+)
+from hapsms_relay.receipts import Receipt
 from hapsms_relay.secret import Secret
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: receipts and history
 # One key for every relay of every version: schema changes are made by one at a time. Two
 # int4 keys: a space apart from the one-bigint keys that lock phone numbers (admission).
 _SCHEMA_LOCK = (0x48415053, 1)
@@ -77,7 +92,63 @@ CREATE TABLE IF NOT EXISTS hapsms_replies (
     expires float8   NOT NULL
 );
 CREATE INDEX IF NOT EXISTS hapsms_replies_expires ON hapsms_replies (expires);
+-- schema 2: what a provider returned, receipts, and each entry's append-only history
+ALTER TABLE hapsms_messages ADD COLUMN IF NOT EXISTS refs text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS parts integer NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS segments integer NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS sent_at float8 NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS receipt text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS receipt_at float8 NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS hapsms_events (
+    seq      bigserial PRIMARY KEY,
+    entry    bigint NOT NULL,
+    at       float8 NOT NULL,
+    kind     text   NOT NULL,
+    provider text   NOT NULL,
+    code     text   NOT NULL,
+    text     text   NOT NULL,
+    latency  float8,
+    status   text   NOT NULL,
+    part     text   NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hapsms_events_entry ON hapsms_events (entry);
+CREATE TABLE IF NOT EXISTS hapsms_refs (
+    provider text   NOT NULL,
+    ref      text   NOT NULL,
+    entry    bigint NOT NULL,
+    PRIMARY KEY (provider, ref)
+);
+CREATE INDEX IF NOT EXISTS hapsms_refs_entry ON hapsms_refs (entry);
 """
+
+_INSERT_EVENT = (
+    "INSERT INTO hapsms_events (entry, at, kind, provider, code, text, latency, status, part) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+# As in the SQLite outbox: a receipt recorded before the send decides the state at once,
+# computed in the statement itself. Each of these runs after the rows were locked (FOR
+# UPDATE) in an earlier statement, so in READ COMMITTED it sees what a concurrent relay's
+# receipt or send committed meanwhile: nothing is lost between two relays.
+_SENT = (
+    "UPDATE hapsms_messages SET state = CASE "
+    "WHEN EXISTS (SELECT 1 FROM hapsms_events WHERE entry = %(id)s AND kind = 'receipt' "
+    "AND provider = %(provider)s AND status = 'undelivered') THEN 5 "
+    "WHEN (SELECT count(DISTINCT part) FROM hapsms_events WHERE entry = %(id)s "
+    "AND kind = 'receipt' AND provider = %(provider)s AND status = 'delivered') "
+    ">= greatest(%(parts)s, 1) THEN 4 ELSE 2 END, "
+    "parts = %(parts)s, refs = %(refs)s, segments = %(segments)s, provider = %(provider)s, "
+    "sent_at = %(now)s, updated = %(now)s WHERE id = %(id)s AND state IN (0, 1)"
+)
+_RECEIPT = (
+    "UPDATE hapsms_messages SET state = CASE WHEN %(status)s = 'undelivered' THEN 5 "
+    "WHEN state = 2 AND (SELECT count(DISTINCT part) FROM hapsms_events WHERE entry = %(id)s "
+    "AND kind = 'receipt' AND status = 'delivered') >= greatest(parts, 1) THEN 4 "
+    "ELSE state END, receipt = %(code)s, receipt_at = %(now)s, updated = %(now)s, "
+    "error = CASE WHEN %(status)s = 'undelivered' THEN %(reason)s ELSE error END "
+    "WHERE id = %(id)s AND provider = %(provider)s AND state = 2 AND %(status)s <> 'progress' "
+    "RETURNING state, sent_at"
+)
+_ROW_COLS = "id, kind, recipient, state, created, due, attempts, provider, error, updated"
 
 _ENTRY_COLS = (
     "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts"
@@ -216,7 +287,10 @@ class PostgresOutbox:
                 raise StorageError(
                     f"the database was written by a newer hapsms-relay (schema {version}, this "
                     f"one knows {SCHEMA_VERSION}); upgrade this relay")
-            if version < SCHEMA_VERSION:  # new (upgrades from older versions go here)
+            if version == 1:  # entries sent before keep counting in today's budgets
+                await conn.execute("UPDATE hapsms_messages SET sent_at = updated "
+                                   "WHERE state = 2 AND sent_at = 0")
+            if version < SCHEMA_VERSION:
                 await conn.execute(
                     "INSERT INTO hapsms_meta VALUES ('schema', %s) ON CONFLICT (key) DO UPDATE "
                     "SET value = excluded.value", (str(SCHEMA_VERSION),))
@@ -472,24 +546,86 @@ class PostgresOutbox:
         due: float | None = await self._one("SELECT min(due) FROM hapsms_messages WHERE state = 0", ())
         return due
 
-    async def delivered(self, ids: Sequence[int], provider: str) -> None:
+    async def sent(self, provider: str, entries: Sequence[Sending]) -> None:
         now = self.clock.time()
-        await self._submit(None, "UPDATE hapsms_messages SET state = 2, provider = %s, updated = %s "
-                           "WHERE id = %s AND state <> 2", [(provider, now, i) for i in ids])
-        self._undelivered -= len(ids)
+        ids = [s.id for s in entries]
+        events = [(s.id, *_event(e)) for s in entries for e in s.trail]
+        events += [(s.id, now, "sent", provider, "", " ".join(s.refs), s.latency, "", "")
+                   for s in entries]
+        updates = [{"id": s.id, "parts": len(s.refs), "refs": " ".join(s.refs),
+                    "segments": s.segments, "provider": provider, "now": now} for s in entries]
+        refs = [(provider, ref, s.id) for s in entries for ref in s.refs if ref]
 
-    async def retry(self, owner: str, id: int, due: float, provider: str, error: str) -> None:
-        await self._submit(
-            None, "UPDATE hapsms_messages SET state = 0, due = %s, provider = %s, error = %s, "
+        async def run(conn: Conn) -> None:
+            await conn.execute("SELECT id FROM hapsms_messages WHERE id = ANY(%s) ORDER BY id "
+                               "FOR UPDATE", (ids,))
+            async with conn.cursor() as cur:
+                await cur.executemany(_INSERT_EVENT, events)
+                await cur.executemany(_SENT, updates)
+                if refs:
+                    await cur.executemany(
+                        "INSERT INTO hapsms_refs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", refs)
+
+        await self._call(run)
+        self._undelivered -= len(entries)
+
+    async def retry(self, owner: str, id: int, due: float, provider: str, error: str,
+                    trail: Sequence[Event] = ()) -> None:
+        now = self.clock.time()
+        await self._outcome(
+            "UPDATE hapsms_messages SET state = 0, due = %s, provider = %s, error = %s, "
             "updated = %s WHERE id = %s AND state = 1 AND owner = %s",
-            [(due, provider, error, self.clock.time(), id, owner)])
+            (due, provider, error, now, id, owner),
+            [(id, *_event(e)) for e in trail] + [(id, now, "retry", provider, "", error, None, "", "")])
 
-    async def dead(self, owner: str, id: int, provider: str, error: str) -> None:
-        await self._submit(
-            None, "UPDATE hapsms_messages SET state = 3, provider = %s, error = %s, updated = %s "
+    async def dead(self, owner: str, id: int, provider: str, error: str,
+                   trail: Sequence[Event] = ()) -> None:
+        now = self.clock.time()
+        await self._outcome(
+            "UPDATE hapsms_messages SET state = 3, provider = %s, error = %s, updated = %s "
             "WHERE id = %s AND state = 1 AND owner = %s",
-            [(provider, error, self.clock.time(), id, owner)])
+            (provider, error, now, id, owner),
+            [(id, *_event(e)) for e in trail] + [(id, now, "dead", provider, "", error, None, "", "")])
         self._undelivered -= 1
+
+    async def _outcome(self, sql: str, params: tuple[Any, ...],
+                       events: builtins.list[tuple[Any, ...]]) -> None:
+        async def run(conn: Conn) -> None:
+            async with conn.cursor() as cur:
+                await cur.executemany(_INSERT_EVENT, events)
+            await conn.execute(sql, params)
+
+        await self._call(run)
+
+    async def receipt(self, provider: str, receipt: Receipt, now: float) -> Applied:
+        r = receipt
+
+        async def run(conn: Conn) -> Applied:
+            if r.entry is not None:
+                cur = await conn.execute("SELECT id, provider, state FROM hapsms_messages "
+                                         "WHERE id = %s FOR UPDATE", (r.entry,))
+            else:
+                cur = await conn.execute(
+                    "SELECT m.id, m.provider, m.state FROM hapsms_refs f JOIN hapsms_messages m "
+                    "ON m.id = f.entry WHERE f.provider = %s AND f.ref = %s FOR UPDATE OF m",
+                    (provider, r.ref))
+            found = await cur.fetchone()
+            if found is None or (found[2] in SENT_STATES and found[1] != provider):
+                return Applied("unknown")
+            id = found[0]
+            await conn.execute(_INSERT_EVENT, (id, now, "receipt", provider, r.code, r.text,
+                                               None, r.status, r.ref))
+            reason = f"{provider} {r.code}" + (f": {r.text}" if r.text else "")
+            cur = await conn.execute(_RECEIPT, {
+                "id": id, "status": r.status, "code": r.code, "now": now,
+                "reason": reason[:500], "provider": provider})
+            row = await cur.fetchone()
+            if row is None or row[0] == found[2]:
+                return Applied("recorded", id, State(found[2]))
+            return Applied("changed", id, State(row[0]), row[1])
+
+        applied: Applied = await self._call(run)
+        return applied
 
     async def release(self, owner: str, ids: Sequence[int]) -> None:
         await self._submit(
@@ -512,18 +648,19 @@ class PostgresOutbox:
         return Stats(
             pending=counts.get(State.PENDING, (0, None))[0],
             inflight=counts.get(State.INFLIGHT, (0, None))[0],
-            delivered=counts.get(State.DELIVERED, (0, None))[0],
+            sent=counts.get(State.SENT, (0, None))[0],
             dead=counts.get(State.DEAD, (0, None))[0],
             oldest_pending=min(oldest) if oldest else None,
+            delivered=counts.get(State.DELIVERED, (0, None))[0],
+            undelivered=counts.get(State.UNDELIVERED, (0, None))[0],
         )
 
     async def list(self, state: State | None, limit: int) -> builtins.list[Row]:
         where = "WHERE state = %s" if state is not None else ""
         params: tuple[Any, ...] = (int(state), limit) if state is not None else (limit,)
         rows = await self._rows(
-            "SELECT id, kind, recipient, state, created, due, attempts, provider, error, updated "
-            f"FROM hapsms_messages {where} ORDER BY id DESC LIMIT %s", params)
-        return [Row(r[0], r[1], r[2], State(r[3]), *r[4:]) for r in rows]
+            f"SELECT {_ROW_COLS} FROM hapsms_messages {where} ORDER BY id DESC LIMIT %s", params)
+        return [_row(r) for r in rows]
 
     async def requeue(self, ids: Sequence[int] | None, ttl: float) -> int:
         now = self.clock.time()
@@ -537,14 +674,40 @@ class PostgresOutbox:
         return n
 
     async def purge_dead(self) -> int:
-        return await self._change("DELETE FROM hapsms_messages WHERE state = 3", ())
+        return await self._change(
+            "WITH gone AS (DELETE FROM hapsms_messages WHERE state = 3 RETURNING id), "
+            "e AS (DELETE FROM hapsms_events WHERE entry IN (SELECT id FROM gone)) "
+            "SELECT count(*) FROM gone", (), counted=True)
+
+    async def show(self, id: int) -> Detail | None:
+        rows = await self._rows(
+            f"SELECT {_ROW_COLS}, refs, segments, sent_at, receipt, receipt_at "
+            "FROM hapsms_messages WHERE id = %s", (id,))
+        if not rows:
+            return None
+        r = rows[0]
+        events = await self._rows(
+            "SELECT at, kind, provider, code, text, latency, status, part FROM hapsms_events "
+            "WHERE entry = %s ORDER BY seq", (id,))
+        return Detail(_row(r[:10]), tuple(r[10].split()), r[11], r[12], r[13], r[14],
+                      [Event(*e) for e in events])
+
+    async def find(self, recipient: str, since: float, limit: int) -> builtins.list[Row]:
+        rows = await self._rows(
+            f"SELECT {_ROW_COLS} FROM hapsms_messages WHERE recipient = %s AND created >= %s "
+            "ORDER BY id DESC LIMIT %s", (recipient, since, limit))
+        return [_row(r) for r in rows]
 
     async def cleanup(self, delivered_before: float) -> int:
         n = 0
         while True:  # in chunks: other relays' writes go on between them
+            # the entries' history and provider ids go with them
             deleted = await self._change(
-                "DELETE FROM hapsms_messages WHERE id IN (SELECT id FROM hapsms_messages WHERE "
-                "created < %s AND state = 2 LIMIT %s)", (delivered_before, CLEANUP_CHUNK))
+                "WITH gone AS (DELETE FROM hapsms_messages WHERE id IN (SELECT id FROM "
+                "hapsms_messages WHERE created < %s AND state IN (2, 4, 5) LIMIT %s) RETURNING id), "
+                "e AS (DELETE FROM hapsms_events WHERE entry IN (SELECT id FROM gone)), "
+                "f AS (DELETE FROM hapsms_refs WHERE entry IN (SELECT id FROM gone)) "
+                "SELECT count(*) FROM gone", (delivered_before, CLEANUP_CHUNK), counted=True)
             n += deleted
             if deleted < CLEANUP_CHUNK:
                 break
@@ -570,11 +733,11 @@ class PostgresOutbox:
             "expires > %s ORDER BY pos LIMIT %s", (after, now, limit))
         return rows
 
-    async def delivered_since(self, since: float) -> dict[str, int]:
+    async def sent_since(self, since: float) -> dict[str, tuple[int, int]]:
         rows = await self._rows(
-            "SELECT provider, count(*) FROM hapsms_messages WHERE state = 2 AND updated >= %s "
-            "GROUP BY provider", (since,))
-        return {p: int(n) for p, n in rows}
+            "SELECT provider, count(*), sum(segments) FROM hapsms_messages WHERE "
+            "state IN (2, 4, 5) AND sent_at >= %s GROUP BY provider", (since,))
+        return {p: (int(n), int(s or 0)) for p, n, s in rows}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -590,9 +753,13 @@ class PostgresOutbox:
         rows = await self._rows(sql, params)
         return rows[0][0] if rows else None
 
-    async def _change(self, sql: str, params: tuple[Any, ...]) -> int:
+    async def _change(self, sql: str, params: tuple[Any, ...], *, counted: bool = False) -> int:
+        """Run a change; how many rows it changed (``counted``: what its SELECT counts)."""
         async def run(conn: Conn) -> int:
             cur = await conn.execute(sql, params)
+            if counted:
+                row = await cur.fetchone()
+                return int(row[0]) if row else 0
             return cur.rowcount
 
         n: int = await self._call(run)
@@ -604,6 +771,15 @@ class PostgresOutbox:
             "(SELECT count(*) FROM hapsms_messages WHERE state = 1)")
         row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+def _row(r: Sequence[Any]) -> Row:
+    return Row(r[0], r[1], r[2], State(r[3]), *r[4:10])
+
+
+def _event(e: Event) -> tuple[Any, ...]:
+    """An event's columns after ``entry``."""
+    return (e.at, e.kind, e.provider, e.code, e.text, e.latency, e.status, e.part)
 
 
 def _fail(batch: list[_Op], exc: BaseException) -> None:

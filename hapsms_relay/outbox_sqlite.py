@@ -25,10 +25,22 @@ import orjson
 
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.errors import StorageError
-from hapsms_relay.outbox import Entry, NewEntry, Row, State, Stats
+from hapsms_relay.outbox import (
+    SENT_STATES,
+    Applied,
+    Detail,
+    Entry,
+    Event,
+    NewEntry,
+    Row,
+    Sending,
+    State,
+    Stats,
+)
+from hapsms_relay.receipts import Receipt
 
 APPLICATION_ID = 0x48415053  # "HAPS": tells our outbox from any other SQLite file
-SCHEMA_VERSION = 2  # 2: claims have an owner and a lease
+SCHEMA_VERSION = 3  # 2: claims have an owner and a lease; 3: receipts and history
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -50,8 +62,35 @@ CREATE TABLE IF NOT EXISTS messages (
     error     TEXT    NOT NULL DEFAULT '',
     updated   REAL    NOT NULL,
     owner     TEXT    NOT NULL DEFAULT '',
-    lease     REAL    NOT NULL DEFAULT 0
+    lease     REAL    NOT NULL DEFAULT 0,
+    refs      TEXT    NOT NULL DEFAULT '',  -- the provider's message ids, space-separated
+    parts     INTEGER NOT NULL DEFAULT 0,   -- how many (each part has its receipt)
+    segments  INTEGER NOT NULL DEFAULT 0,
+    sent_at   REAL    NOT NULL DEFAULT 0,
+    receipt   TEXT    NOT NULL DEFAULT '',  -- the last receipt's code
+    receipt_at REAL   NOT NULL DEFAULT 0
 );
+-- an entry's history, appended to by the outcome methods and receipts, never updated
+CREATE TABLE IF NOT EXISTS events (
+    entry    INTEGER NOT NULL,
+    at       REAL    NOT NULL,
+    kind     TEXT    NOT NULL,
+    provider TEXT    NOT NULL,
+    code     TEXT    NOT NULL,
+    text     TEXT    NOT NULL,
+    latency  REAL,
+    status   TEXT    NOT NULL,
+    part     TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_entry ON events(entry);
+-- the provider's ids of sent entries: what a receipt naming only those (Tencent) finds
+CREATE TABLE IF NOT EXISTS refs (
+    provider TEXT    NOT NULL,
+    ref      TEXT    NOT NULL,
+    entry    INTEGER NOT NULL,
+    PRIMARY KEY (provider, ref)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refs_entry ON refs(entry);
 CREATE INDEX IF NOT EXISTS pending_due ON messages(due) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS dead_id ON messages(id) WHERE state = 3;
 -- entries in flight (a few): counting undelivered ones and releasing stranded ones read
@@ -70,11 +109,44 @@ CREATE TABLE IF NOT EXISTS replies (
 CREATE INDEX IF NOT EXISTS replies_expires ON replies(expires);
 """
 
-# v1 -> v2: in-flight rows of v1 get no lease (0), so they are claimable at once
+# v1 -> v2: in-flight rows of v1 get no lease (0), so they are claimable at once.
+# v2 -> v3: entries sent before keep counting in today's budgets (sent_at).
 _UPGRADES = {
     1: "ALTER TABLE messages ADD COLUMN owner TEXT NOT NULL DEFAULT '';"
        "ALTER TABLE messages ADD COLUMN lease REAL NOT NULL DEFAULT 0;",
+    2: "ALTER TABLE messages ADD COLUMN refs TEXT NOT NULL DEFAULT '';"
+       "ALTER TABLE messages ADD COLUMN parts INTEGER NOT NULL DEFAULT 0;"
+       "ALTER TABLE messages ADD COLUMN segments INTEGER NOT NULL DEFAULT 0;"
+       "ALTER TABLE messages ADD COLUMN sent_at REAL NOT NULL DEFAULT 0;"
+       "ALTER TABLE messages ADD COLUMN receipt TEXT NOT NULL DEFAULT '';"
+       "ALTER TABLE messages ADD COLUMN receipt_at REAL NOT NULL DEFAULT 0;"
+       "UPDATE messages SET sent_at = updated WHERE state = 2;",
 }
+
+_INSERT_EVENT = "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)"
+# A receipt that came before the send was recorded (a fast vendor) decides at once: the
+# state is computed from the history in the same statement, never read and written back.
+_SENT = (
+    "UPDATE messages SET state = CASE "
+    "WHEN EXISTS (SELECT 1 FROM events WHERE entry = ?1 AND kind = 'receipt' "
+    "AND provider = ?5 AND status = 'undelivered') THEN 5 "
+    "WHEN (SELECT count(DISTINCT part) FROM events WHERE entry = ?1 AND kind = 'receipt' "
+    "AND provider = ?5 AND status = 'delivered') >= max(?2, 1) THEN 4 ELSE 2 END, "
+    "parts = ?2, refs = ?3, segments = ?4, provider = ?5, sent_at = ?6, updated = ?6 "
+    "WHERE id = ?1 AND state IN (0, 1)"
+)
+_INSERT_REF = "INSERT OR IGNORE INTO refs VALUES (?,?,?)"
+# Forward only, in one statement: sent (or in flight: the send not yet recorded) entries
+# become undelivered at a final failure, delivered once every part has been delivered.
+_RECEIPT = (
+    "UPDATE messages SET state = CASE WHEN ?2 = 'undelivered' THEN 5 "
+    "WHEN state = 2 AND (SELECT count(DISTINCT part) FROM events WHERE entry = ?1 "
+    "AND kind = 'receipt' AND status = 'delivered') >= max(parts, 1) THEN 4 ELSE state END, "
+    "receipt = ?3, receipt_at = ?4, updated = ?4, "
+    "error = CASE WHEN ?2 = 'undelivered' THEN ?5 ELSE error END "
+    "WHERE id = ?1 AND provider = ?6 AND state = 2 AND ?2 <> 'progress' "
+    "RETURNING state, sent_at"
+)
 
 _ENTRY_COLS = (
     "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts"
@@ -125,6 +197,7 @@ class SQLiteOutbox:
         # bound methods made once, so ops are told apart by identity (see _statement)
         self._enqueue_op = self._op_enqueue
         self._set_op = self._op_set
+        self._sent_op = self._op_sent
 
     @property
     def undelivered(self) -> int:
@@ -299,6 +372,8 @@ class SQLiteOutbox:
         fn, args, _ = op
         if fn is self._enqueue_op:
             return _INSERT
+        if fn is self._sent_op:
+            return _SENT
         if fn is self._set_op:
             sql: str = args[0]
             return sql
@@ -315,6 +390,10 @@ class SQLiteOutbox:
             if sql is _INSERT:  # enqueue(rows, dedup keys): both, for every op, or none
                 conn.executemany(sql, [p for _, args, _ in ops for p in args[0]])
                 conn.executemany(_INSERT_REPLY, [k for _, args, _ in ops for k in args[1]])
+            elif sql is _SENT:  # sent(updates, events, refs)
+                conn.executemany(_INSERT_EVENT, [e for _, args, _ in ops for e in args[1]])
+                conn.executemany(sql, [u for _, args, _ in ops for u in args[0]])
+                conn.executemany(_INSERT_REF, [r for _, args, _ in ops for r in args[2]])
             else:
                 conn.executemany(sql, [p for _, args, _ in ops for p in args[-1]])
             conn.execute("RELEASE merged")
@@ -365,7 +444,10 @@ class SQLiteOutbox:
                                        "the relay once to upgrade it")
                 conn.execute("BEGIN IMMEDIATE")
                 for v in range(max(version, 1), SCHEMA_VERSION):
-                    conn.executescript(_UPGRADES[v])
+                    # statement by statement: executescript() would commit the transaction
+                    # first, and a failed upgrade would be left half done
+                    for statement in filter(None, map(str.strip, _UPGRADES[v].split(";"))):
+                        conn.execute(statement)
                 conn.execute("COMMIT")
             # The WAL grows past SQLite's automatic checkpoint (1000 pages, ~4 MB) while a
             # reader holds an old snapshot or one commit is large, and without a limit keeps
@@ -486,9 +568,49 @@ class SQLiteOutbox:
         if not seen:
             return 0, None
         n: int = self._conn.execute(
-            "DELETE FROM messages WHERE id >= ? AND id <= ? AND state = 2", (low, last),
+            "DELETE FROM messages WHERE id >= ? AND id <= ? AND state IN (2, 4, 5)", (low, last),
         ).rowcount
+        if n:  # the history and provider ids of what is gone, over their entry indexes
+            for table in ("events", "refs"):
+                self._conn.execute(
+                    f"DELETE FROM {table} WHERE entry >= ?1 AND entry <= ?2 AND entry NOT IN "
+                    "(SELECT id FROM messages WHERE id >= ?1 AND id <= ?2)", (low, last))
         return n, (last + 1 if seen == CLEANUP_CHUNK else None)
+
+    def _op_sent(self, updates: list[tuple[Any, ...]], events: list[tuple[Any, ...]],
+                 refs: list[tuple[Any, ...]]) -> None:
+        assert self._conn is not None
+        self._conn.executemany(_INSERT_EVENT, events)
+        self._conn.executemany(_SENT, updates)
+        self._conn.executemany(_INSERT_REF, refs)
+
+    def _op_outcome(self, sql: str, params: tuple[Any, ...],
+                    events: list[tuple[Any, ...]]) -> None:
+        assert self._conn is not None
+        self._conn.executemany(_INSERT_EVENT, events)
+        self._conn.execute(sql, params)
+
+    def _op_receipt(self, provider: str, r: Receipt, now: float) -> Applied:
+        assert self._conn is not None
+        conn = self._conn
+        if r.entry is not None:
+            found = conn.execute("SELECT id, provider, state FROM messages WHERE id = ?",
+                                 (r.entry,)).fetchone()
+        else:
+            found = conn.execute(
+                "SELECT m.id, m.provider, m.state FROM refs JOIN messages m ON m.id = refs.entry "
+                "WHERE refs.provider = ? AND refs.ref = ?", (provider, r.ref)).fetchone()
+        # an entry another provider sent is not this endpoint's to change
+        if found is None or (found[2] in SENT_STATES and found[1] != provider):
+            return Applied("unknown")
+        id = found[0]
+        conn.execute(_INSERT_EVENT, (id, now, "receipt", provider, r.code, r.text, None,
+                                     r.status, r.ref))
+        reason = f"{provider} {r.code}" + (f": {r.text}" if r.text else "")
+        row = conn.execute(_RECEIPT, (id, r.status, r.code, now, reason[:500], provider)).fetchone()
+        if row is None or row[0] == found[2]:
+            return Applied("recorded", id, State(found[2]))
+        return Applied("changed", id, State(row[0]), row[1])
 
     def _op_set(self, sql: str, params: Sequence[tuple[Any, ...]]) -> None:
         assert self._conn is not None
@@ -539,31 +661,45 @@ class SQLiteOutbox:
         due: float | None = await self._call(self._op_next_due)
         return due
 
-    async def delivered(self, ids: Sequence[int], provider: str) -> None:
+    async def sent(self, provider: str, entries: Sequence[Sending]) -> None:
+        now = self.clock.time()
+        updates = [(s.id, len(s.refs), " ".join(s.refs), s.segments, provider, now)
+                   for s in entries]
+        events = [(s.id, *_event(e)) for s in entries for e in s.trail]
+        events += [(s.id, now, "sent", provider, "", " ".join(s.refs), s.latency, "", "")
+                   for s in entries]
+        refs = [(provider, ref, s.id) for s in entries for ref in s.refs if ref]
+        await self._call(self._sent_op, updates, events, refs)
+        self._undelivered -= len(entries)
+
+    async def retry(self, owner: str, id: int, due: float, provider: str, error: str,
+                    trail: Sequence[Event] = ()) -> None:
         now = self.clock.time()
         await self._call(
-            self._set_op,
-            "UPDATE messages SET state = 2, provider = ?, updated = ? WHERE id = ?",
-            [(provider, now, i) for i in ids],
-        )
-        self._undelivered -= len(ids)
-
-    async def retry(self, owner: str, id: int, due: float, provider: str, error: str) -> None:
-        await self._call(
-            self._set_op,
+            self._op_outcome,
             "UPDATE messages SET state = 0, due = ?, provider = ?, error = ?, updated = ? "
             "WHERE id = ? AND state = 1 AND owner = ?",
-            [(due, provider, error, self.clock.time(), id, owner)],
+            (due, provider, error, now, id, owner),
+            [(id, *_event(e)) for e in trail]
+            + [(id, now, "retry", provider, "", error, None, "", "")],
         )
 
-    async def dead(self, owner: str, id: int, provider: str, error: str) -> None:
+    async def dead(self, owner: str, id: int, provider: str, error: str,
+                   trail: Sequence[Event] = ()) -> None:
+        now = self.clock.time()
         await self._call(
-            self._set_op,
+            self._op_outcome,
             "UPDATE messages SET state = 3, provider = ?, error = ?, updated = ? "
             "WHERE id = ? AND state = 1 AND owner = ?",
-            [(provider, error, self.clock.time(), id, owner)],
+            (provider, error, now, id, owner),
+            [(id, *_event(e)) for e in trail]
+            + [(id, now, "dead", provider, "", error, None, "", "")],
         )
         self._undelivered -= 1
+
+    async def receipt(self, provider: str, receipt: Receipt, now: float) -> Applied:
+        applied: Applied = await self._call(self._op_receipt, provider, receipt, now)
+        return applied
 
     async def release(self, owner: str, ids: Sequence[int]) -> None:
         now = self.clock.time()
@@ -591,9 +727,11 @@ class SQLiteOutbox:
         stats = Stats(
             pending=counts.get(State.PENDING, (0, None))[0],
             inflight=counts.get(State.INFLIGHT, (0, None))[0],
-            delivered=counts.get(State.DELIVERED, (0, None))[0],
+            sent=counts.get(State.SENT, (0, None))[0],
             dead=counts.get(State.DEAD, (0, None))[0],
             oldest_pending=min(oldest) if oldest else None,
+            delivered=counts.get(State.DELIVERED, (0, None))[0],
+            undelivered=counts.get(State.UNDELIVERED, (0, None))[0],
         )
         return stats
 
@@ -610,12 +748,10 @@ class SQLiteOutbox:
         where = "WHERE state = ?" if state is not None else ""
         params: tuple[Any, ...] = (int(state), limit) if state is not None else (limit,)
         rows = await self._call(
-            self._op_query,
-            "SELECT id, kind, recipient, state, created, due, attempts, provider, error, updated "
-            f"FROM messages {where} ORDER BY id DESC LIMIT ?",
+            self._op_query, f"SELECT {_ROW_COLS} FROM messages {where} ORDER BY id DESC LIMIT ?",
             params,
         )
-        return [Row(r[0], r[1], r[2], State(r[3]), *r[4:]) for r in rows]
+        return [_row(r) for r in rows]
 
     async def requeue(self, ids: Sequence[int] | None, ttl: float) -> int:
         now = self.clock.time()
@@ -632,7 +768,31 @@ class SQLiteOutbox:
 
     async def purge_dead(self) -> int:
         n: int = await self._call(self._op_change, "DELETE FROM messages WHERE state = 3", ())
+        await self._call(self._op_change, "DELETE FROM events WHERE entry NOT IN "
+                         "(SELECT id FROM messages)", ())
         return n
+
+    async def show(self, id: int) -> Detail | None:
+        rows = await self._call(
+            self._op_query,
+            f"SELECT {_ROW_COLS}, refs, segments, sent_at, receipt, receipt_at FROM messages "
+            "WHERE id = ?", (id,))
+        if not rows:
+            return None
+        r = rows[0]
+        events = await self._call(
+            self._op_query, "SELECT at, kind, provider, code, text, latency, status, part "
+            "FROM events WHERE entry = ? ORDER BY rowid", (id,))
+        return Detail(_row(r[:10]), tuple(r[10].split()), r[11], r[12], r[13], r[14],
+                      [Event(*e) for e in events])
+
+    async def find(self, recipient: str, since: float, limit: int) -> builtins.list[Row]:
+        first = await self._call(self._op_first_since, since)
+        rows = await self._call(
+            self._op_query, f"SELECT {_ROW_COLS} FROM messages WHERE id >= ? AND "
+            "recipient = ? AND created >= ? ORDER BY id DESC LIMIT ?",
+            (first, recipient, since, limit))
+        return [_row(r) for r in rows]
 
     async def cleanup(self, delivered_before: float) -> int:
         n = 0
@@ -685,12 +845,24 @@ class SQLiteOutbox:
         return [(pos, key, range(first, first + count), note, exp)
                 for pos, key, first, count, note, exp in rows]
 
-    async def delivered_since(self, since: float) -> dict[str, int]:
+    async def sent_since(self, since: float) -> dict[str, tuple[int, int]]:
         rows = await self._call(
-            self._op_query, "SELECT provider, count(*) FROM messages WHERE state = 2 AND "
-            "updated >= ? GROUP BY provider", (since,),
+            self._op_query, "SELECT provider, count(*), sum(segments) FROM messages WHERE "
+            "state IN (2, 4, 5) AND sent_at >= ? GROUP BY provider", (since,),
         )
-        return {p: int(n) for p, n in rows}
+        return {p: (int(n), int(s or 0)) for p, n, s in rows}
+
+
+_ROW_COLS = "id, kind, recipient, state, created, due, attempts, provider, error, updated"
+
+
+def _row(r: Sequence[Any]) -> Row:
+    return Row(r[0], r[1], r[2], State(r[3]), *r[4:10])
+
+
+def _event(e: Event) -> tuple[Any, ...]:
+    """An event's columns after ``entry``."""
+    return (e.at, e.kind, e.provider, e.code, e.text, e.latency, e.status, e.part)
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

@@ -125,7 +125,7 @@ class Relay:
         self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=budget,
                                      clock=clock, owner=self.owner)
         self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready,
-                               self.guard)
+                               self.guard, clock)
         self.tls = tls_context(cfg.server) if cfg.server.tls_cert else None
         self.session: aiohttp.ClientSession | None = None
         self.runner: web.ServerRunner | None = None
@@ -306,7 +306,7 @@ class Relay:
         state = "accepting" if self.webhook.accepting else "stopping"
         if self.dispatcher.paused:
             state += " (delivery paused)"
-        parts = [state, f"queue {self.outbox.undelivered} ({a.dead} dead)", f"delivered {a.delivered}"]
+        parts = [state, f"queue {self.outbox.undelivered} ({a.dead} dead)", f"sent {a.sent}"]
         if a.last_error:
             parts.append(f"last error: {a.last_error} {_ago(self.clock.time() - a.last_error_at)} ago")
         if self.reload_error:

@@ -1,6 +1,7 @@
 """The hot path: HAP's webhook in, validation, durable enqueue, JSON response out.
 
-Served by aiohttp's low-level server: one handler dispatches on the path itself, so every
+Served by aiohttp's low-level server: one handler dispatches through one table of path ->
+handler (and of path prefixes: receipts, the status lookup, in ``endpoints``), so every
 answer, 404 and 405 included, is the relay's JSON and nothing is routed twice.
 """
 
@@ -11,7 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -19,12 +20,15 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hapsms_relay import log
+from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import Config
+from hapsms_relay.endpoints import MESSAGES, Messages, Receipts
 from hapsms_relay.errors import BadRequest, ClientGone, StorageError
 from hapsms_relay.guard import Admitter
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.numbers import InvalidNumber, Number, normalise
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
+from hapsms_relay.receipts import PREFIX as RECEIPTS
 
 JSON = "application/json"
 IDEMPOTENCY_KEY = "Idempotency-Key"
@@ -32,6 +36,9 @@ _SIGNATURE_BRACKETS = (("【", "】"), ("[", "]"))
 _PROBES = frozenset(("/healthz", "/readyz", "/metrics"))
 _HTTP_VERSIONS = frozenset((HttpVersion10, HttpVersion11))
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+#: a handler of the endpoint table: the request, and the path after a prefix ("" for a path)
+Handler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
 
 
 def error_response(exc: BadRequest) -> web.Response:
@@ -44,7 +51,7 @@ class Webhook:
 
     def __init__(
         self, config: Config, outbox: Outbox, metrics: Metrics, notify: Callable[[], None],
-        ready: Callable[[], tuple[bool, dict[str, Any]]], guard: Admitter,
+        ready: Callable[[], tuple[bool, dict[str, Any]]], guard: Admitter, clock: Clock = SYSTEM,
     ) -> None:
         self.outbox = outbox
         self.metrics = metrics
@@ -56,6 +63,8 @@ class Webhook:
         self._idle = asyncio.Event()
         self._idle.set()
         self.guard = guard
+        self.receipts = Receipts(outbox, metrics, clock, self.read_body)
+        self.messages = Messages(outbox)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -68,6 +77,16 @@ class Webhook:
         # Compare digests: constant time whatever the length of what the client sent.
         self.token_digests = tuple(hashlib.sha256(t.reveal().encode()).digest() for t in s.tokens)
         self.guard.set_config(config.limits)
+        self.receipts.set_config(config)
+        self.messages.set_config(config)
+        # the endpoint table: exact paths first (HAP's webhook, the probes), then prefixes
+        self.routes: dict[str, Handler] = {
+            s.path: self.webhook, "/healthz": self.probe, "/readyz": self.probe,
+            "/metrics": self.probe,
+        }
+        # each receipt endpoint also has its own allow_ips (its vendor's addresses)
+        self.prefixes: tuple[tuple[str, Handler], ...] = (
+            (RECEIPTS, self.receipts), (MESSAGES, self.messages))
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds until no request is being handled."""
@@ -86,16 +105,21 @@ class Webhook:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
+            path = request.path
+            handler = self.routes.get(path)
+            rest = ""
+            if handler is None:
+                for prefix, h in self.prefixes:
+                    if path.startswith(prefix):
+                        handler, rest = h, path[len(prefix):]
+                        break
             if request.version not in _HTTP_VERSIONS:  # aiohttp's parser lets 0.9 and 2.0 by
                 raise BadRequest(505, "http_version_not_supported",
                                  "the relay speaks HTTP/1.1 (and 1.0)", {"Connection": "close"})
-            if request.path == self.path:
-                response: web.StreamResponse = await self.webhook(request)
-            elif request.path in _PROBES:
-                response = self.probe(request)
-            else:
+            if handler is None:
                 raise BadRequest(404, "not_found", f"no endpoint at {request.path}; "
                                  f"HAP's webhook is POST {self.path}")
+            response: web.StreamResponse = await handler(request, rest)
         except BadRequest as exc:
             response = error_response(exc)
             if exc.status in (408, 505) or self.unread_expected(request):
@@ -111,7 +135,10 @@ class Webhook:
             response.force_close()
             return response  # counted as aborted, not as an answer
         except Exception:  # a bug: answer in JSON, keep serving, log the traceback
-            log.LOGGER.exception("internal_error path=%s", request.path)
+            # a receipt path may end in its secret: logged without it
+            shown = request.path if not request.path.startswith(RECEIPTS) else \
+                RECEIPTS + request.path[len(RECEIPTS):].split("/")[0]
+            log.LOGGER.exception("internal_error path=%s", shown)
             response = error_response(BadRequest(500, "internal_error",
                                                  "the relay failed; see its log"))
         if request.path not in _PROBES:  # a scrape every 15 s would drown HAP's requests
@@ -120,7 +147,7 @@ class Webhook:
 
     # -- POST {path} -----------------------------------------------------------------------
 
-    async def webhook(self, request: web.BaseRequest) -> web.Response:
+    async def webhook(self, request: web.BaseRequest, _: str = "") -> web.Response:
         if request.method != "POST":
             raise BadRequest(405, "method_not_allowed", f"use POST for {self.path}",
                              {"Allow": "POST"})
@@ -357,7 +384,7 @@ class Webhook:
 
     # -- probes ----------------------------------------------------------------------------
 
-    def probe(self, request: web.BaseRequest) -> web.Response:
+    async def probe(self, request: web.BaseRequest, _: str = "") -> web.Response:
         if request.method not in ("GET", "HEAD"):
             raise BadRequest(405, "method_not_allowed", f"use GET for {request.path}",
                              {"Allow": "GET, HEAD"})

@@ -55,7 +55,8 @@ class TencentFake:
 
     ``errors``: top-level error codes for the next calls, one per call. ``number_codes``:
     a per-number ``Code`` in ``SendStatusSet`` (default ``Ok``). ``calls``: the verified
-    requests; ``rejected``: the codes of refused ones.
+    requests; ``rejected``: the codes of refused ones. ``sent``: (number, SerialNo) of each
+    message accepted, which ``report`` posts the status callback for.
     """
 
     api: FakeAPI
@@ -64,6 +65,19 @@ class TencentFake:
     calls: list[TencentCall] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     intl_templates: set[str] = field(default_factory=lambda: {TC_INTL_TEMPLATE})
+    sent: list[tuple[str, str]] = field(default_factory=list)
+
+    async def report(self, session: Any, url: str, serials: list[str] | None = None,
+                     status: str = "SUCCESS", errmsg: str = "DELIVRD",
+                     description: str = "用户短信送达成功") -> tuple[int, Any]:
+        """The console's status callback, as Tencent posts it: one report per message."""
+        numbers = dict((s, n) for n, s in self.sent)
+        reports = [{"user_receive_time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "nationcode": numbers[s][1:3], "mobile": numbers[s][3:],
+                    "report_status": status, "errmsg": errmsg, "description": description,
+                    "sid": s} for s in (serials if serials is not None else list(numbers))]
+        async with session.post(url, json=reports) as r:
+            return r.status, await r.json(content_type=None)
 
     def __post_init__(self) -> None:
         self.api.respond = self.respond
@@ -93,13 +107,18 @@ class TencentFake:
         for number in body["PhoneNumberSet"]:
             code = self.number_codes.get(number, "Ok")
             statuses.append({
-                "SerialNo": f"5000:{uuid.uuid4().int % 10**28}" if code == "Ok" else "",
+                "SerialNo": self._serial(number) if code == "Ok" else "",
                 "PhoneNumber": number, "Fee": fee if code == "Ok" else 0,
                 "SessionContext": body.get("SessionContext", ""),
                 "Code": code, "Message": "send success" if code == "Ok" else code.split(".")[-1],
                 "IsoCode": "CN" if number.startswith("+86") else "",
             })
         return Reply(200, {"Response": {"SendStatusSet": statuses, "RequestId": request_id}})
+
+    def _serial(self, number: str) -> str:
+        serial = f"5000:{uuid.uuid4().int % 10**28}"
+        self.sent.append((number, serial))
+        return serial
 
     @staticmethod
     def fee(body: dict[str, Any]) -> int:
@@ -229,6 +248,18 @@ class AliyunFake:
     rejected: list[str] = field(default_factory=list)
     nonces: set[str] = field(default_factory=set)
     intl_templates: set[str] = field(default_factory=lambda: {ALI_INTL_TEMPLATE})
+    #: (BizId, OutId, PhoneNumbers) of each SendSms accepted, which ``report`` pushes for
+    sent: list[tuple[str, str, str]] = field(default_factory=list)
+
+    async def report(self, session: Any, url: str, success: bool = True,
+                     code: str = "DELIVERED", msg: str = "用户接收成功") -> tuple[int, Any]:
+        """SmsReport in HTTP batch push mode, as Alibaba posts it: one report per message."""
+        now = time.strftime("%Y-%m-%d %H:%M:%S")
+        reports = [{"phone_number": number, "send_time": now, "report_time": now,
+                    "success": success, "err_code": code, "err_msg": msg, "sms_size": "1",
+                    "biz_id": biz, "out_id": out} for biz, out, number in self.sent]
+        async with session.post(url, json=reports) as r:
+            return r.status, await r.json(content_type=None)
 
     def __post_init__(self) -> None:
         self.api.respond = self.respond
@@ -253,8 +284,10 @@ class AliyunFake:
             return Reply(ALI_STATUS.get(code, 200), aliyun_error(code))
         request_id = str(uuid.uuid4()).upper()
         if action == "SendSms":
+            biz = f"{uuid.uuid4().int % 10**15}^0"
+            self.sent.append((biz, rec.query.get("OutId", ""), number))
             return Reply(200, {"Code": "OK", "Message": "OK", "RequestId": request_id,
-                               "BizId": f"{uuid.uuid4().int % 10**15}^0"})
+                               "BizId": biz})
         if action == "SingleCallByTts":
             return Reply(200, {"Code": "OK", "Message": "OK", "RequestId": request_id,
                                "CallId": f"{uuid.uuid4().int % 10**12}^{uuid.uuid4().int % 10**11}"})

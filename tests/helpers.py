@@ -7,7 +7,7 @@ import re
 import socket
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import aiohttp
 from hapsms_relay import config, storage
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import QueueConfig
-from hapsms_relay.outbox import Outbox, Row, State
+from hapsms_relay.outbox import SENT_STATES, Outbox, Row, Sending, State
 from hapsms_relay.relay import Relay
 
 TOKEN = "test-token-5f2c"
@@ -124,6 +124,11 @@ def write_config(tmp_path: Path, doc: Mapping[str, Any], name: str = "config.tom
     return path
 
 
+def sending(ids: Sequence[int]) -> list[Sending]:
+    """What ``Queue.sent`` takes for entries sent without ids or segments."""
+    return [Sending(i, (), 0, 0.0) for i in ids]
+
+
 async def eventually(
     predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
 ) -> None:
@@ -154,14 +159,14 @@ class RunningRelay:
         async with session.post(self.webhook_url, json=body, headers=dict(headers or AUTH)) as r:
             return r.status, await r.json(content_type=None)
 
-    async def settled(self, *, delivered: int = 0, dead: int = 0) -> None:
-        """Wait until the outbox holds this many delivered and this many dead entries."""
+    async def settled(self, *, sent: int = 0, dead: int = 0) -> None:
+        """Wait until the outbox holds this many sent and this many dead entries."""
 
         async def reached() -> bool:
             s = await self.relay.outbox.stats()
-            return (s.delivered, s.dead) == (delivered, dead)
+            return (s.sent, s.dead) == (sent, dead)
 
-        await eventually(reached, what=f"{delivered} delivered and {dead} dead entries")
+        await eventually(reached, what=f"{sent} sent and {dead} dead entries")
 
     async def caught_up(self) -> None:
         """Wait until the relay has done all that is due by its clock's time: nothing in
@@ -194,7 +199,7 @@ async def start_relay(doc: Mapping[str, Any], *, paused: bool = False,
 
 
 async def settled(relay: RunningRelay, ids: list[str], timeout: float = 15.0) -> dict[str, Any]:
-    """Wait until every entry of ``ids`` is delivered or dead; its outbox row by id."""
+    """Wait until every entry of ``ids`` is sent (or further) or dead; its outbox row by id."""
     wanted = {int(i) for i in ids}
     found: dict[str, Any] = {}
 
@@ -202,16 +207,16 @@ async def settled(relay: RunningRelay, ids: list[str], timeout: float = 15.0) ->
         rows = await relay.relay.outbox.list(None, 10_000)
         found.clear()
         found.update({str(r.id): r for r in rows if r.id in wanted
-                      and r.state in (State.DELIVERED, State.DEAD)})
+                      and r.state in (*SENT_STATES, State.DEAD)})
         return len(found) == len(wanted)
 
-    await eventually(done, timeout, what=f"entries {sorted(wanted)} delivered or dead")
+    await eventually(done, timeout, what=f"entries {sorted(wanted)} sent or dead")
     return found
 
 
 async def post_settled(relay: RunningRelay, session: aiohttp.ClientSession, body: Any) -> list[Any]:
-    """POST a HAP body (it must be accepted) and wait for its entries to be delivered or
-    dead; their outbox rows, in the order of the answer's ids."""
+    """POST a HAP body (it must be accepted) and wait for its entries to be sent or dead;
+    their outbox rows, in the order of the answer's ids."""
     status, answer = await relay.post(session, body)
     assert status == 200, answer
     rows = await settled(relay, answer["ids"])

@@ -65,7 +65,7 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory, session, aliyun: Al
     relay = await relay_factory(base_config(
         tmp_path, providers=[aliyun_table(aliyun.api.url)], routes={"sms": ["aliyun"]}))
     rows = await post_settled(relay, session, SMS_BODY)
-    assert rows[0].state == State.DELIVERED
+    assert rows[0].state == State.SENT
     (call,) = aliyun.calls
     assert call.action == "SendSms"
     assert call.params == {"PhoneNumbers": "13800138000", "SignName": "阿里云短信测试",
@@ -80,7 +80,7 @@ async def test_voice_end_to_end(tmp_path: Path, relay_factory, session, aliyun: 
     relay = await relay_factory(base_config(
         tmp_path, providers=[table], routes={"sms": ["aliyun"], "voice": ["aliyun"]}))
     rows = await post_settled(relay, session, VOICE_BODY)
-    assert rows[0].state == State.DELIVERED
+    assert rows[0].state == State.SENT
     (call,) = aliyun.calls
     assert call.action == "SingleCallByTts"
     assert call.params == {"CalledNumber": "13800138000", "TtsCode": "TTS_100001",
@@ -109,7 +109,7 @@ async def test_one_call_per_recipient_and_failures_stay_apart(
         tmp_path, providers=[aliyun_table(aliyun.api.url)], routes={"sms": ["aliyun"]}))
     rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["13800138000", "13800138001", "+85291234567"], "Message": EN_TEXT}})
-    assert [r.state for r in rows] == [State.DELIVERED, State.DEAD, State.DELIVERED]
+    assert [r.state for r in rows] == [State.SENT, State.DEAD, State.SENT]
     assert "isv.MOBILE_NUMBER_ILLEGAL" in rows[1].error
     assert sorted(c.params["PhoneNumbers"] for c in aliyun.calls) == [
         "13800138000", "13800138001", "85291234567"]
@@ -123,7 +123,7 @@ async def test_throttling_fails_over(tmp_path: Path, relay_factory, session, ali
                              {"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}],
         routes={"sms": ["aliyun", "dev"]}))
     (row,) = await post_settled(relay, session, SMS_BODY)
-    assert (row.state, row.provider) == (State.DELIVERED, "dev")
+    assert (row.state, row.provider) == (State.SENT, "dev")
 
 
 # -- one call, every outcome ----------------------------------------------------------------
@@ -294,7 +294,7 @@ async def test_us_voice_code_goes_to_the_next_provider(
         routes={"sms": ["aliyun", "dev"], "voice": ["aliyun", "dev"]}))
     (row,) = await post_settled(relay, session, {"Type": 2, "Data": {
         "Mobile": "+13125551234", "Code": "123456"}})
-    assert (row.state, row.provider) == (State.DELIVERED, "dev")
+    assert (row.state, row.provider) == (State.SENT, "dev")
     assert aliyun.calls == []
 
 
@@ -363,7 +363,7 @@ async def test_mixed_body_gets_the_international_template(
         tmp_path, providers=[aliyun_table(aliyun.api.url)], routes={"sms": ["aliyun"]}))
     rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["+8613800138000", "+85291234567"], "Message": EN_TEXT}})
-    assert [r.state for r in rows] == [State.DELIVERED] * 2
+    assert [r.state for r in rows] == [State.SENT] * 2
     assert sorted((c.params["PhoneNumbers"], c.params["TemplateCode"]) for c in aliyun.calls) == [
         ("13800138000", "SMS_154950910"), ("85291234567", ALI_INTL_TEMPLATE)]
 
@@ -411,7 +411,7 @@ async def test_globe_voice_code_is_an_otp_and_mainland_stays_on_sendsms(
     (row,) = await post_settled(relay, session, {"Type": 2, "Data": {
         "Mobile": "+13125551234", "Code": "123456"}})
     (mainland,) = await post_settled(relay, session, SMS_BODY)
-    assert row.state == mainland.state == State.DELIVERED
+    assert row.state == mainland.state == State.SENT
     assert [(c.action, c.params.get("Type")) for c in aliyun.calls] == [
         ("SendMessageToGlobe", "OTP"), ("SendSms", None)]
 

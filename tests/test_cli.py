@@ -70,14 +70,14 @@ async def test_check_config_error_exits_78_naming_the_key(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("reply", "expected", "said"), [
-    (Reply(200, {"ok": True}), 0, "api: delivered (sms to +8613800138000)"),
+    (Reply(200, {"ok": True}), 0, "api: sent (sms to +8613800138000)"),
     (Reply(400, "bad number"), 1, "api: PermanentError: api http_400: bad number"),
     (Reply(503, "maintenance"), 75, "api: TransientError: api http_503: maintenance"),
-], ids=["delivered", "permanent", "transient"])
+], ids=["sent", "permanent", "transient"])
 async def test_send(reply: Reply, expected: int, said: str, tmp_path: Path,
                     fake_api: FakeAPI) -> None:
     """``send`` goes through the route and prints the provider's answer; the exit status
-    says delivered (0), refused for good (1) or try again (75)."""
+    says sent (0), refused for good (1) or try again (75)."""
     fake_api.script.append(reply)
     doc = base_config(tmp_path, providers=[http_provider("api", fake_api.url)],
                       routes={"sms": ["api"]})
@@ -96,7 +96,7 @@ async def test_send_voice_code_and_bad_number(tmp_path: Path, fake_api: FakeAPI)
                       routes={"sms": ["api"]})
     config = str(write_config(tmp_path, doc))
     code, out, _ = await run_cli("send", "--to", "+8613800138000", "--code", "4321", "--config", config)
-    assert code == 0 and "delivered (sms" in out
+    assert code == 0 and "sent (sms" in out
     assert fake_api.requests[0].json()["text"] == "Your verification code is 4321"
     assert (await run_cli("send", "--to", "12", "--message", "x", "--config", config))[0] == 2
     assert (await run_cli("send", "--to", "13800138000", "--code", "12", "--config", config))[0] == 2
@@ -119,15 +119,16 @@ async def test_queue_commands_on_a_running_relay(
     async def states_are(*wanted: State) -> bool:
         return await outbox_states(tmp_path / "outbox.db") == list(wanted)
 
-    await eventually(lambda: states_are(State.DEAD, State.DELIVERED), what="one dead, one delivered")
+    await eventually(lambda: states_are(State.DEAD, State.SENT), what="one dead, one sent")
 
     code, out, _ = await run_cli("queue", "stats", "--config", config)
     assert code == 0
-    assert out.splitlines()[:4] == ["pending 0", "inflight 0", "delivered 1", "dead 1"]
+    assert out.splitlines()[:6] == ["pending 0", "inflight 0", "sent 1", "dead 1", "delivered 0",
+                                    "undelivered 0"]
 
     code, out, _ = await run_cli("queue", "list", "--json", "--config", config)
     records = [orjson.loads(line) for line in out.splitlines()]
-    assert [(r["id"], r["state"]) for r in records] == [(good["ids"][0], "delivered"),
+    assert [(r["id"], r["state"]) for r in records] == [(good["ids"][0], "sent"),
                                                         (dead["ids"][0], "dead")]
     assert all(r["to"] == "+86*******8000" for r in records)
     code, out, _ = await run_cli("queue", "list", "--dead", "--config", config)
@@ -153,7 +154,7 @@ async def test_queue_commands_on_a_running_relay(
     await relay.post(session, SMS_BODY)
     await eventually(any_dead, what="dead again")
     assert await run_cli("queue", "purge", "--dead", "--config", config) == (0, "purged 1\n", "")
-    assert set(await outbox_states(tmp_path / "outbox.db")) == {State.DELIVERED}
+    assert set(await outbox_states(tmp_path / "outbox.db")) == {State.SENT}
 
 
 async def test_queue_stats_leaves_deliveries_in_flight_alone(

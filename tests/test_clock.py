@@ -121,5 +121,5 @@ async def test_retry_waits_for_the_clock(tmp_path: Path, relay_factory: Any,
     assert len(fake_api.requests) == 1
     clock.advance(3601)
     rows = await settled(relay, answer["ids"])
-    assert rows[answer["ids"][0]].state == State.DELIVERED
+    assert rows[answer["ids"][0]].state == State.SENT
     assert len(fake_api.requests) == 2

@@ -52,12 +52,12 @@ async def test_sample_body_reaches_http_provider(
 
 
 async def test_log_lines_reach_stdout_masked(tmp_path: Path, relay_factory, session, capsys) -> None:
-    """The relay logs accepted and delivered lines to stdout, with the number masked."""
+    """The relay logs accepted and sent lines to stdout, with the number masked."""
     relay = await relay_factory(base_config(tmp_path))
     status, _ = await relay.post(session, SMS_BODY)
     assert status == 200
-    await eventually(lambda: relay.relay.dispatcher.activity.delivered == 1, what="delivery")
+    await eventually(lambda: relay.relay.dispatcher.activity.sent == 1, what="the send")
     out = capsys.readouterr().out
-    assert "accepted " in out and "delivered " in out
+    assert "accepted " in out and "\nsent " in out.replace("<6>", "\n")
     assert "to=+86*******8000" in out
     assert "13800138000" not in out and "验证码" not in out

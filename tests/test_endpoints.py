@@ -77,7 +77,10 @@ async def test_metrics_count_what_happened(
     assert m[("hapsms_relay_messages_accepted_total", (("type", "sms"),))] == 2
     assert m[("hapsms_relay_messages_accepted_total", (("type", "voice"),))] == 1
     api_sms = (("provider", "api"), ("type", "sms"))
+    assert m[("hapsms_relay_messages_sent_total", api_sms)] == 2
+    # the name before receipts, kept for one release, counts the same
     assert m[("hapsms_relay_messages_delivered_total", api_sms)] == 2
+    assert m[("hapsms_relay_segments_total", (("provider", "api"),))] == 2
     assert m[("hapsms_relay_messages_retried_total", api_sms)] == 1
     assert m[("hapsms_relay_messages_dead_total", (("provider", "api"), ("type", "voice")))] == 1
     assert m[("hapsms_relay_provider_latency_seconds_count", (("provider", "api"),))] == 4

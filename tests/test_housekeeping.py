@@ -26,6 +26,7 @@ from tests.helpers import (
     http_provider,
     outbox_rows,
     outbox_states,
+    sending,
     settled,
     start_relay,
 )
@@ -96,10 +97,10 @@ async def test_cleanup_deletes_in_chunks_only_old_delivered(tmp_path: Path) -> N
         now = clock.time()
         ids = await outbox.enqueue(entries, DAY, keys=[(b"gone", now + 1), (b"live", now + 60)])
         kept_pending = ids[::100]
-        await outbox.delivered([i for i in ids if i not in set(kept_pending)], "dev")
+        await outbox.sent("dev", sending([i for i in ids if i not in set(kept_pending)]))
         clock.advance(2)
         newer = await outbox.enqueue(entries[:3], DAY)
-        await outbox.delivered(newer, "dev")
+        await outbox.sent("dev", sending(newer))
         removed = await outbox.cleanup(clock.time() - 1)
         assert removed == n - len(kept_pending)
         left = [r.id for r in await outbox.list(None, 10 * n)][::-1]

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from hapsms_relay.clock import ManualClock
-from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox, State
+from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, Event, NewEntry, Outbox, Sending, State
+from hapsms_relay.receipts import Receipt
 from tests.backends import BACKEND_PARAMS, Backend
+from tests.helpers import sending
 
 DAY = 86400.0
 A, B = "relay-a/1", "relay-b/2"
@@ -120,9 +122,9 @@ async def test_outcomes_of_a_lost_claim_are_ignored(box: Outbox, clock: ManualCl
     await box.release(A, [i])
     (row,) = await box.list(None, 10)
     assert (row.state, row.attempts, row.error) == (State.INFLIGHT, 2, "")
-    await box.delivered([i], "p")
+    await box.sent("p", sending([i]))
     (row,) = await box.list(None, 10)
-    assert (row.state, row.provider) == (State.DELIVERED, "p")
+    assert (row.state, row.provider) == (State.SENT, "p")
 
 
 async def test_retry_dead_release_and_next_due(box: Outbox, clock: ManualClock) -> None:
@@ -164,7 +166,7 @@ async def test_admin_requeue_and_purge(box: Outbox, clock: ManualClock) -> None:
     await box.dead(A, ids[1], "p", "refused")
     assert await box.purge_dead() == 1
     st = await box.stats()
-    assert (st.pending, st.inflight, st.delivered, st.dead) == (0, 3, 0, 0)
+    assert (st.pending, st.inflight, st.sent, st.dead) == (0, 3, 0, 0)
     assert st.oldest_pending == now
     assert ids[1] not in {row.id for row in await box.list(None, 10)}
 
@@ -195,9 +197,9 @@ async def test_keys_answer_for_their_ids_until_they_expire(box: Outbox, clock: M
     assert [r[1] for r in await box.replies(now, -1, 10)] == [b"k2", b"k3"]
 
 
-async def test_recent_and_delivered_since_rebuild_the_limits(box: Outbox, clock: ManualClock) -> None:
-    """recent gives entries accepted since a time by id in chunks; delivered_since counts
-    deliveries by provider since a time."""
+async def test_recent_and_sent_since_rebuild_the_limits(box: Outbox, clock: ManualClock) -> None:
+    """recent gives entries accepted since a time by id in chunks; sent_since counts what
+    each provider sent since a time, messages and segments."""
     old = await box.enqueue([sms(1)], DAY)
     clock.advance(100)
     since = clock.time()
@@ -210,25 +212,169 @@ async def test_recent_and_delivered_since_rebuild_the_limits(box: Outbox, clock:
     assert [r[0] for r in await box.recent(since, chunk[-1][0], 2)] == newest
     claimed = await box.claim(A, 10, clock.time(), 30)
     assert len(claimed) == 4
-    await box.delivered(old, "a")
+    await box.sent("a", sending(old))
     clock.advance(1)
     cut = clock.time()
-    await box.delivered(new, "b")
-    await box.delivered(newest, "a")
-    assert await box.delivered_since(cut) == {"a": 1, "b": 2}
-    assert await box.delivered_since(cut + 1) == {}
+    await box.sent("b", [Sending(i, (), 2, 0.1) for i in new])
+    await box.sent("a", sending(newest))
+    assert await box.sent_since(cut) == {"a": (1, 0), "b": (2, 4)}
+    assert await box.sent_since(cut + 1) == {}
 
 
 async def test_cleanup_forgets_old_delivered_only(box: Outbox, clock: ManualClock) -> None:
-    """cleanup removes delivered entries accepted before the cut and nothing else."""
+    """cleanup removes sent entries accepted before the cut and nothing else."""
     old = await box.enqueue([sms(i) for i in range(6)], DAY)
     await box.claim(A, 10, clock.time(), 30)
-    await box.delivered(old[:3], "p")
+    await box.sent("p", sending(old[:3]))
     await box.dead(A, old[3], "p", "refused")
     clock.advance(60)
     newer = await box.enqueue([sms(9)], DAY)
     await box.claim(A, 10, clock.time(), 30)
-    await box.delivered(newer, "p")
+    await box.sent("p", sending(newer))
     assert await box.cleanup(clock.time() - 30) == 3
     assert sorted(r.id for r in await box.list(None, 10)) == [*old[3:], *newer]
     assert box.undelivered == 2 == await box.refresh()
+
+
+# -- states, history and receipts ---------------------------------------------------------------
+
+def ok(entry: int | None = None, ref: str = "", status: str = "delivered", code: str = "DELIVRD",
+       text: str = "") -> Receipt:
+    return Receipt(status, entry, ref, code, text)  # type: ignore[arg-type]
+
+
+async def sent_one(box: Outbox, clock: ManualClock, provider: str = "p",
+                   refs: tuple[str, ...] = ("ref-1",), segments: int = 1) -> int:
+    (i,) = await box.enqueue([sms(1)], DAY)
+    await box.claim(A, 10, clock.time(), 30)
+    await box.sent(provider, [Sending(i, refs, segments, 0.25)])
+    return i
+
+
+async def state(box: Outbox, i: int) -> State:
+    detail = await box.show(i)
+    assert detail is not None
+    return detail.row.state
+
+
+async def test_sent_keeps_ids_segments_and_history(box: Outbox, clock: ManualClock) -> None:
+    """sent records the provider's ids, the segments, when, and the round's failed attempts
+    before the send, in order; show tells it all."""
+    (i,) = await box.enqueue([sms(1)], DAY)
+    await box.claim(A, 10, clock.time(), 30)
+    clock.advance(2)
+    failed = Event(clock.time(), "attempt", "a", "http_500", "down", 0.5)
+    await box.sent("b", [Sending(i, ("SM1",), 2, 0.125, (failed,))])
+    d = await box.show(i)
+    assert d is not None
+    assert (d.row.state, d.row.provider, d.refs, d.segments, d.sent_at) == (
+        State.SENT, "b", ("SM1",), 2, clock.time())
+    assert [(e.kind, e.provider, e.code, e.latency) for e in d.events] == [
+        ("attempt", "a", "http_500", 0.5), ("sent", "b", "", 0.125)]
+    assert await box.show(i + 100) is None
+
+
+async def test_retry_and_dead_append_to_the_history(box: Outbox, clock: ManualClock) -> None:
+    """retry and dead write their step (and the round's attempts) to the history."""
+    (i,) = await box.enqueue([sms(1)], DAY)
+    await box.claim(A, 10, clock.time(), 30)
+    await box.retry(A, i, clock.time(), "p", "p http_503", [Event(clock.time(), "attempt", "p",
+                                                                  "http_503", "", 0.1)])
+    await box.claim(A, 10, clock.time(), 30)
+    await box.dead(A, i, "p", "p 21211: invalid number")
+    d = await box.show(i)
+    assert d is not None and d.row.state == State.DEAD
+    assert [(e.kind, e.text) for e in d.events] == [
+        ("attempt", ""), ("retry", "p http_503"), ("dead", "p 21211: invalid number")]
+
+
+async def test_receipt_moves_sent_forward_only(box: Outbox, clock: ManualClock) -> None:
+    """delivered moves sent to delivered; a repeat, a late "on its way" and a later failure
+    change nothing but the history."""
+    i = await sent_one(box, clock)
+    clock.advance(5)
+    applied = await box.receipt("p", ok(ref="ref-1"), clock.time())
+    assert (applied.outcome, applied.id, applied.state) == ("changed", i, State.DELIVERED)
+    assert applied.sent_at == clock.time() - 5
+    for late in (ok(ref="ref-1"), ok(i, status="progress", code="sent"),
+                 ok(i, status="undelivered", code="UNDELIV")):
+        assert (await box.receipt("p", late, clock.time())).outcome == "recorded"
+    d = await box.show(i)
+    assert d is not None and (d.row.state, d.receipt) == (State.DELIVERED, "DELIVRD")
+    assert [e.status for e in d.events if e.kind == "receipt"] == [
+        "delivered", "delivered", "progress", "undelivered"]
+    st = await box.stats()
+    assert (st.sent, st.delivered, st.undelivered) == (0, 1, 0)
+
+
+async def test_undelivered_keeps_the_reason(box: Outbox, clock: ManualClock) -> None:
+    """A final failure makes the entry undelivered with the provider's code and text; a
+    late delivered receipt does not undo it."""
+    i = await sent_one(box, clock)
+    applied = await box.receipt("p", ok(i, status="undelivered", code="30003",
+                                        text="Unreachable handset"), clock.time())
+    assert (applied.outcome, applied.state) == ("changed", State.UNDELIVERED)
+    assert (await box.receipt("p", ok(i), clock.time())).outcome == "recorded"
+    d = await box.show(i)
+    assert d is not None and d.row.state == State.UNDELIVERED
+    assert d.row.error == "p 30003: Unreachable handset"
+
+
+async def test_parts_are_delivered_together(box: Outbox, clock: ManualClock) -> None:
+    """A message in three parts is delivered once each part's receipt said so (a repeat of
+    one part does not count twice); any part's failure makes it undelivered."""
+    i = await sent_one(box, clock, refs=("m1", "m2", "m3"), segments=3)
+    for part in ("m1", "m1", "m2"):
+        assert (await box.receipt("p", ok(i, part), clock.time())).outcome == "recorded"
+    assert await state(box, i) == State.SENT
+    assert (await box.receipt("p", ok(None, "m3"), clock.time())).state == State.DELIVERED
+    j = await sent_one(box, clock, refs=("n1", "n2"), segments=2)
+    await box.receipt("p", ok(j, "n1"), clock.time())
+    await box.receipt("p", ok(j, "n2", status="undelivered", code="6"), clock.time())
+    assert await state(box, j) == State.UNDELIVERED
+
+
+async def test_unknown_and_foreign_receipts_store_nothing(box: Outbox, clock: ManualClock) -> None:
+    """A receipt for no entry, or for an entry another provider sent, is unknown and
+    stored nowhere."""
+    i = await sent_one(box, clock, provider="p")
+    for provider, receipt in (("p", ok(ref="nope")), ("p", ok(i + 1000)), ("q", ok(i)),
+                              ("q", ok(ref="ref-1"))):
+        assert (await box.receipt(provider, receipt, clock.time())).outcome == "unknown"
+    d = await box.show(i)
+    assert d is not None and d.row.state == State.SENT
+    assert [e.kind for e in d.events] == ["sent"]
+
+
+async def test_receipt_before_the_send_is_recorded(box: Outbox, clock: ManualClock) -> None:
+    """A receipt that arrives while the send is still in flight (a fast vendor) is kept,
+    and the entry is delivered the moment the send is recorded."""
+    (i,) = await box.enqueue([sms(1)], DAY)
+    await box.claim(A, 10, clock.time(), 30)
+    assert (await box.receipt("p", ok(i, "ref-1"), clock.time())).outcome == "recorded"
+    assert await state(box, i) == State.INFLIGHT
+    await box.sent("p", [Sending(i, ("ref-1",), 1, 0.1)])
+    assert await state(box, i) == State.DELIVERED
+
+
+async def test_find_by_number(box: Outbox, clock: ManualClock) -> None:
+    """find gives one number's entries since a time, newest first."""
+    first = await box.enqueue([sms(1), sms(2)], DAY)
+    clock.advance(60)
+    cut = clock.time()
+    later = await box.enqueue([sms(1)], DAY)
+    again = await box.enqueue([sms(1)], DAY)
+    assert [r.id for r in await box.find("+8613900000001", cut, 10)] == [*again, *later]
+    assert [r.id for r in await box.find("+8613900000001", 0, 10)] == [*again, *later, first[0]]
+    assert await box.find("+8613900000009", 0, 10) == []
+
+
+async def test_cleanup_forgets_the_history_too(box: Outbox, clock: ManualClock) -> None:
+    """Entries cleanup forgets take their history and provider ids along: a receipt for
+    them is unknown afterwards."""
+    i = await sent_one(box, clock)
+    await box.receipt("p", ok(ref="ref-1"), clock.time())
+    clock.advance(60)
+    assert await box.cleanup(clock.time()) == 1
+    assert await box.show(i) is None
+    assert (await box.receipt("p", ok(ref="ref-1"), clock.time())).outcome == "unknown"

@@ -13,6 +13,7 @@ import pytest
 from hapsms_relay.errors import StorageError
 from hapsms_relay.outbox import KIND_SMS, NewEntry, State
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
+from tests.helpers import sending
 
 
 def _entry(n: int) -> NewEntry:
@@ -55,11 +56,11 @@ async def test_concurrent_status_updates_all_apply(outbox: SQLiteOutbox) -> None
     delivered = [e.id for e in claimed[:70]]
     dead = [e.id for e in claimed[70:]]
     await asyncio.gather(
-        *(outbox.delivered([i], "p") for i in delivered),
+        *(outbox.sent("p", sending([i])) for i in delivered),
         *(outbox.dead("test", i, "p", "refused") for i in dead),
     )
     states = _states(path)
-    assert {states[i] for i in delivered} == {State.DELIVERED}
+    assert {states[i] for i in delivered} == {State.SENT}
     assert {states[i] for i in dead} == {State.DEAD}
     assert outbox.undelivered == 0
 

@@ -44,19 +44,19 @@ def _doc(doc: dict[str, Any]) -> dict[str, Any]:
 async def test_relay_on_postgres_end_to_end(tmp_path: Path, pg_url: str, relay_factory: Any,
                                             session: aiohttp.ClientSession,
                                             fake_api: FakeAPI) -> None:
-    """A post is stored in PostgreSQL, answered 200 and delivered; the queue commands see it."""
+    """A post is stored in PostgreSQL, answered 200 and sent; the queue commands see it."""
     doc = _doc(pg_config(tmp_path, with_password(pg_url), fake_api, queue={"node": "pg-1"}))
     relay = await relay_factory(doc)
     status, answer = await relay.post(session, SMS_BODY)
     assert status == 200
     await eventually(lambda: len(fake_api.accepted) == 1, what="the delivery")
     assert fake_api.accepted[0].json()["ref"] == answer["ids"][0]
-    await relay.settled(delivered=1)
+    await relay.settled(sent=1)
     async with session.get(relay.url + "/readyz") as r:
         assert r.status == 200 and (await r.json())["node"] == "pg-1"
     path = write_config(tmp_path, doc)
     code, out, _ = await run_cli("queue", "stats", "--config", str(path))
-    assert code == 0 and "delivered 1" in out and "pending 0" in out
+    assert code == 0 and "sent 1" in out and "pending 0" in out
 
 
 async def test_url_is_a_secret(tmp_path: Path, pg_url: str) -> None:
@@ -215,14 +215,14 @@ async def test_outcome_write_lost_with_the_database_is_sent_again(
     finally:
         pg_server.start()
 
-    async def delivered() -> bool:
+    async def sent() -> bool:
         try:
             rows = await relay.relay.outbox.list(None, 10)
         except StorageError:  # not reconnected yet
             return False
-        return [r.state for r in rows] == [State.DELIVERED]
+        return [r.state for r in rows] == [State.SENT]
 
-    await eventually(delivered, timeout=30, what="sent again and recorded as delivered")
+    await eventually(sent, timeout=30, what="sent again and recorded as sent")
     assert [r.json()["ref"] for r in fake_api.accepted] == answer["ids"] * 2
 
 

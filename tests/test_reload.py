@@ -42,7 +42,7 @@ async def test_delivery_in_flight_keeps_its_providers_across_reload(
                           routes={"sms": ["second"]})
         assert await relay.relay.reload(str(write_config(tmp_path, new))) is None
         gate.set()  # the old "first" answers 503: the round moves on to the old "second"
-        await eventually(lambda: relay.relay.dispatcher.activity.delivered == 1, what="delivery")
+        await eventually(lambda: relay.relay.dispatcher.activity.sent == 1, what="delivery")
         assert len(fake_api.accepted) == 1
         assert relay.relay.dispatcher.activity.dead == 0
         assert "internal_error" not in caplog.text

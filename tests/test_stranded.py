@@ -11,22 +11,22 @@ import aiohttp
 
 from hapsms_relay.clock import ManualClock
 from hapsms_relay.errors import StorageError
-from hapsms_relay.outbox import State
+from hapsms_relay.outbox import Sending, State
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from tests.fakes import FakeAPI
 from tests.helpers import SMS_BODY, base_config, eventually, outbox_states, start_relay
 
 
 class OutcomeWriteFailsOnce(SQLiteOutbox):
-    """The real SQLite outbox, whose first "delivered" write fails as on a full disk."""
+    """The real SQLite outbox, whose first "sent" write fails as on a full disk."""
 
     failed = False
 
-    async def delivered(self, ids: Sequence[int], provider: str) -> None:
+    async def sent(self, provider: str, entries: Sequence[Sending]) -> None:
         if not self.failed:
             self.failed = True
             raise StorageError("outbox: database or disk is full")
-        await super().delivered(ids, provider)
+        await super().sent(provider, entries)
 
 
 def _provider(api: FakeAPI) -> dict[str, object]:
@@ -58,7 +58,7 @@ async def test_unrecorded_delivery_is_sent_again_after_its_lease(
         clock.advance(1)
 
         async def delivered() -> bool:
-            return await outbox_states(tmp_path / "outbox.db") == [State.DELIVERED]
+            return await outbox_states(tmp_path / "outbox.db") == [State.SENT]
 
         await eventually(delivered, what="delivered again and recorded")
         assert len(fake_api.accepted) == 2  # at least once: the lost record costs a resend

@@ -250,7 +250,7 @@ async def test_notify_sequence_ready_status_watchdog_reload_stopping(
     ready = await n.wait_for("READY")
     assert n.messages[ready]["STATUS"].startswith("accepting; queue ")
     # The status line is kept current: the delivery shows up in a later STATUS= on its own.
-    await eventually(lambda: any("delivered 1" in m.get("STATUS", "") for m in n.messages[ready:]),
+    await eventually(lambda: any("sent 1" in m.get("STATUS", "") for m in n.messages[ready:]),
                      what="STATUS with the delivery")
     watchdog = await n.wait_for("WATCHDOG", ready + 1)
     assert n.messages[watchdog] == {"WATCHDOG": "1"}

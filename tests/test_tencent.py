@@ -67,7 +67,7 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory, session, tencent: T
     relay = await relay_factory(base_config(
         tmp_path, providers=[tencent_table(tencent.api.url)], routes={"sms": ["tencent"]}))
     rows = await post_settled(relay, session, SMS_BODY)
-    assert rows[0].state == State.DELIVERED
+    assert rows[0].state == State.SENT
     (call,) = tencent.calls
     assert call.action == "SendSms" and call.region == "ap-beijing"
     assert call.body == {
@@ -83,7 +83,7 @@ async def test_voice_end_to_end(tmp_path: Path, relay_factory, session, tencent:
         tmp_path, providers=[tencent_table(tencent.api.url, play_times=3, voice_region="ap-guangzhou")],
         routes={"sms": ["tencent"], "voice": ["tencent"]}))
     rows = await post_settled(relay, session, VOICE_BODY)
-    assert rows[0].state == State.DELIVERED
+    assert rows[0].state == State.SENT
     (call,) = tencent.calls
     assert call.action == "SendCodeVoice" and call.region == "ap-guangzhou"
     assert call.body == {"CodeMessage": "123456", "CalledNumber": "+8613800138000",
@@ -113,7 +113,7 @@ async def test_recipients_of_one_body_share_one_call(
     numbers = ["13800138000", "13800138001", "13800138002"]
     rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": numbers, "Message": CODE_TEXT, "Signature": "明道云"}})
-    assert {r.state for r in rows} == {State.DELIVERED}
+    assert {r.state for r in rows} == {State.SENT}
     (call,) = tencent.calls
     assert call.body["PhoneNumberSet"] == ["+86" + n for n in numbers]
 
@@ -131,7 +131,7 @@ async def test_a_body_goes_in_as_few_calls_as_the_api_allows(
     status, _ = await relay.post(session, {"Type": 1, "Data": {"Mobiles": numbers,
                                                                "Message": CODE_TEXT}})
     assert status == 200
-    await relay.settled(delivered=205)
+    await relay.settled(sent=205)
     assert sorted(len(c.body["PhoneNumberSet"]) for c in tencent.calls) == [5, 200]
     assert sorted(n for c in tencent.calls for n in c.body["PhoneNumberSet"]) == numbers
 
@@ -146,7 +146,7 @@ async def test_partial_failure_in_a_batch(
     rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["13800138000", "13800138001", "13800138002"], "Message": CODE_TEXT}})
     states = [r.state for r in rows]
-    assert states == [State.DELIVERED, State.DEAD, State.DELIVERED]
+    assert states == [State.SENT, State.DEAD, State.SENT]
     assert "InvalidParameterValue.IncorrectPhoneNumber" in rows[1].error
     assert len(tencent.calls) == 1
 
@@ -161,7 +161,7 @@ async def test_transient_error_fails_over(
                              {"name": "dev", "type": "file", "path": str(tmp_path / "sent.jsonl")}],
         routes={"sms": ["tencent", "dev"]}))
     (row,) = await post_settled(relay, session, SMS_BODY)
-    assert (row.state, row.provider) == (State.DELIVERED, "dev")
+    assert (row.state, row.provider) == (State.SENT, "dev")
 
 
 # -- one call, every outcome ----------------------------------------------------------------
@@ -378,7 +378,7 @@ async def test_mixed_body_gets_the_international_template(
         routes={"sms": ["tencent"]}))
     rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["+8613800138000", "+85291234567", "+6581234567"], "Message": EN_TEXT}})
-    assert [r.state for r in rows] == [State.DELIVERED] * 3
+    assert [r.state for r in rows] == [State.SENT] * 3
     assert sorted((c.body["PhoneNumberSet"], c.body["TemplateId"], c.body.get("SignName"),
                    c.body.get("SenderId")) for c in tencent.calls) == [
         (["+85291234567", "+6581234567"], TC_INTL_TEMPLATE, None, "HAPSMS"),
@@ -399,7 +399,7 @@ async def test_no_international_mapping_is_cannot_carry(
     rows = await post_settled(relay, session, {"Type": 1, "Data": {
         "Mobiles": ["+8613800138000", "+85291234567"], "Message": EN_TEXT}})
     assert [(r.state, r.provider) for r in rows] == [
-        (State.DELIVERED, "tencent"), (State.DELIVERED, "dev")]
+        (State.SENT, "tencent"), (State.SENT, "dev")]
     assert [c.body["PhoneNumberSet"] for c in tencent.calls] == [["+8613800138000"]]
 
 
@@ -440,7 +440,7 @@ async def test_voice_fallback_sms_without_sign_name_moves_on(
                                      "path": str(tmp_path / "sent.jsonl")}],
         routes={"sms": ["tencent", "dev"], "voice": ["tencent", "dev"]}))
     (row,) = await post_settled(relay, session, VOICE_BODY)
-    assert (row.state, row.provider) == (State.DELIVERED, "dev")
+    assert (row.state, row.provider) == (State.SENT, "dev")
     assert tencent.calls == []
 
 

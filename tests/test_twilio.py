@@ -147,7 +147,7 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory: Any, session: Any, 
     assert form(rec) == {"To": "+8613800138000", "From": FROM,
                          "StatusCallback": f"{cb}?id={answer['ids'][0]}",
                          "Body": "【明道云】您的验证码是123456，感谢您的使用！"}
-    await relay.settled(delivered=1)
+    await relay.settled(sent=1)
 
 
 async def test_api_key_and_messaging_service(
@@ -333,7 +333,7 @@ async def test_permanent_stops_transient_fails_over(
     body = {"Type": 1, "Data": {"Mobiles": ["13800138000", "13800138001", "13800138002"],
                                 "Message": "hi", "Signature": ""}}
     assert (await relay.post(session, body))[0] == 200
-    await relay.settled(delivered=2, dead=1)
+    await relay.settled(sent=2, dead=1)
     (row,) = await relay.relay.outbox.list(State.DEAD, 10)
     assert row.recipient == "+8613800138001" and row.error == "tw 21211: invalid"
     assert (tmp_path / "sent.jsonl").read_text().count("+8613800138002") == 1

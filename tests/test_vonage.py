@@ -106,7 +106,7 @@ async def test_sms_end_to_end(tmp_path: Path, relay_factory: Any, session: Any, 
         "text": "【明道云】您的验证码是123456，感谢您的使用！", "type": "unicode",
         "client-ref": answer["ids"][0], "callback": cb,
     }
-    await relay.settled(delivered=1)
+    await relay.settled(sent=1)
 
 
 async def test_voice_code_goes_as_fallback_sms(
@@ -230,7 +230,7 @@ async def test_throttled_fails_over(
     relay = await relay_factory(base_config(
         tmp_path, providers=[provider_table(api.url), dev], routes={"sms": ["vg", "dev"]}))
     assert (await relay.post(session, SMS_BODY))[0] == 200
-    await relay.settled(delivered=1)
+    await relay.settled(sent=1)
     assert len(api.requests) == 1
     assert "+8613800138000" in (tmp_path / "sent.jsonl").read_text()
 

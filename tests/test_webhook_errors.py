@@ -178,7 +178,7 @@ async def test_bad_request_is_refused_cleanly(
     assert set(body) == {"ok", "error", "detail"}
     assert content_type == "application/json"
     stats = await relay.relay.outbox.stats()
-    assert (stats.pending, stats.inflight, stats.delivered, stats.dead) == (0, 0, 0, 0)
+    assert (stats.pending, stats.inflight, stats.sent, stats.dead) == (0, 0, 0, 0)
     assert relay.relay.outbox.undelivered == 0
 
     good_headers = ({"X-Api-Key": TOKEN} if "token_header" in case.server
@@ -221,7 +221,7 @@ async def test_rotation_accepts_every_configured_token(
     status, body = await relay.post(session, SMS_BODY, {"Authorization": "Bearer other"})
     assert (status, body["error"]) == (401, "unauthorized")
     stats = await relay.relay.outbox.stats()
-    assert stats.pending + stats.inflight + stats.delivered == 2
+    assert stats.pending + stats.inflight + stats.sent == 2
 
 
 async def test_token_header_mode_accepts_the_raw_token(
