@@ -175,9 +175,9 @@ async def test_housekeeping_loop_runs_every_interval(
         asleep = clock.waiting
         clock.advance(45)  # a round: 45 s old, within keep_delivered
         await eventually(lambda: clock.waiting >= asleep, what="the round over, the loops asleep")
-        assert await outbox_states(tmp_path / "outbox.db") == [State.DELIVERED]
+        assert await outbox_states(tmp_path / "outbox.db") == [State.SENT]
         clock.advance(44.9)  # past keep_delivered, but no round yet
-        assert await outbox_states(tmp_path / "outbox.db") == [State.DELIVERED]
+        assert await outbox_states(tmp_path / "outbox.db") == [State.SENT]
         clock.advance(0.1)  # the next round deletes it
 
         async def deleted() -> bool:
