@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--all-dead", action="store_true")
     qp = qsub.add_parser("purge", parents=[common], help="delete dead entries")
     qp.add_argument("--dead", action="store_true", required=True)
+    qi = qsub.add_parser("import-sqlite", parents=[common],
+                         help="copy a SQLite outbox's undelivered and dead entries and live "
+                         "dedup keys into this config's PostgreSQL outbox (idempotent)")
+    qi.add_argument("sqlite_path", metavar="PATH", help="the SQLite outbox file (its relay stopped)")
+    cluster = sub.add_parser("cluster", parents=[common], help="the relays sharing the outbox")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    csub.add_parser("status", parents=[common],
+                    help="relays alive: version, last heartbeat, in flight, config agreement")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -95,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(cfg)
         if args.command == "send":
             return asyncio.run(send(cfg, args.to, args.message, args.code, args.signature))
+        if args.command == "cluster":
+            return asyncio.run(cluster_status(cfg))
+        if args.queue_command == "import-sqlite":
+            return asyncio.run(import_sqlite(cfg, args.sqlite_path))
         return asyncio.run(queue_command(cfg, args))
     except StorageError as exc:
         print(f"hapsms-relay: {exc}", file=sys.stderr)
@@ -250,3 +262,56 @@ def _print_record(record: dict[str, object], as_json: bool) -> None:
         print(orjson.dumps(record).decode())
     else:
         print("  ".join(f"{k}={v}" for k, v in record.items() if v not in ("", None, [])))
+
+
+# -- cluster ---------------------------------------------------------------------------------
+
+async def cluster_status(cfg: Config) -> int:
+    """One line per relay alive on the shared outbox; exit 1 if their configs differ."""
+    from hapsms_relay.outbox import Cluster
+
+    outbox = storage.outbox(cfg.queue, admin=True)
+    if not isinstance(outbox, Cluster):
+        print(f"hapsms-relay: queue.backend = {cfg.queue.backend!r} is one relay's own outbox; "
+              "cluster status needs a shared one (postgres)", file=sys.stderr)
+        return EX_FAIL
+    await outbox.open()
+    try:
+        nodes = await outbox.nodes()
+    finally:
+        await outbox.close()
+    now = time.time()
+    alive = [n for n in nodes if now - n.heartbeat <= 3 * cfg.queue.lease]
+    mine = config.digest(cfg)
+    print(f"{len(alive)} relays alive" + (f" ({len(nodes) - len(alive)} silent)"
+                                          if len(nodes) > len(alive) else ""))
+    for n in alive:
+        agrees = "same config" if n.digest == mine else "CONFIG DIFFERS"
+        print(f"  {n.node}  {n.owner}  version {n.version}  heartbeat {now - n.heartbeat:.0f}s ago"
+              f"  in flight {n.inflight}  config {n.digest} ({agrees})")
+    if len({n.digest for n in alive} | {mine}) > 1:
+        print("hapsms-relay: the relays' configs differ (queue, limits, breaker, routes or "
+              "providers); make them agree", file=sys.stderr)
+        return EX_FAIL
+    return EX_OK
+
+
+async def import_sqlite(cfg: Config, path: str) -> int:
+    """``queue import-sqlite``: a single relay's outbox into the cluster's database."""
+    from hapsms_relay.outbox_postgres import PostgresOutbox
+    from hapsms_relay.outbox_sqlite import export
+
+    outbox = storage.outbox(cfg.queue, admin=True)
+    if not isinstance(outbox, PostgresOutbox):
+        print("hapsms-relay: queue import-sqlite copies into PostgreSQL: run it with the "
+              "cluster's config (queue.backend = \"postgres\")", file=sys.stderr)
+        return EX_USAGE
+    entries, keys = export(path, time.time())
+    await outbox.open()
+    try:
+        added, answers = await outbox.import_entries(entries, keys)
+    finally:
+        await outbox.close()
+    print(f"imported {added} entries ({len(entries) - added} there already) and {answers} "
+          f"dedup keys from {path}")
+    return EX_OK

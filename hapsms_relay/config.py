@@ -6,6 +6,7 @@ the file after ``load()`` returns. Providers validate their own tables through t
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -108,6 +109,34 @@ class Config:
     source: str = field(default="", compare=False)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+def digest(cfg: Config) -> str:
+    """A short digest of the settings relays sharing an outbox must agree on (``cluster
+    status`` compares them): queue, limits, breaker, routes, the providers' names and types.
+    Secrets are in it as their source only, never their value; sets sorted, so the digest
+    is the same in every process."""
+    import hashlib
+    import json
+
+    def plain(v: object) -> object:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Secret):
+            return v.source
+        if isinstance(v, frozenset | set):
+            return sorted(map(str, v))
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        return v if isinstance(v, str | int | float | bool) or v is None else repr(v)
+
+    q = dataclasses.replace(cfg.queue, node="", path="")
+    shared = [plain(q), plain(cfg.limits), plain(cfg.breaker), plain(cfg.routes),
+              cfg.default_region, [(n, p.common.type) for n, p in cfg.providers.items()]]
+    text = json.dumps(shared, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def config_path(cli_value: str | None) -> str:

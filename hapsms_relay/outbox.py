@@ -281,6 +281,32 @@ class CheckingQueue(Queue, Protocol):
         for it (not stored if nothing was)."""
 
 
+class Node(NamedTuple):
+    """A relay on a shared outbox, as its last heartbeat said."""
+
+    owner: str  # the node's name and its process (storage.owner)
+    node: str
+    version: str
+    digest: str  # of the settings that must agree across relays (config.digest)
+    started: float
+    heartbeat: float
+    inflight: int
+
+
+@runtime_checkable
+class Cluster(Protocol):
+    """A storage several relays share keeps a heartbeat of each (``cluster status``)."""
+
+    async def heartbeat(self, node: Node) -> None:
+        """Record (or refresh) this relay's row."""
+
+    async def leave(self, owner: str) -> None:
+        """This relay stops: forget its row."""
+
+    async def nodes(self) -> builtins.list[Node]:
+        """Every relay's last heartbeat, newest first."""
+
+
 class Admin(Protocol):
     """What the ``queue`` commands do, beside running relays. Methods may raise
     ``StorageError``."""

@@ -35,6 +35,7 @@ from hapsms_relay.outbox import (
     Event,
     History,
     NewEntry,
+    Node,
     Row,
     Sending,
     State,
@@ -119,6 +120,16 @@ CREATE TABLE IF NOT EXISTS hapsms_refs (
     PRIMARY KEY (provider, ref)
 );
 CREATE INDEX IF NOT EXISTS hapsms_refs_entry ON hapsms_refs (entry);
+-- one row per running relay (cluster status)
+CREATE TABLE IF NOT EXISTS hapsms_nodes (
+    owner     text PRIMARY KEY,
+    node      text    NOT NULL,
+    version   text    NOT NULL,
+    digest    text    NOT NULL,
+    started   float8  NOT NULL,
+    heartbeat float8  NOT NULL,
+    inflight  integer NOT NULL
+);
 """
 
 _INSERT_EVENT = (
@@ -329,8 +340,8 @@ class PostgresOutbox:
             return
         try:
             results = await self._transaction(conn, batch)
-        except pgerrors.Error as exc:
-            if _connection_lost(exc) or conn.closed:
+        except Exception as exc:
+            if isinstance(exc, pgerrors.Error) and (_connection_lost(exc) or conn.closed):
                 await self._lost(exc)
                 _fail(batch, StorageError(self._problem))
                 return
@@ -339,7 +350,7 @@ class PostgresOutbox:
                 await conn.rollback()
             log.warning("database_batch_failed", error=_describe(exc), ops=len(batch))
             if len(batch) == 1:
-                _fail(batch, StorageError(_describe(exc)))
+                _fail(batch, exc if isinstance(exc, StorageError) else StorageError(_describe(exc)))
                 return
             for op in batch:
                 await self._execute([op])
@@ -738,6 +749,64 @@ class PostgresOutbox:
             "SELECT provider, count(*), sum(segments) FROM hapsms_messages WHERE "
             "state IN (2, 4, 5) AND sent_at >= %s GROUP BY provider", (since,))
         return {p: (int(n), int(s or 0)) for p, n, s in rows}
+
+    # -- moving from one relay ------------------------------------------------------------
+
+    async def import_entries(self, entries: Sequence[tuple[Any, ...]],
+                             keys: Sequence[tuple[Any, ...]]) -> tuple[int, int]:
+        """Entries and keys of a single relay's outbox (``outbox_sqlite.export``), with their
+        ids (the answers HAP holds name them), in one transaction; what is there already is
+        skipped, so a second run adds nothing. An id that another entry holds here already
+        is refused: nothing is imported then. The id sequence is moved past them."""
+
+        async def run(conn: Conn) -> tuple[int, int]:
+            cols = ("id, batch, kind, recipient, region, national, text, signature, code, "
+                    "created, due, expires, attempts, state, provider, error, updated")
+            ids = [e[0] for e in entries]
+            cur = await conn.execute(
+                "SELECT id, recipient, created FROM hapsms_messages WHERE id = ANY(%s)", (ids,))
+            theirs = {e[0]: (e[3], e[9]) for e in entries}
+            clash = [i for i, rcpt, created in await cur.fetchall()
+                     if theirs[i] != (rcpt, created)]
+            if clash:
+                raise StorageError(
+                    f"{len(clash)} ids of the SQLite outbox (first {clash[0]}) belong to other "
+                    "entries here: import into the cluster's database before its relays "
+                    "accept messages")
+            added = 0
+            async with conn.cursor() as c:
+                for e in entries:
+                    await c.execute(
+                        f"INSERT INTO hapsms_messages ({cols}) VALUES ({', '.join(['%s'] * 17)}) "
+                        "ON CONFLICT (id) DO NOTHING", e)
+                    added += c.rowcount
+                for k in keys:
+                    await c.execute(
+                        "INSERT INTO hapsms_replies (key, ids, note, expires) VALUES "
+                        "(%s, %s, %s, %s) ON CONFLICT (key) DO NOTHING", k)
+            await conn.execute(
+                "SELECT setval('hapsms_messages_id_seq', greatest((SELECT max(id) FROM "
+                "hapsms_messages), (SELECT last_value FROM hapsms_messages_id_seq)))")
+            return added, len(keys)
+
+        done: tuple[int, int] = await self._call(run)
+        return done
+
+    # -- the Cluster interface -------------------------------------------------------------
+
+    async def heartbeat(self, node: Node) -> None:
+        await self._change(
+            "INSERT INTO hapsms_nodes VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (owner) "
+            "DO UPDATE SET heartbeat = excluded.heartbeat, inflight = excluded.inflight, "
+            "digest = excluded.digest, version = excluded.version", tuple(node))
+
+    async def leave(self, owner: str) -> None:
+        await self._change("DELETE FROM hapsms_nodes WHERE owner = %s", (owner,))
+
+    async def nodes(self) -> builtins.list[Node]:
+        rows = await self._rows("SELECT owner, node, version, digest, started, heartbeat, "
+                                "inflight FROM hapsms_nodes ORDER BY heartbeat DESC", ())
+        return [Node(*r) for r in rows]
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -865,6 +865,31 @@ def _event(e: Event) -> tuple[Any, ...]:
     return (e.at, e.kind, e.provider, e.code, e.text, e.latency, e.status, e.part)
 
 
+def export(path: str, now: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """What moving to a shared outbox must carry over, read from a SQLite outbox whose relay
+    is stopped: undelivered and dead entries (those in flight as pending), in the columns of
+    ``_EXPORT``, and the dedup keys still live, as (key, ids, note, expires)."""
+    if not os.path.exists(path):
+        raise StorageError(f"there is no outbox at {path}")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                raise StorageError(f"{path} is not a hapsms-relay outbox")
+            entries = conn.execute(
+                f"SELECT {_EXPORT}, CASE state WHEN 1 THEN 0 ELSE state END, provider, error, "
+                "updated FROM messages WHERE state IN (0, 1, 3) ORDER BY id").fetchall()
+            keys = [(k, list(range(first, first + count)), note, exp) for k, first, count, note, exp
+                    in conn.execute("SELECT key, first, count, note, expires FROM replies "
+                                    "WHERE expires > ? ORDER BY rowid", (now,))]
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from None
+    return entries, keys
+
+
+_EXPORT = ("id, batch, kind, recipient, region, national, text, signature, code, created, due,"
+           " expires, attempts")
+
+
 def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for fut, ok, value in results:
         if fut.done():

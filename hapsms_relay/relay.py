@@ -25,7 +25,7 @@ from hapsms_relay.door import Door, load_certificate, tls_context
 from hapsms_relay.errors import ConfigError, StorageError
 from hapsms_relay.guard import Admitter, Guard, SharedGuard
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox import CheckingQueue, Outbox
+from hapsms_relay.outbox import CheckingQueue, Cluster, Node, Outbox
 from hapsms_relay.providers import Provider
 from hapsms_relay.webhook import Webhook
 
@@ -166,6 +166,9 @@ class Relay:
         stack.push_async_callback(self._stop_delivery)
         housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
         stack.push_async_callback(_cancel, housekeeping)
+        if isinstance(self.outbox, Cluster):  # cluster status lists this relay while it runs
+            heartbeat = asyncio.create_task(self._heartbeat(self.outbox), name="heartbeat")
+            stack.push_async_callback(self._leave, self.outbox, heartbeat)
         self.door = Door(self.webhook, self.config.server, self.metrics)
         self.runner = web.ServerRunner(
             self.door, handle_signals=False, shutdown_timeout=self.config.server.shutdown_timeout
@@ -203,6 +206,23 @@ class Relay:
             await site.stop()
         await self.webhook.drain(self.config.server.shutdown_timeout)
         await runner.cleanup()
+
+    async def _heartbeat(self, cluster: Cluster) -> None:
+        started = self.clock.time()
+        while True:
+            node = Node(self.owner, self.config.queue.node, __version__,
+                        config.digest(self.config), started, self.clock.time(),
+                        self.dispatcher.inflight)
+            try:
+                await cluster.heartbeat(node)
+            except StorageError as exc:
+                log.debug("heartbeat_failed", error=str(exc))
+            await self.clock.sleep(self.config.queue.lease / 3)
+
+    async def _leave(self, cluster: Cluster, heartbeat: asyncio.Task[None]) -> None:
+        await _cancel(heartbeat)
+        with contextlib.suppress(StorageError):
+            await cluster.leave(self.owner)
 
     async def _stop_delivery(self) -> None:
         await self.dispatcher.stop(self.config.server.shutdown_timeout)

@@ -14,7 +14,7 @@ import pytest
 
 from hapsms_relay import config
 from hapsms_relay.errors import ConfigError, StorageError
-from hapsms_relay.outbox import State
+from hapsms_relay.outbox import Sending, State
 from tests.fakes import FakeAPI
 from tests.helpers import AUTH, PG_PASSWORD, SMS_BODY, base_config, eventually, http_provider, write_config
 from tests.pg_server import PostgresServer
@@ -284,3 +284,71 @@ async def test_windows_hold_across_relays(tmp_path: Path, pg_url: str, relay_fac
     alone = await relays[0].post(session, {"Type": 1, "Data": {"Mobiles": ["13800138000"],
                                                                "Message": "again"}})
     assert alone[0] == 429 and alone[1]["error"] == "rate_limited"
+
+
+async def test_cluster_status_lists_relays_and_config_agreement(
+    tmp_path: Path, pg_url: str, relay_factory: Any,
+) -> None:
+    """cluster status lists each relay alive with its version, heartbeat and work in flight,
+    and exits 1 once one relay's limits differ from the others'."""
+    doc = _doc(pg_config(tmp_path, pg_url))
+    await _relays(2, tmp_path, pg_url, relay_factory)
+    path = write_config(tmp_path, doc)
+    code, out, err = await run_cli("cluster", "status", "--config", str(path))
+    assert code == 0, err
+    assert out.startswith("2 relays alive") and "relay-0" in out and "relay-1" in out
+    assert out.count("(same config)") == 2 and "in flight 0" in out
+    await relay_factory(_doc(pg_config(tmp_path, pg_url, queue={"node": "odd"},
+                                       limits={"sms": ["1/1m"]})), paused=True)
+    code, out, err = await run_cli("cluster", "status", "--config", str(path))
+    assert code == 1 and "3 relays alive" in out and "CONFIG DIFFERS" in out
+    assert "configs differ" in err
+
+
+async def test_cluster_status_needs_a_shared_outbox(tmp_path: Path) -> None:
+    """cluster status on a SQLite config says why it has nothing to show, exit 1."""
+    code, _, err = await run_cli("cluster", "status", "--config",
+                                 str(write_config(tmp_path, base_config(tmp_path))))
+    assert code == 1 and "shared" in err
+
+
+async def test_import_sqlite_moves_a_single_relay_to_the_cluster(
+    tmp_path: Path, pg_url: str, relay_factory: Any, session: aiohttp.ClientSession,
+) -> None:
+    """queue import-sqlite copies the undelivered and dead entries (ids kept) and the live
+    dedup keys; a second run adds nothing; a duplicate posted to the cluster afterwards gets
+    the answer the single relay gave."""
+    single = base_config(tmp_path, limits={"sms": [], "voice": [], "dedup_window": "1h"})
+    relay = await relay_factory(single, paused=True)
+    body = {"Type": 1, "Data": {"Mobiles": ["13800138000", "13900139000", "13700137000"],
+                                "Message": "moving"}}
+    status, first = await relay.post(session, body)
+    assert status == 200
+    box = relay.relay.outbox
+    a, b, c = (int(i) for i in first["ids"])
+    claimed = await box.claim("old", 10, relay.relay.clock.time(), 30)
+    assert len(claimed) == 3
+    await box.sent("dev", [Sending(a, (), 1, 0.1)])
+    await box.dead("old", b, "dev", "dev http_400: no such number")
+    await relay.stop()  # c stays in flight, as after a crash
+
+    cluster = write_config(tmp_path, _doc(pg_config(tmp_path, pg_url, limits={
+        "sms": [], "voice": [], "dedup_window": "1h"})), "cluster.toml")
+    sqlite_path = str(tmp_path / "outbox.db")
+    code, out, err = await run_cli("queue", "import-sqlite", sqlite_path, "--config", str(cluster))
+    assert code == 0, err
+    assert out.startswith("imported 2 entries (0 there already) and 1 dedup keys")
+    code, out, _ = await run_cli("queue", "import-sqlite", sqlite_path, "--config", str(cluster))
+    assert code == 0 and out.startswith("imported 0 entries (2 there already)")
+
+    doc = _doc(pg_config(tmp_path, pg_url, limits={"sms": [], "voice": [], "dedup_window": "1h"}))
+    pg = await relay_factory(doc, paused=True)
+    rows = {r.id: r for r in await pg.relay.outbox.list(None, 10)}
+    assert set(rows) == {b, c}
+    assert rows[b].state == State.DEAD and "no such number" in rows[b].error
+    assert rows[c].state == State.PENDING
+    status, again = await pg.post(session, body)
+    assert status == 200 and again["ids"] == first["ids"] and again.get("duplicate") is True
+    status, new = await pg.post(session, {"Type": 1, "Data": {"Mobiles": ["13800138000"],
+                                                              "Message": "new"}})
+    assert status == 200 and int(new["ids"][0]) > c  # the sequence moved past the imported ids
