@@ -44,7 +44,7 @@ from hapsms_relay.outbox import (
 from hapsms_relay.receipts import Receipt
 from hapsms_relay.secret import Secret
 
-SCHEMA_VERSION = 2  # 2: receipts and history
+SCHEMA_VERSION = 3  # 2: receipts and history; 3: cluster heartbeats (hapsms_nodes)
 # One key for every relay of every version: schema changes are made by one at a time. Two
 # int4 keys: a space apart from the one-bigint keys that lock phone numbers (admission).
 _SCHEMA_LOCK = (0x48415053, 1)
@@ -287,27 +287,51 @@ class PostgresOutbox:
 
     async def _schema(self, conn: Conn) -> None:
         """Create or upgrade the schema, one relay at a time (an advisory lock held to the
-        end of the transaction), refusing a schema newer than this relay knows."""
+        end of the transaction), refusing a schema newer than this relay knows. A schema
+        already current is only read: DDL would lock the tables the running relays write,
+        and could deadlock with them."""
         try:
+            for attempt in range(5):
+                try:
+                    if await self._upgrade(conn):
+                        return
+                except (pgerrors.DeadlockDetected, pgerrors.LockNotAvailable):
+                    await conn.rollback()  # relays of an older version were busy: again
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            raise StorageError("database: the schema could not be upgraded while other relays "
+                               "held its tables (deadlocks); start again")
+        except psycopg.Error as exc:
+            raise StorageError(_describe(exc)) from None
+
+    async def _upgrade(self, conn: Conn) -> bool:
+        version = await self._version(conn)
+        if version < SCHEMA_VERSION:
             await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _SCHEMA_LOCK)
+            version = await self._version(conn)  # another relay may have done it meanwhile
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"the database was written by a newer hapsms-relay (schema {version}, this "
+                f"one knows {SCHEMA_VERSION}); upgrade this relay")
+        if version < SCHEMA_VERSION:
             await conn.execute(_SCHEMA)
-            cur = await conn.execute("SELECT value FROM hapsms_meta WHERE key = 'schema'")
-            row = await cur.fetchone()
-            version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise StorageError(
-                    f"the database was written by a newer hapsms-relay (schema {version}, this "
-                    f"one knows {SCHEMA_VERSION}); upgrade this relay")
             if version == 1:  # entries sent before keep counting in today's budgets
                 await conn.execute("UPDATE hapsms_messages SET sent_at = updated "
                                    "WHERE state = 2 AND sent_at = 0")
-            if version < SCHEMA_VERSION:
-                await conn.execute(
-                    "INSERT INTO hapsms_meta VALUES ('schema', %s) ON CONFLICT (key) DO UPDATE "
-                    "SET value = excluded.value", (str(SCHEMA_VERSION),))
-            await conn.commit()
-        except psycopg.Error as exc:
-            raise StorageError(_describe(exc)) from None
+            await conn.execute(
+                "INSERT INTO hapsms_meta VALUES ('schema', %s) ON CONFLICT (key) DO UPDATE "
+                "SET value = excluded.value", (str(SCHEMA_VERSION),))
+        await conn.commit()
+        return True
+
+    async def _version(self, conn: Conn) -> int:
+        """The schema's version; 0 for a database without one."""
+        cur = await conn.execute("SELECT to_regclass('hapsms_meta') IS NOT NULL")
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            return 0
+        cur = await conn.execute("SELECT value FROM hapsms_meta WHERE key = 'schema'")
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     # -- the batch loop --------------------------------------------------------------------
 

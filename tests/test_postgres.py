@@ -352,3 +352,23 @@ async def test_import_sqlite_moves_a_single_relay_to_the_cluster(
     status, new = await pg.post(session, {"Type": 1, "Data": {"Mobiles": ["13800138000"],
                                                               "Message": "new"}})
     assert status == 200 and int(new["ids"][0]) > c  # the sequence moved past the imported ids
+
+
+async def test_schema_is_created_once_by_relays_starting_together(
+    pg_server: PostgresServer, pg_url: str,
+) -> None:
+    """Eight relays opening a new database at once all start, on one versioned schema; a
+    schema newer than this relay knows is refused with what to do."""
+    from hapsms_relay.outbox_postgres import SCHEMA_VERSION, PostgresOutbox
+    from hapsms_relay.secret import Secret
+
+    boxes = [PostgresOutbox(Secret(pg_url), node=f"n{i}") for i in range(8)]
+    await asyncio.gather(*(b.open() for b in boxes))
+    await asyncio.gather(*(b.close() for b in boxes))
+    name = PostgresServer.name(pg_url)
+    assert pg_server.sql("SELECT value FROM hapsms_meta WHERE key = 'schema'", name) \
+        == str(SCHEMA_VERSION)
+    pg_server.sql("UPDATE hapsms_meta SET value = '999' WHERE key = 'schema'", name)
+    newer = PostgresOutbox(Secret(pg_url))
+    with pytest.raises(StorageError, match=r"newer hapsms-relay .*upgrade this relay"):
+        await newer.open()
