@@ -18,7 +18,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hapsms_relay import log
+from hapsms_relay import log, segments
 from hapsms_relay.breaker import Breakers
 from hapsms_relay.budget import Budget
 from hapsms_relay.clock import SYSTEM, Clock
@@ -51,6 +51,7 @@ class Attempt:
     transient: TransientError | None = None
     unsupported: UnsupportedError | None = None
     sent: bool = False
+    segments: int = 0  # what the provider that sent it bills
     trail: list[Event] = field(default_factory=list)  # the round's failures, for the history
 
     def failed(self, err: DeliveryError, at: float, latency: float) -> None:
@@ -290,7 +291,11 @@ class Dispatcher:
             return []
         budget = self.budget
         assert budget is not None
-        n = budget.reserve(name, len(entries))
+        # segment budgets reserve what each text is expected to cost; the provider's own
+        # count is what is settled
+        costs = [expected_segments(e) for e in entries] if budget.counts_segments else []
+        n = budget.reserve(name, len(entries), costs)
+        cost = sum(costs[:n])
         held = entries[n:]
         for e in held:
             a = attempts[e.id]
@@ -304,7 +309,7 @@ class Dispatcher:
             return held
         wait = self.breakers.allow(name)
         if wait:
-            budget.settle(name, n, 0)
+            budget.settle(name, n, 0, cost)
             for e in entries[:n]:
                 if attempts[e.id].transient is None:
                     attempts[e.id].transient = TransientError(
@@ -313,8 +318,9 @@ class Dispatcher:
             return entries
         try:
             carried = await self._try_provider(provider, entries[:n], attempts, semaphores)
-        finally:  # the reservation becomes what was delivered; the rest is freed
-            budget.settle(name, n, sum(attempts[e.id].sent for e in entries[:n]))
+        finally:  # the reservation becomes what was sent; the rest is freed
+            budget.settle(name, n, sum(attempts[e.id].sent for e in entries[:n]), cost,
+                          sum(attempts[e.id].segments for e in entries[:n]))
         return carried + held
 
     async def _try_provider(
@@ -336,6 +342,7 @@ class Dispatcher:
                 if isinstance(outcome, Sent):
                     sent.append((e, outcome, elapsed))
                     attempts[e.id].sent = True
+                    attempts[e.id].segments = outcome.segments
                     continue
                 attempts[e.id].failed(outcome, now, elapsed)
                 if isinstance(outcome, UnsupportedError):
@@ -502,6 +509,14 @@ def backoff(attempt: int, base: float, cap: float, retry_after: float | None = N
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay
+
+
+def expected_segments(e: Entry) -> int:
+    """What an entry should cost before a provider says: its text with HAP's signature in
+    【】 (as Tencent and Alibaba count it); a voice code, none."""
+    if e.kind == KIND_VOICE:
+        return 0
+    return segments.count(f"【{e.signature}】{e.text}" if e.signature else e.text).count
 
 
 def make_message(e: Entry, provider: Provider, voice_fallback_text: str) -> Message:

@@ -152,7 +152,7 @@ class Guard:
             self.replies.load(k[1:] for k in keys)
             after = keys[-1][0]
         sent = await outbox.sent_since(day_start(now))
-        self.budget.load({name: n for name, (n, _) in sent.items()})
+        self.budget.load(sent)
 
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         """Forget up to ``limit`` expired windows and answers; return how many."""
@@ -241,7 +241,7 @@ class SharedGuard:
     async def load(self, outbox: Queue) -> None:
         """Today's budget use (budgets are still counted per relay)."""
         sent = await outbox.sent_since(day_start(self.clock.time()))
-        self.budget.load({name: n for name, (n, _) in sent.items()})
+        self.budget.load(sent)
 
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         return 0

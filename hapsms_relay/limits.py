@@ -52,6 +52,8 @@ class LimitsConfig:
     deny_number_types: frozenset[str] = frozenset({"premium_rate", "shared_cost"})
     daily_budget: int = 0  # messages a day across providers; 0: no budget
     provider_budgets: Mapping[str, int] = field(default_factory=dict)
+    daily_segment_budget: int = 0  # segments (billed SMS parts) a day; 0: no budget
+    provider_segment_budgets: Mapping[str, int] = field(default_factory=dict)
     over_budget: str = "hold"  # "hold": keep in the outbox; "refuse": answer 429 / dead
     budget_warning: float = 0.9  # log budget_low once this share of a budget is used
     dedup_window: float = 10.0  # 0: off
@@ -62,9 +64,22 @@ class LimitsConfig:
     def retention(self) -> float:
         """How long the outbox must keep accepted messages for these limits to hold."""
         spans = [w.seconds for w in (*self.sms, *self.voice)]
-        if self.daily_budget or self.provider_budgets:
+        if (self.daily_budget or self.provider_budgets or self.daily_segment_budget
+                or self.provider_segment_budgets):
             spans.append(86400.0)
         return max(spans, default=0.0)
+
+
+def _budgets(t: Table, key: str, known: set[str]) -> dict[str, int]:
+    """A table of provider name -> budget (``provider_budgets``, ``provider_segment_budgets``)."""
+    budgets: dict[str, int] = {}
+    if t.has(key):
+        bt = t.table(key)
+        for name in list(bt.data):
+            if name not in known:
+                raise bt.error(name, f"unknown provider {name!r}")
+            budgets[name] = bt.integer(name, min=1)
+    return budgets
 
 
 def parse(t: Table, providers: Iterable[str]) -> LimitsConfig:
@@ -86,14 +101,9 @@ def parse(t: Table, providers: Iterable[str]) -> LimitsConfig:
     for name in types - NUMBER_TYPES.keys():
         raise t.error("deny_number_types", f"unknown number type {name!r}; known: "
                       f"{', '.join(sorted(NUMBER_TYPES))}")
-    budgets = {}
     known = set(providers)
-    if t.has("provider_budgets"):
-        bt = t.table("provider_budgets")
-        for name in list(bt.data):
-            if name not in known:
-                raise bt.error(name, f"unknown provider {name!r}")
-            budgets[name] = bt.integer(name, min=1)
+    budgets, segment_budgets = (_budgets(t, key, known)
+                                for key in ("provider_budgets", "provider_segment_budgets"))
     warning = t.raw("budget_warning", d.budget_warning)
     if not isinstance(warning, int | float) or isinstance(warning, bool) or not 0 < warning <= 1:
         raise t.error("budget_warning", "expected a share between 0 and 1, such as 0.9")
@@ -102,6 +112,8 @@ def parse(t: Table, providers: Iterable[str]) -> LimitsConfig:
         deny_number_types=types,
         daily_budget=t.integer("daily_budget", 0, min=0),
         provider_budgets=budgets,
+        daily_segment_budget=t.integer("daily_segment_budget", 0, min=0),
+        provider_segment_budgets=segment_budgets,
         over_budget=t.choice("over_budget", ("hold", "refuse"), d.over_budget),
         budget_warning=float(warning),
         dedup_window=t.duration("dedup_window", "10s", positive=False),

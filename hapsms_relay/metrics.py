@@ -111,6 +111,11 @@ class Metrics:
             f"{PREFIX}_budget_remaining", "Messages left in today's budget (provider=all: overall)",
             ["provider"], registry=r,
         )
+        self.budget_segments_remaining = Gauge(
+            f"{PREFIX}_budget_segments_remaining",
+            "Segments left in today's segment budget (provider=all: overall)",
+            ["provider"], registry=r,
+        )
         self._status_children: dict[int, Counter] = {}
         self._sent_children: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
         self._latency_children: dict[str, Histogram] = {}

@@ -104,7 +104,7 @@ def test_nothing_delivered_warns_nothing(caplog) -> None:
 def test_load_seeds_todays_counts() -> None:
     """Counts rebuilt from the outbox at start count against today's budgets."""
     b, _, metrics = budget(daily_budget=10, provider_budgets={"a": 4})
-    b.load({"a": 3, "b": 2, "": 1})  # "": delivered by a provider since removed
+    b.load({"a": (3, 4), "b": (2, 2), "": (1, 1)})  # "": sent by a provider since removed
     assert b.left("a") == 1 and b.left(ALL) == 4
     assert remaining(metrics, "a") == 1 and remaining(metrics, ALL) == 4
 
@@ -140,3 +140,32 @@ def test_day_start_is_local_midnight() -> None:
     assert time.localtime(start)[3:6] == (0, 0, 0)
     assert day_start(start) == start
     assert day_start(start - 1) < start
+
+
+def segments_left(metrics: Metrics, name: str) -> float | None:
+    value: float | None = metrics.registry.get_sample_value(
+        "hapsms_relay_budget_segments_remaining", {"provider": name})
+    return value
+
+
+def test_segment_budgets() -> None:
+    """A segment budget lets through the first messages whose expected segments fit, counts
+    the segments the provider billed, and is exhausted when they are used up; both units
+    are shown in /metrics."""
+    b, _, metrics = budget(daily_segment_budget=10, provider_segment_budgets={"a": 6},
+                           daily_budget=100)
+    assert b.reserve("a", 4, [2, 3, 2, 1]) == 2  # 2 + 3 fit a's 6; 2 more would not
+    assert b.left("a", "segments") == 1 and b.left(ALL, "segments") == 5
+    b.settle("a", 2, 2, 5, 6)  # the provider billed 6
+    assert b.left("a", "segments") == 0 and segments_left(metrics, "a") == 0
+    assert b.left(ALL) == 98 and remaining(metrics, ALL) == 98
+    assert b.reserve("b", 3, [1, 1, 5]) == 2 and not b.exhausted()
+    b.settle("b", 2, 2, 2, 4)
+    assert b.left(ALL, "segments") == 0 and b.exhausted()
+
+
+def test_segments_seeded_at_start() -> None:
+    """The segments sent today, rebuilt from the outbox, count against segment budgets."""
+    b, _, metrics = budget(daily_segment_budget=10)
+    b.load({"a": (3, 7)})
+    assert b.left(ALL, "segments") == 3 and segments_left(metrics, ALL) == 3

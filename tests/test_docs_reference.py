@@ -50,7 +50,7 @@ def test_every_setting_has_one_row_in_the_reference(keys_read: set[str], tmp_pat
     config.parse({"server": {"tokens": ["t"]}, "queue": {"path": str(tmp_path / "o.db")},
                   "providers": [{"name": "p", "type": "log"}],
                   "routes": {"sms": ["p"], "rules": [{"prefix": "+1"}]},
-                  "limits": {"provider_budgets": {"p": 5}}})
+                  "limits": {"provider_budgets": {"p": 5}, "provider_segment_budgets": {"p": 9}}})
     keys = {k for k in _settings(keys_read) if not k.startswith("providers")}
     rows = _ROW.findall(docs.section(docs.page("docs/operations.md"), "Configuration"))
     assert [k for k, n in Counter(rows).items() if n > 1] == []
