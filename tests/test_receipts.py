@@ -256,3 +256,41 @@ def test_vonage_unsigned_needs_a_secret() -> None:
     """Without signature_secret the endpoint needs its path secret."""
     with pytest.raises(ConfigError, match=r"receipts\.secret: required"):
         vonage(receipts={})
+
+
+# -- the generic http provider ------------------------------------------------------------------
+
+def http(**over: Any) -> Any:
+    table = {"name": "api", "type": "http", "url": "http://127.0.0.1:9/send",
+             "body": {"to": "{to}", "ref": "{id}"}, "receipts": {"secret": "api-secret"},
+             "receipt_id_field": "ref", "receipt_status_field": "report.status",
+             "receipt_delivered": ["DELIVRD"], "receipt_undelivered": ["UNDELIV"],
+             "receipt_code_field": "report.err", "receipt_answer": "OK", **over}
+    return provider({k: v for k, v in table.items() if v is not None})
+
+
+@pytest.mark.parametrize(("body", "content_type", "expected"), [
+    (orjson.dumps({"ref": "41", "report": {"status": "DELIVRD", "err": "000"}}),
+     "application/json", [Receipt("delivered", 41, "", "000", "DELIVRD")]),
+    (orjson.dumps([{"ref": 42, "report": {"status": "UNDELIV", "err": "013"}},
+                   {"ref": "43", "report": {"status": "ACCEPTD"}}]), "application/json",
+     [Receipt("undelivered", 42, "", "013", "UNDELIV"),
+      Receipt("progress", 43, "", "ACCEPTD", "ACCEPTD")]),
+])
+def test_http_receipt_mapping(body: bytes, content_type: str, expected: list[Receipt]) -> None:
+    """The configured fields make receipts of a JSON object or array; answered as set."""
+    batch = http().parse_receipts(request(body, content_type=content_type))
+    assert batch.receipts == expected and (batch.answer, batch.content_type) == (b"OK", "text/plain")
+
+
+def test_http_receipt_by_the_api_id_and_form() -> None:
+    """receipt_id = "provider": the id is the API's (found by message_id_field's value);
+    a form body works as JSON does."""
+    p = http(receipt_id="provider", receipt_status_field="stat", receipt_code_field=None)
+    req = request(urlencode({"ref": "abc-1", "stat": "DELIVRD"}).encode(),
+                  content_type="application/x-www-form-urlencoded")
+    assert p.parse_receipts(req).receipts == [Receipt("delivered", None, "abc-1", "DELIVRD",
+                                                      "DELIVRD")]
+    with pytest.raises(BadRequest) as e:
+        p.parse_receipts(request(orjson.dumps({"stat": "DELIVRD"})))
+    assert e.value.code == "invalid_receipt"

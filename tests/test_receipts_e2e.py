@@ -364,3 +364,26 @@ async def test_queue_find(tmp_path: Path, relay_factory: Any,
     assert code == 0 and out.count("to=+8613800138000") == 2
     assert re.search(r"state=(pending|inflight|sent)", out)
     assert (await run_cli("queue", "find", "--to", "nonsense", "--config", path))[0] == 2
+
+
+# -- the generic http provider ---------------------------------------------------------------
+
+async def test_http_receipts(tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession,
+                             fake_api: FakeAPI) -> None:
+    """An HTTP API that echoes the relay's id ({id}) posts its receipt to the configured
+    mapping: the entry is delivered; a wrong secret changes nothing."""
+    table = {"name": "api", "type": "http", "url": fake_api.url + "/send",
+             "body": {"to": "{to}", "text": "{message}", "ref": "{id}"},
+             "receipts": {"secret": "api-secret-3"}, "receipt_id_field": "ref",
+             "receipt_status_field": "status", "receipt_delivered": ["DELIVRD"],
+             "receipt_undelivered": ["UNDELIV"], "receipt_answer": "OK"}
+    relay = await relay_factory(config(tmp_path, table))
+    i = await post(relay, session)
+    ref = fake_api.accepted[0].json()["ref"]
+    async with session.post(f"{relay.url}/receipts/api/wrong", json={"ref": ref,
+                                                                     "status": "UNDELIV"}) as r:
+        assert r.status == 403
+    async with session.post(f"{relay.url}/receipts/api/api-secret-3",
+                            json={"ref": ref, "status": "DELIVRD"}) as r:
+        assert (r.status, await r.text()) == (200, "OK")
+    await state_of(relay, i, State.DELIVERED)

@@ -4,6 +4,12 @@ Method, URL, headers (secrets allowed), a JSON or form body built from a templat
 success rule in the manner of Kannel's generic HTTP SMSC: the status code, and optionally a
 JSON field's value or a regex on the response body. ``message_id_field`` names the JSON field
 of the answer holding the API's own message id, kept with the entry.
+
+Receipts, when the API posts them: a ``receipts`` table (a path secret: the relay cannot
+check an unknown vendor's signature) and the mapping of the receipt's fields
+(``receipt_id_field`` holding the relay's id or the API's, ``receipt_status_field`` and the
+values that mean delivered or undelivered, ``receipt_code_field``), for a JSON object, an
+array of them, a form, or a GET's query; answered ``receipt_answer``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import ClassVar
 import aiohttp
 import orjson
 
+from hapsms_relay import receipts
 from hapsms_relay.errors import ConfigError, PermanentError
 from hapsms_relay.providers.base import (
     BaseProvider,
@@ -45,6 +52,7 @@ class HttpProvider(BaseProvider):
     success_value: str | None = None
     success_regex: re.Pattern[str] | None = None
     message_id_field: tuple[str, ...] = ()
+    receipt_map: ReceiptMap | None = None
     voice: bool = False
     supports_voice: ClassVar[bool] = False
 
@@ -119,6 +127,8 @@ class HttpProvider(BaseProvider):
             success_field=tuple(field_path.split(".")) if field_path else (),
             success_value=value, success_regex=compiled, voice=t.boolean("voice", False),
             message_id_field=tuple(id_path.split(".")) if id_path else (),
+            receipt_config=receipts.read_config(t, signed=False),
+            receipt_map=ReceiptMap.read(t) if t.has("receipts") else None,
         )
 
     def _values(self, m: Message) -> dict[str, str]:
@@ -146,6 +156,30 @@ class HttpProvider(BaseProvider):
         ref = json_field(text, self.message_id_field)
         return self.sent(message, *(() if ref is None or isinstance(ref, dict | list) else (str(ref),)))
 
+    def parse_receipts(self, request: receipts.ReceiptRequest) -> receipts.ReceiptBatch:
+        m = self.receipt_map
+        assert m is not None
+        if request.content_type == "application/json":
+            doc = request.json()
+            items = doc if isinstance(doc, list) else [doc]
+        else:
+            items = [dict(request.form() or request.query)]
+        found = []
+        for item in items:
+            ref, status = _field(item, m.id_field), _field(item, m.status_field)
+            if not ref or not status:
+                raise receipts.invalid(f"expected {'.'.join(m.id_field)} and "
+                                       f"{'.'.join(m.status_field)} in each receipt")
+            state: receipts.Status = ("delivered" if status in m.delivered else
+                                      "undelivered" if status in m.undelivered else "progress")
+            code = _field(item, m.code_field) if m.code_field else ""
+            if m.id_is == "relay":
+                found.append(receipts.Receipt(state, receipts.entry_id(ref), "", code or status,
+                                              status))
+            else:
+                found.append(receipts.Receipt(state, None, ref, code or status, status))
+        return receipts.ReceiptBatch(found, m.answer.encode(), m.answer_type)
+
     def _check_success_body(self, text: str) -> None:
         if self.success_regex is not None and not self.success_regex.search(text):
             raise PermanentError(self.name, "rejected", text[:_TEXT_LIMIT])
@@ -155,6 +189,45 @@ class HttpProvider(BaseProvider):
                 isinstance(node, bool) and str(node).lower() == self.success_value
             )):
                 raise PermanentError(self.name, "rejected", text[:_TEXT_LIMIT])
+
+
+@dataclass(frozen=True)
+class ReceiptMap:
+    """Where an API's receipt keeps what the relay needs (``receipt_*`` settings)."""
+
+    id_field: tuple[str, ...]
+    id_is: str  # "relay": the relay's id ({id} sent); "provider": the API's (message_id_field)
+    status_field: tuple[str, ...]
+    delivered: frozenset[str]
+    undelivered: frozenset[str]
+    code_field: tuple[str, ...] = ()
+    answer: str = '{"ok":true}'
+    answer_type: str = "application/json"
+
+    @classmethod
+    def read(cls, t: Table) -> ReceiptMap:
+        delivered = frozenset(t.str_list("receipt_delivered", nonempty=True))
+        undelivered = frozenset(t.str_list("receipt_undelivered", nonempty=True))
+        if delivered & undelivered:
+            raise t.error("receipt_undelivered", "a value cannot mean both delivered and not")
+        code = t.optional_str("receipt_code_field")
+        answer = t.string("receipt_answer", '{"ok":true}', nonempty=False)
+        return cls(
+            id_field=tuple(t.string("receipt_id_field").split(".")),
+            id_is=t.choice("receipt_id", ("relay", "provider"), "relay"),
+            status_field=tuple(t.string("receipt_status_field").split(".")),
+            delivered=delivered, undelivered=undelivered,
+            code_field=tuple(code.split(".")) if code else (), answer=answer,
+            answer_type="application/json" if answer[:1] in "{[" else "text/plain",
+        )
+
+
+def _field(item: object, path: Sequence[str]) -> str:
+    """A receipt's field at ``path`` as text ("" if absent or not a scalar)."""
+    node = item
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return str(node) if isinstance(node, str | int | float) and not isinstance(node, bool) else ""
 
 
 def json_field(text: str, path: Sequence[str]) -> object:
