@@ -7,6 +7,7 @@ codes are logged only at debug level; secrets never (``Secret`` masks itself any
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -53,38 +54,120 @@ def mask(number: str) -> str:
     return head + "*" * (len(national) - shown) + national[len(national) - shown :]
 
 
+_PLAIN: dict[str, str] = {}  # values seen before, as written: provider names, kinds, masks
+_PLAIN_MAX = 4096
+
+
 def _value(v: object) -> str:
     if type(v) is int or type(v) is float:  # ids, counts, latencies: nothing to quote
         return str(v)
     s = str(v)
-    # one C-level scan each instead of a generator per character set: this runs for every
-    # field of every `delivered` line
+    done = _PLAIN.get(s)
+    if done is not None:  # most values of a `delivered` line repeat: one dict look-up
+        return done
+    # one C-level scan each instead of a generator per character set
     if not s or _SPECIAL.search(s) or not s.isprintable():
-        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        s = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
-    return s
+        q = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        q = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in q)
+    else:
+        q = s
+    if len(s) <= 40:
+        if len(_PLAIN) >= _PLAIN_MAX:
+            _PLAIN.clear()
+        _PLAIN[s] = q
+    return q
 
 
 def _line(event: str, fields: dict[str, object]) -> str:
-    return " ".join([event, *(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)])
+    parts = [event]
+    for k, v in fields.items():
+        if v is None:
+            continue
+        # ids, counts, latencies need no quoting: no call for them (a `delivered` line per
+        # message has four)
+        parts.append(f"{k}={v}" if type(v) is int or type(v) is float else f"{k}={_value(v)}")
+    return " ".join(parts)
 
 
 def debug(event: str, **fields: object) -> None:
     if LOGGER.isEnabledFor(logging.DEBUG):
-        LOGGER.debug(_line(event, fields))
+        _emit(logging.DEBUG, _line(event, fields))
 
 
 def info(event: str, **fields: object) -> None:
     if LOGGER.isEnabledFor(logging.INFO):
-        LOGGER.info(_line(event, fields))
+        _emit(logging.INFO, _line(event, fields))
 
 
 def warning(event: str, **fields: object) -> None:
-    LOGGER.warning(_line(event, fields))
+    if LOGGER.isEnabledFor(logging.WARNING):
+        _emit(logging.WARNING, _line(event, fields))
 
 
 def error(event: str, **fields: object) -> None:
-    LOGGER.error(_line(event, fields))
+    if LOGGER.isEnabledFor(logging.ERROR):
+        _emit(logging.ERROR, _line(event, fields))
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``setup`` installs. Its stream is flushed once per turn of the event
+    loop rather than once per line: a ``delivered`` line per message made a write(2) per
+    message. A line waits at most for the end of the loop's current turn (``kill -9`` may
+    lose that turn's lines, never an outbox write); outside a loop, at once."""
+
+    def __init__(self, stream: IO[str] | _Stdout, prefix: bool) -> None:
+        super().__init__(stream)
+        self.prefix = prefix
+        self.flush_due = False
+        self.setFormatter(_Formatter(prefix))
+
+    def flush_soon(self) -> None:
+        if self.flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self.flush_due = True
+        loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self.flush_due = False
+        self.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(line)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+            return
+        self.flush_soon()
+
+
+_HANDLER: _Handler | None = None
+
+
+def _emit(level: int, text: str) -> None:
+    """One of the relay's own lines. When ``setup``'s handler is the only one (as in
+    production), written straight to it: the ``LogRecord``, handler and formatter calls of
+    ``logging`` were most of a ``delivered`` line's cost, and the line is all they would
+    produce. Any other handler (pytest's caplog, a test's own) gets the record as usual."""
+    h = _HANDLER
+    handlers = logging.root.handlers
+    if (h is None or LOGGER.handlers or LOGGER.filters or not LOGGER.propagate
+            or len(handlers) != 1
+            or handlers[0] is not h or h.filters or level < h.level):
+        LOGGER.log(level, text)
+        return
+    line = (_PREFIX[level] + text if h.prefix else text) + "\n"
+    with h.lock:  # type: ignore[union-attr]
+        h.stream.write(line)
+    h.flush_soon()
 
 
 class _Formatter(logging.Formatter):
@@ -121,10 +204,9 @@ class _Stdout:
 
 def setup(level: str = "info", stream: IO[str] | None = None) -> None:
     """Send the relay's and its libraries' log records to stdout, one line each."""
+    global _HANDLER
     out: IO[str] | _Stdout = stream or _Stdout()
-    handler = logging.StreamHandler(out)
-    is_tty = out.isatty()
-    handler.setFormatter(_Formatter(prefix=not is_tty))
+    handler = _HANDLER = _Handler(out, prefix=not out.isatty())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
