@@ -225,7 +225,11 @@ class Dispatcher:
             live = []
             for e in entries:
                 if e.expires <= now:
-                    await self._dead(e, "", "expired: ttl passed before delivery", "")
+                    # its retry came due before its TTL, the claim after (a busy relay): the
+                    # reason keeps the last failure, as when a retry would pass the TTL
+                    reason = (f"expired after {e.attempts - 1} attempts; last: {e.error}"
+                              if e.error else "expired: ttl passed before delivery")
+                    await self._dead(e, "", reason, "")
                 else:
                     live.append(e)
             for group in self._groups(live):

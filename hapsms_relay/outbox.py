@@ -72,6 +72,7 @@ class Entry:
     created: float
     expires: float
     attempts: int
+    error: str = ""  # why the last attempt failed, if one did
 
 
 class Event(NamedTuple):

@@ -162,7 +162,8 @@ _RECEIPT = (
 _ROW_COLS = "id, kind, recipient, state, created, due, attempts, provider, error, updated"
 
 _ENTRY_COLS = (
-    "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts"
+    "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts,"
+    " error"
 )
 _INSERT = (
     "INSERT INTO hapsms_messages (id, batch, kind, recipient, region, national, text, signature,"

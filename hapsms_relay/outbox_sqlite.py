@@ -149,7 +149,8 @@ _RECEIPT = (
 )
 
 _ENTRY_COLS = (
-    "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts"
+    "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts,"
+    " error"
 )
 
 _INSERT_REPLY = "INSERT INTO replies VALUES (?,?,?,?,?)"
