@@ -40,6 +40,9 @@ class _Circuit:
     last_error: str = ""  # the provider's last transient failure, "code: text"
 
 
+_ANSWERED = (Sent, PermanentError)  # outcomes that show the provider is up
+
+
 class Breakers:
     def __init__(self, cfg: BreakerConfig, metrics: Metrics, clock: Clock = SYSTEM) -> None:
         self.cfg = cfg
@@ -70,8 +73,13 @@ class Breakers:
         """One call's outcomes: any answer (sent or refused) closes; all transient fails."""
         if self.cfg.failures <= 0:
             return
-        c = self._circuits.setdefault(name, _Circuit())
-        if any(isinstance(o, Sent | PermanentError) for o in outcomes):
+        c = self._circuits.get(name)
+        if c is None:
+            c = self._circuits[name] = _Circuit()
+        elif not (c.failures or c.opened_at or c.probe_at) and outcomes \
+                and type(outcomes[0]) is Sent:
+            return  # the usual case: a closed circuit stays closed, nothing to change
+        if any(isinstance(o, _ANSWERED) for o in outcomes):
             if c.opened_at:
                 log.info("circuit_closed", provider=name)
             c.failures, c.opened_at, c.probe_at = 0, 0.0, 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -118,6 +119,8 @@ class Metrics:
         )
         self._status_children: dict[int, Counter] = {}
         self._sent_children: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
+        self._sent_pending: dict[tuple[str, str], list[int]] = {}  # not yet in the counters
+        self._flush_due = False
         self._latency_children: dict[str, Histogram] = {}
         # labels() takes a lock and a dict lookup per call: the hot path keeps the children
         self.accepted_by_kind = {k: self.accepted.labels(k) for k in ("sms", "voice")}
@@ -129,16 +132,40 @@ class Metrics:
         child.inc()
 
     def sent_to(self, provider: str, kind: str, segments: int) -> None:
-        """One message sent: its counters' children kept, it runs for every message."""
-        children = self._sent_children.get((provider, kind))
-        if children is None:
-            children = self._sent_children[provider, kind] = (
-                self.sent.labels(provider, kind), self.delivered_deprecated.labels(provider, kind),
-                self.segments.labels(provider))
-        children[0].inc()
-        children[1].inc()
-        if segments:
-            children[2].inc(segments)
+        """One message sent. Counted here and added to the counters once per turn of the
+        event loop (and before every scrape, see ``flush``): three counter increments, each
+        under a lock, cost ~15,000 instructions per message."""
+        counts = self._sent_pending.get((provider, kind))
+        if counts is not None:
+            counts[0] += 1
+            counts[1] += segments
+            return
+        self._sent_pending[provider, kind] = [1, segments]
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_due = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Add what ``sent_to`` counted to the counters."""
+        self._flush_due = False
+        pending, self._sent_pending = self._sent_pending, {}
+        for (provider, kind), (n, segments) in pending.items():
+            children = self._sent_children.get((provider, kind))
+            if children is None:
+                children = self._sent_children[provider, kind] = (
+                    self.sent.labels(provider, kind),
+                    self.delivered_deprecated.labels(provider, kind),
+                    self.segments.labels(provider))
+            children[0].inc(n)
+            children[1].inc(n)
+            if segments:
+                children[2].inc(segments)
 
     def provider_latency(self, provider: str) -> Histogram:
         child = self._latency_children.get(provider)

@@ -393,6 +393,7 @@ class Webhook:
             ok, detail = self.ready()
             return web.Response(status=200 if ok else 503,
                                 body=orjson.dumps({"ok": ok, **detail}), content_type=JSON)
+        self.metrics.flush()  # what was counted this turn of the loop, too
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
