@@ -244,6 +244,7 @@ def test_cool_off_then_one_probe_at_a_time() -> None:
     assert b.state("p") == HALF_OPEN
     clock.advance(25)
     assert b.allow("p") == 0.0  # a probe lost (a crash) frees the slot after a cool-off
+    assert b.allow("p") == 30.0  # and that is the probe now in flight
 
 
 def test_probe_outcomes() -> None:

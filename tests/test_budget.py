@@ -60,6 +60,23 @@ def test_provider_budget_and_overall_budget_both_apply() -> None:
     assert b.left("b") is None
 
 
+def test_exhausted_only_when_nothing_is_left() -> None:
+    """One message left is not exhausted; none left is."""
+    b, _, _ = budget(daily_budget=2)
+    b.settle("a", b.reserve("a", 1), 1)
+    assert b.left(ALL) == 1 and not b.exhausted()
+    b.settle("a", b.reserve("a", 1), 1)
+    assert b.exhausted()
+
+
+def test_delivered_without_a_reservation_counts() -> None:
+    """A delivery settled with nothing reserved (a round that was out before a reload set
+    the budget) counts, and reserves nothing."""
+    b, _, _ = budget(daily_budget=10)
+    b.settle("a", 0, 1)
+    assert b.left(ALL) == 9
+
+
 def test_settle_never_goes_negative() -> None:
     """Settling more than was reserved leaves no negative reservation behind."""
     b, _, _ = budget(daily_budget=10)

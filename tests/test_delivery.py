@@ -346,3 +346,52 @@ async def test_provider_concurrency_limit_is_honoured(
                      what="all delivered")
     assert fake_api.max_inflight == 2
     assert second_api.max_inflight == 5
+
+
+def _fields(caplog: Any, event: str) -> list[dict[str, str]]:
+    """The key=value fields of each ``event`` line the relay logged."""
+    import shlex
+
+    out = []
+    for line in caplog.text.splitlines():
+        words = shlex.split(line.split(":0 ", 1)[-1])
+        if words and words[0] == event:
+            out.append(dict(w.split("=", 1) for w in words[1:]))
+    return out
+
+
+async def test_each_outcome_is_logged_with_its_fields(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI,
+    caplog: Any,
+) -> None:
+    """attempt_failed, retry_scheduled, sent and dead lines carry the id, the masked
+    number, the provider, the code and the attempt, as the operations docs list them."""
+    fake_api.script.append(Reply(503, "busy"))
+    fake_api.respond = lambda rec: Reply(400, "bad number") if "+8613800138001" in rec.body.decode() \
+        else Reply()
+    doc = _doc(tmp_path, [http_provider("api", fake_api.url)], breaker={"failures": 0})
+    relay = await relay_factory(doc)
+    status, answer = await relay.post(session, SMS_BODY)
+    assert status == 200
+    (first,) = answer["ids"]
+    await settled(relay, [first])
+    status, other = await relay.post(session, {"Type": 1, "Data": {"Mobiles": ["13800138001"],
+                                                                  "Message": "m"}})
+    await settled(relay, other["ids"])
+    (failed,) = _fields(caplog, "attempt_failed")
+    assert failed == {"id": first, "to": "+86*******8000", "provider": "api", "code": "http_503",
+                      "error": "busy", "attempt": "1"}
+    (retry,) = _fields(caplog, "retry_scheduled")
+    assert retry["id"] == first and retry["to"] == "+86*******8000" and retry["attempt"] == "1"
+    assert float(retry["in_s"]) == 0.05  # retry_base 50ms: attempt 1 waits the base
+    (sent,) = _fields(caplog, "sent")
+    assert {k: sent[k] for k in ("id", "to", "provider", "type", "attempt", "segments")} == {
+        "id": first, "to": "+86*******8000", "provider": "api", "type": "sms", "attempt": "2",
+        "segments": "1"}
+    assert float(sent["latency_ms"]) >= 0
+    (dead,) = _fields(caplog, "dead")
+    assert dead == {"id": other["ids"][0], "to": "+86*******8001", "provider": "api",
+                    "code": "http_400", "reason": "api http_400: bad number", "attempt": "1"}
+    assert relay.relay.dispatcher.activity.sent == 1
+    assert relay.relay.dispatcher.activity.dead == 1
+    assert relay.relay.dispatcher.activity.last_error == "api http_400"

@@ -230,6 +230,11 @@ def test_vonage_status_row(status: str) -> None:
     check(vonage().check(vonage_body({"status": status})), kind, "vg", status, meaning)
 
 
+def test_vonage_part_without_a_message_id() -> None:
+    """A sent part without a message-id has an empty id, not a made-up one."""
+    assert vonage().check(vonage_body({"status": "0"})) == Sent(("",), 1)
+
+
 def test_vonage_every_part_must_be_sent() -> None:
     """A long text counts as sent only if every part has status 0; the failing part is named."""
     assert vonage().check(vonage_body({"status": "0", "message-id": "m1"})) == Sent(("m1",), 1)

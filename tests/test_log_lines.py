@@ -90,6 +90,18 @@ def test_journald_prefix_per_level_and_none_on_a_terminal() -> None:
     log.setup("debug")
 
 
+def test_defaults_stdout_info_and_no_access_log(capsys) -> None:
+    """Without a stream the lines go to whatever sys.stdout is when written; the default
+    level is info; an unknown level gets the info prefix; aiohttp's access log stays off."""
+    log.setup()
+    log.debug("hidden")
+    log.info("shown", a=1)
+    log.LOGGER.log(25, "between")
+    assert capsys.readouterr().out == "<6>shown a=1\n<6>between\n"
+    assert not logging.getLogger("aiohttp.access").isEnabledFor(logging.INFO)
+    log.setup("debug")
+
+
 def test_levels_filter_and_other_loggers_are_tagged() -> None:
     """Below the configured level nothing is written; another library's record is tagged with
     its logger's name and its text quoted as one value."""

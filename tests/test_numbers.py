@@ -93,3 +93,35 @@ def test_invalid_numbers_are_refused(raw: str) -> None:
     separators: an extension, a URI, an emoji, letters (the fast path never accepts them)."""
     with pytest.raises(InvalidNumber):
         normalise(raw, "CN")
+
+
+@pytest.mark.parametrize(("raw", "region", "e164", "where", "type_"), [
+    ("13800138000", "CN", "+8613800138000", "CN", "mobile"),  # the fast path says its type
+    ("+8613800138000", "US", "+8613800138000", "CN", ""),  # US's fast path takes US mobiles
+    ("008613800138000", "CN", "+8613800138000", "CN", "mobile"),
+    ("008613800138000", "US", "+8613800138000", "CN", ""),  # 00 is not US's IDD: phonenumbers
+    ("8613800138000", "CN", "+8613800138000", "CN", "mobile"),
+    ("+1 (202) 555-0123", "US", "+12025550123", "US", ""),
+])
+def test_forms_and_what_is_known_of_them(raw: str, region: str, e164: str, where: str,
+                                         type_: str) -> None:
+    """Each accepted form gives the E.164 number and its region; a number the fast path
+    took carries its type ("mobile"), one phonenumbers parsed leaves it to be looked up."""
+    n = normalise(raw, region)
+    assert (n.e164, n.region, n.type) == (e164, where, type_)
+    assert n.national == e164[len(e164) - len(n.national):] and n.national
+
+
+@pytest.mark.parametrize("raw", ["+86" + " " * 19 + "13800138000", "1" * 33, "+", "", "   "])
+def test_too_long_or_empty_is_invalid(raw: str) -> None:
+    """More than 32 characters, or nothing, is not a number (and the error names it)."""
+    with pytest.raises(InvalidNumber) as err:
+        normalise(raw, "CN")
+    assert err.value.args == (raw,)
+    assert slow(raw, "CN") is None
+
+
+def test_32_characters_are_still_read() -> None:
+    """A number padded to exactly 32 characters is still read."""
+    raw = "+86" + " " * 18 + "13800138000"
+    assert len(raw) == 32 and slow(raw, "CN") is not None

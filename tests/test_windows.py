@@ -8,8 +8,10 @@ import re
 
 import pytest
 
-from hapsms_relay.limits import Limiter, LimitsConfig, Window, _span
+from hapsms_relay.errors import ConfigError
+from hapsms_relay.limits import Limiter, LimitsConfig, Window, _span, parse
 from hapsms_relay.outbox import KIND_SMS, KIND_VOICE
+from hapsms_relay.table import Table
 
 N = "+8613800138000"
 OTHER = "+8613800138001"
@@ -67,6 +69,36 @@ def test_window_order_does_not_matter() -> None:
     for i in range(5):
         assert send(lim, T0 + i) is None
     assert "5/10m" in (send(lim, T0 + 5) or "")
+
+
+def test_a_take_exactly_a_window_ago_is_outside_it() -> None:
+    """A message sent exactly ``seconds`` ago no longer counts (the window is half open)."""
+    lim = limiter(sms=("2/1m",))
+    assert send(lim, T0) is None and send(lim, T0 + 1) is None
+    assert send(lim, T0 + 59.999) is not None
+    assert send(lim, T0 + 60) is None
+
+
+def test_untake_from_the_middle_keeps_the_others() -> None:
+    """Forgetting the middle one of three takes keeps the first and the last."""
+    lim = limiter(sms=("3/1m",))
+    for at in (T0, T0 + 1, T0 + 2):
+        lim.take(KIND_SMS, N, at)
+    lim.untake(KIND_SMS, N, T0 + 1)
+    assert send(lim, T0 + 3) is None  # room for one
+    assert send(lim, T0 + 4) is not None
+    assert send(lim, T0 + 60.5) is None  # T0 slid out; T0 + 2 and T0 + 3 remain
+    assert send(lim, T0 + 60.6) is not None
+
+
+def test_prune_looks_at_a_numbers_newest_take() -> None:
+    """A number is kept while its newest take is inside the longest window, whatever its
+    older ones."""
+    lim = limiter(sms=("3/1m",), voice=())
+    for at in (T0, T0 + 30, T0 + 50):
+        lim.take(KIND_SMS, N, at)
+    assert lim.prune(T0 + 100) == 0  # newest 50 s old
+    assert lim.prune(T0 + 110) == 1
 
 
 def test_window_of_one() -> None:
@@ -243,3 +275,41 @@ def test_number_types_beyond_the_special_ones() -> None:
     assert r is not None and r.detail == f"{N}: mobile numbers are not allowed"
     assert lim.check(KIND_SMS, "+861062345678", "CN", T0) is None  # a Beijing fixed line
     assert limiter(deny_number_types=frozenset()).check(KIND_SMS, "+19005550123", "US", T0) is None
+
+
+def parse_limits(**table: object) -> LimitsConfig:
+    return parse(Table(dict(table), "limits"), ["dev"])
+
+
+@pytest.mark.parametrize(("table", "field", "value"), [
+    ({"voice": ["1/1m"]}, "voice", (Window(1, 60.0, "1/1m"),)),
+    ({"provider_budgets": {"dev": 1}}, "provider_budgets", {"dev": 1}),
+    ({"daily_budget": 0}, "daily_budget", 0),
+    ({"budget_warning": 1}, "budget_warning", 1.0),
+    ({"idempotency_ttl": "1h"}, "idempotency_ttl", 3600.0),
+    ({"max_numbers": 1}, "max_numbers", 1),
+    ({"dedup_window": "0s"}, "dedup_window", 0.0),
+])
+def test_limits_settings_are_read(table: dict[str, object], field: str, value: object) -> None:
+    """Each [limits] setting is read under its own name, at the edge of what it allows."""
+    assert getattr(parse_limits(**table), field) == value
+
+
+@pytest.mark.parametrize(("table", "key", "says"), [
+    ({"provider_budgets": {"dev": 0}}, "limits.provider_budgets.dev", "at least 1"),
+    ({"provider_budgets": {"other": 5}}, "limits.provider_budgets.other", "unknown provider"),
+    ({"daily_budget": -1}, "limits.daily_budget", ""),
+    ({"budget_warning": 0}, "limits.budget_warning", "between 0 and 1"),
+    ({"budget_warning": 1.5}, "limits.budget_warning", "between 0 and 1"),
+    ({"budget_warning": True}, "limits.budget_warning", "between 0 and 1"),
+    ({"max_numbers": 0}, "limits.max_numbers", ""),
+    ({"deny_number_types": ["premium"]}, "limits.deny_number_types",
+     "unknown number type 'premium'; known: fixed_line, fixed_line_or_mobile, mobile,"),
+    ({"allow_countries": ["CN"], "deny_countries": ["US"]}, "limits.deny_countries", "not both"),
+    ({"allow_countries": ["XX"]}, "limits.allow_countries", "unknown region 'XX'"),
+])
+def test_limits_settings_refused(table: dict[str, object], key: str, says: str) -> None:
+    """A [limits] setting out of range is refused, naming its key and what is wrong."""
+    with pytest.raises(ConfigError) as err:
+        parse_limits(**table)
+    assert err.value.key == key and says in err.value.problem
