@@ -1,0 +1,227 @@
+"""``make mutation``: mutmut over the modules that hold the relay's promises, one module at a
+time with the tests that pin it, a score per module, and every survivor listed.
+
+Each module is mutated in its own scratch copy under ``var/mutation/<name>/`` (mutmut reads
+its settings from the working directory's setup.cfg and keeps its ``mutants/`` there), so
+the source tree is never touched and modules can be run alone. A survivor passes only if
+``accepted.toml`` names it (by module, function and the mutated line) with a reason; the run
+fails when a module scores under its target or (the full run) a survivor is unexplained.
+mutmut 3 was chosen over cosmic-ray: it forks per mutant and runs only the tests that reach
+the mutated function (cosmic-ray starts the test command afresh per mutant: minutes more per
+module here), filters with mypy, and works with this flat package on Python 3.11; it mutates
+inside functions only, so module-level tables are pinned by table tests instead.
+
+    python mutation/run.py                 # every module of scope.toml
+    python mutation/run.py --quick         # the pure-logic modules (what CI runs)
+    python mutation/run.py limits dedup    # these modules only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = ROOT / "mutation"
+WORK = ROOT / "var" / "mutation"
+REPORT = WORK / "report.txt"
+SURVIVORS = WORK / "survivors.txt"
+# What mutmut copies into mutants/ besides the package (tests read docs and configs).
+ALSO_COPY = ("tests", "README.md", "docs", "systemd", "examples", "pyproject.toml")
+
+# What counts as a kill: a test failed, a test hung past mutmut's timeout (the suite did not
+# pass), or mypy --strict (part of `make test`) refused the mutant.
+KILLED = frozenset({"killed", "timeout", "caught by type check"})
+
+# Runs inside a scratch copy (mutmut reads its config at import, from the working directory):
+# every mutant's status, and the diff of those that were not killed, as JSON on stdout.
+_EXPORT = r"""
+import json, sys
+from mutmut.mutation.data import SourceFileMutationData
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
+from mutmut.utils.file_utils import walk_mutatable_files
+out = []
+for path in walk_mutatable_files():
+    m = SourceFileMutationData(path=path)
+    m.load()
+    for name, code in m.exit_code_by_key.items():
+        status = status_by_exit_code[code]
+        diff = "" if status == "killed" else get_diff_for_mutant(name, path=m.path)
+        out.append({"name": name, "status": status, "diff": diff})
+json.dump(out, sys.stdout)
+"""
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    path: str
+    tests: tuple[str, ...]
+    functions: tuple[str, ...]  # only these ("classify", "TwilioProvider.classify"); (): all
+    quick: bool
+    target: float
+
+    def patterns(self) -> list[str]:
+        """mutmut's mutant-name globs for ``functions``."""
+        return [f"*.x{'ǁ' + f.replace('.', 'ǁ') if '.' in f else '_' + f}__mutmut_*"
+                for f in self.functions]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    status: str
+    diff: str
+
+    @property
+    def function(self) -> str:
+        """``hapsms_relay.limits.xǁLimiterǁcheck__mutmut_12`` -> ``Limiter.check``."""
+        tail = self.name.rpartition(".")[2].rpartition("__mutmut_")[0]
+        return tail.removeprefix("x_").removeprefix("xǁ").replace("ǁ", ".")
+
+    @property
+    def change(self) -> str:
+        """The mutated line(s), stripped: what ``accepted.toml`` matches on."""
+        return " / ".join(x[1:].strip() for x in self.diff.splitlines()
+                          if x.startswith("+") and not x.startswith("+++"))
+
+
+def load_scope() -> tuple[list[Module], float]:
+    doc = tomllib.loads((HERE / "scope.toml").read_text(encoding="utf-8"))
+    target = float(doc["target"])
+    modules = [
+        Module(name, m["path"], tuple(m["tests"]), tuple(m.get("functions", ())),
+               bool(m.get("quick", False)), float(m.get("target", target)))
+        for name, m in doc["modules"].items()
+    ]
+    return modules, target
+
+
+def load_accepted() -> dict[tuple[str, str, str], str]:
+    """(module, function, mutated line) -> why that survivor is harmless."""
+    doc = tomllib.loads((HERE / "accepted.toml").read_text(encoding="utf-8"))
+    return {(a["module"], a["function"], a["change"]): a["reason"] for a in doc.get("survivor", [])}
+
+
+def scratch(module: Module) -> Path:
+    """A fresh copy of the project for one module, with mutmut's settings in its setup.cfg."""
+    work = WORK / module.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    # the project's files as git sees them (tracked, and new ones not ignored)
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src, dst = ROOT / name, work / name
+        if src.is_file() and not name.startswith("mutation/"):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    settings = "\n".join([
+        "", "[mutmut]",
+        "source_paths = hapsms_relay",
+        f"only_mutate = {module.path}",
+        "pytest_add_cli_args_test_selection =", *(f"    {t}" for t in module.tests),
+        # -p no:cacheprovider: mutants must not write a shared .pytest_cache
+        "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
+        # a mutant that slows a test down (a loop bound, a wait never woken) is cut at
+        # 5x the test's own time + 3 s, and counts as caught (the suite did not pass)
+        "timeout_multiplier = 5", "timeout_constant = 3",
+        "use_git_change_detection = false",
+        # mypy --strict is part of `make test`: a mutant it refuses is caught without a test
+        "type_check_command =", "    mypy", "    --output", "    json", "    --no-warn-unused-ignores",
+        "    hapsms_relay",
+        "also_copy =", *(f"    {n}" for n in ALSO_COPY if (work / n).exists()), "",
+    ])
+    (work / "setup.cfg").write_text((ROOT / "setup.cfg").read_text(encoding="utf-8") + settings,
+                                    encoding="utf-8")
+    return work
+
+
+def run_module(module: Module, mutmut: Path, python: Path, children: int) -> list[Mutant]:
+    work = scratch(module)
+    # mutmut looks the type checker up on PATH by the name "mypy"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+           "PATH": f"{mutmut.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = work / "mutmut.log"
+    with log.open("w") as out:
+        done = subprocess.run([str(mutmut), "run", "--max-children", str(children),
+                               *module.patterns()], cwd=work,
+                              env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        sys.exit(f"mutation: mutmut failed on {module.name} (exit {done.returncode}); see {log}")
+    export = subprocess.run([str(python), "-c", _EXPORT], cwd=work, env=env, capture_output=True,
+                            text=True, check=False)
+    if export.returncode != 0:
+        sys.exit(f"mutation: reading mutmut's results for {module.name} failed:\n{export.stderr}")
+    mutants = [Mutant(**m) for m in json.loads(export.stdout)]
+    if module.functions:
+        mutants = [m for m in mutants if m.function in module.functions]
+    return mutants
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("modules", nargs="*", help="names from scope.toml (default: all)")
+    p.add_argument("--quick", action="store_true", help="only the modules marked quick")
+    p.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    modules, _ = load_scope()
+    known = {m.name for m in modules}
+    if unknown := [n for n in args.modules if n not in known]:
+        p.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    chosen = [m for m in modules if (not args.modules or m.name in args.modules)
+              and (m.quick or not args.quick)]
+    accepted = load_accepted()
+    bindir = Path(sys.executable).parent
+    mutmut, python = bindir / "mutmut", Path(sys.executable)
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    lines: list[str] = []
+    survivors: list[str] = []
+    failed: list[str] = []
+    for module in chosen:
+        started = time.monotonic()
+        mutants = run_module(module, mutmut, python, args.max_children)
+        seconds = time.monotonic() - started
+        killed = sum(m.status in KILLED for m in mutants)
+        total = len(mutants)
+        score = 100.0 * killed / total if total else 100.0
+        unexplained = 0
+        for m in mutants:
+            if m.status in KILLED:
+                continue
+            reason = accepted.get((module.name, m.function, m.change))
+            if reason is None:
+                unexplained += 1
+            survivors.append(f"{module.name} {m.function} [{m.status}] "
+                             f"{reason or 'UNEXPLAINED: kill it with a test, or list it in accepted.toml'}\n"
+                             f"    {m.name}\n    change: {m.change}\n")
+        line = (f"{module.name:<12} {score:5.1f}% killed  {killed:4d}/{total:<4d} "
+                f"not killed {total - killed:3d} (unexplained {unexplained})  {seconds:5.0f}s")
+        print(line, flush=True)
+        lines.append(line)
+        if score < module.target:
+            failed.append(f"{module.name}: {score:.1f}% killed, under the {module.target:g}% target")
+        if unexplained and not args.quick:  # CI's quick run gates on the score alone
+            failed.append(f"{module.name}: {unexplained} survivor(s) not in mutation/accepted.toml")
+
+    REPORT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    SURVIVORS.write_text("".join(survivors) or "none\n", encoding="utf-8")
+    print(f"mutation: scores in {REPORT.relative_to(ROOT)}, survivors in "
+          f"{SURVIVORS.relative_to(ROOT)}")
+    for f in failed:
+        print(f"mutation: FAIL {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
