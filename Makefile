@@ -15,7 +15,7 @@ STAGED  := $(DESTDIR)$(PREFIX)
 # /run/systemd/system exists only when systemd is PID 1 (what sd_booted(3) checks).
 SYSTEMD_RUNNING = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
 
-.PHONY: run test lint typecheck pytest fuzz mutation mutation-quick bench bench-smoke wrk bench-smtp postgresql clean install uninstall
+.PHONY: run test lint typecheck pytest fuzz mutation mutation-quick bench bench-smoke wrk bench-smtp bench-cluster postgresql clean install uninstall
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -59,6 +59,11 @@ bench: $(BIN)/hapsms-relay wrk
 # A few seconds per stage, no thresholds: CI runs it so the tooling cannot rot.
 bench-smoke: $(BIN)/hapsms-relay wrk
 	$(BIN)/python bench/run.py --smoke
+
+# PostgreSQL and two relays beside a single SQLite relay (bench/cluster.py);
+# BENCH_ARGS=--smoke runs each stage for a second or two.
+bench-cluster: $(VENV)/.test-extras wrk postgresql
+	$(BIN)/python bench/cluster.py $(BENCH_ARGS)
 
 # Messages/s through the smtp provider's connection pool to a local aiosmtpd: the client on
 # CPU 0, the server in a child process on CPU $(SERVER_CPU) ("same": CPU 0 as well).
