@@ -19,8 +19,9 @@ from hapsms_relay import __version__, config, history, log, storage
 from hapsms_relay.config import Config, RoutesConfig
 from hapsms_relay.dispatcher import make_message
 from hapsms_relay.errors import ConfigError, PermanentError, StorageError, TransientError
+from hapsms_relay.kinds import KIND_SMS, KIND_VOICE, kind_name
 from hapsms_relay.numbers import InvalidNumber, normalise
-from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, Entry, State
+from hapsms_relay.outbox import Entry, State
 from hapsms_relay.providers import Sent
 from hapsms_relay.table import parse_duration
 from hapsms_relay.webhook import strip_signature
@@ -180,7 +181,7 @@ async def send(cfg: Config, to: str, message: str | None, code: str | None, sign
     now = time.time()
     entry = Entry(0, 0, kind, n.e164, n.region, n.national, message or "",
                   strip_signature(signature), code or "", now, now + cfg.queue.ttl, 1)
-    route = cfg.routes.route("voice" if kind == KIND_VOICE else "sms", n.e164)
+    route = cfg.routes.route(kind_name(kind), n.e164)
     result = EX_FAIL
     async with aiohttp.ClientSession() as session:
         for name in route:

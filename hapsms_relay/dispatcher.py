@@ -25,10 +25,10 @@ from hapsms_relay.budget import Budget
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import Config
 from hapsms_relay.errors import DeliveryError, StorageError, TransientError, UnsupportedError
+from hapsms_relay.kinds import KIND_VOICE, Kind, kind_name
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox import KIND_VOICE, Entry, Event, Outbox, Sending
+from hapsms_relay.outbox import Entry, Event, Outbox, Sending
 from hapsms_relay.providers import Message, Outcome, Provider, Sent
-from hapsms_relay.providers.base import Kind
 from hapsms_relay.rate import RateLimiter
 
 CLAIM_BATCH = 256
@@ -569,4 +569,4 @@ def make_message(e: Entry, provider: Provider, voice_fallback_text: str) -> Mess
 
 
 def _kind(e: Entry) -> str:
-    return "voice" if e.kind == KIND_VOICE else "sms"
+    return kind_name(e.kind)

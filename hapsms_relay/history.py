@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from hapsms_relay import log
-from hapsms_relay.outbox import KIND_VOICE, Detail, Event, Row
+from hapsms_relay.kinds import kind_name
+from hapsms_relay.outbox import Detail, Event, Row
 
 
 def when(t: float) -> str | None:
@@ -20,7 +21,7 @@ def when(t: float) -> str | None:
 def row_record(r: Row, *, show_numbers: bool = False) -> dict[str, Any]:
     """What ``queue list`` and ``queue find`` print for an entry."""
     return {
-        "id": str(r.id), "type": "voice" if r.kind == KIND_VOICE else "sms",
+        "id": str(r.id), "type": kind_name(r.kind),
         "to": r.recipient if show_numbers else log.mask(r.recipient),
         "state": r.state.name.lower(), "accepted_at": when(r.created),
         "attempts": r.attempts, "provider": r.provider, "error": r.error,

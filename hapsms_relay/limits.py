@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import phonenumbers
 
-from hapsms_relay.outbox import KIND_SMS, KIND_VOICE
+from hapsms_relay.kinds import KIND_SMS, KIND_VOICE, kind_name
 from hapsms_relay.sketch import Sketch
 from hapsms_relay.table import Table, parse_duration
 
@@ -348,7 +348,7 @@ def number_type(e164: str) -> str:
 
 
 def _rate_limited(kind: int, e164: str, w: Window) -> Refusal:
-    name = "voice" if kind == KIND_VOICE else "sms"
+    name = kind_name(kind)
     return Refusal(RATE_LIMITED, 429, f"{e164}: at most {w.count} {name} messages per "
                    f"{_span(w.seconds)} to one number (limits.{name} {w.text})")
 

@@ -35,8 +35,6 @@ class State(IntEnum):
 SENT_STATES = (State.SENT, State.DELIVERED, State.UNDELIVERED)
 
 
-KIND_SMS = 1
-KIND_VOICE = 2
 
 
 class NewEntry(NamedTuple):

@@ -25,9 +25,10 @@ from hapsms_relay.config import Config
 from hapsms_relay.endpoints import MESSAGES, Messages, Receipts
 from hapsms_relay.errors import BadRequest, ClientGone, StorageError
 from hapsms_relay.guard import Admitter
+from hapsms_relay.kinds import KIND_SMS, KIND_VOICE, kind_name
 from hapsms_relay.metrics import Metrics
 from hapsms_relay.numbers import InvalidNumber, Number, normalise
-from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry, Outbox
+from hapsms_relay.outbox import NewEntry, Outbox
 from hapsms_relay.receipts import PREFIX as RECEIPTS
 
 JSON = "application/json"
@@ -219,7 +220,7 @@ class Webhook:
             raise BadRequest(first.status, first.code, first.detail, refused=note)
         self.guard.commit(adm, ids)
         self.notify()
-        kind = "voice" if entries[0].kind == KIND_VOICE else "sms"
+        kind = kind_name(entries[0].kind)
         self.metrics.accepted_by_kind[kind].inc(len(ids))
         # debug, not info: each message gets its `delivered` or `dead` line (with this id) at
         # info, and the line cost a sixth of the request's CPU; the count is in /metrics.

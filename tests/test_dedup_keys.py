@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from hapsms_relay.dedup import Replies, Reply, body_key, header_key
-from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, NewEntry
+from hapsms_relay.kinds import KIND_SMS, KIND_VOICE
+from hapsms_relay.outbox import NewEntry
 
 A, B = "+8613800138000", "+8613800138001"
 

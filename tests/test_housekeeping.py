@@ -14,9 +14,10 @@ from hapsms_relay import guard, outbox_sqlite
 from hapsms_relay.budget import Budget
 from hapsms_relay.clock import ManualClock
 from hapsms_relay.dedup import Replies
+from hapsms_relay.kinds import KIND_SMS
 from hapsms_relay.limits import Limiter, LimitsConfig, Window
 from hapsms_relay.metrics import Metrics
-from hapsms_relay.outbox import KIND_SMS, NewEntry, State
+from hapsms_relay.outbox import NewEntry, State
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from tests.fakes import FakeAPI
 from tests.helpers import (

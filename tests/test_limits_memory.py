@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 
 from hapsms_relay.clock import ManualClock
+from hapsms_relay.kinds import KIND_SMS, KIND_VOICE
 from hapsms_relay.limits import Limiter, LimitsConfig, Window
-from hapsms_relay.outbox import KIND_SMS, KIND_VOICE
 from hapsms_relay.sketch import SLICES, Sketch
 from tests.helpers import AUTH, base_config, start_relay
 

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from hapsms_relay.clock import ManualClock
-from hapsms_relay.outbox import KIND_SMS, KIND_VOICE, Event, NewEntry, Outbox, Sending, State
+from hapsms_relay.kinds import KIND_SMS, KIND_VOICE
+from hapsms_relay.outbox import Event, NewEntry, Outbox, Sending, State
 from hapsms_relay.receipts import Receipt
 from tests.backends import BACKEND_PARAMS, Backend
 from tests.helpers import sending

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from hapsms_relay.errors import StorageError
-from hapsms_relay.outbox import KIND_SMS, NewEntry, State
+from hapsms_relay.kinds import KIND_SMS
+from hapsms_relay.outbox import NewEntry, State
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from tests.helpers import sending
 

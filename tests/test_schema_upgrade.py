@@ -8,7 +8,8 @@ import sqlite3
 from pathlib import Path
 
 from hapsms_relay.clock import ManualClock
-from hapsms_relay.outbox import KIND_SMS, NewEntry, State
+from hapsms_relay.kinds import KIND_SMS
+from hapsms_relay.outbox import NewEntry, State
 from hapsms_relay.outbox_sqlite import SCHEMA_VERSION, SQLiteOutbox
 from hapsms_relay.receipts import Receipt
 from tests.helpers import sending

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from hapsms_relay.errors import StorageError
+from hapsms_relay.kinds import KIND_SMS
 from hapsms_relay.outbox_sqlite import APPLICATION_ID, SQLiteOutbox
 from tests.fakes import FakeAPI
 from tests.helpers import AUTH, SMS_BODY, base_config, eventually, write_config
@@ -401,7 +402,7 @@ async def test_wal_is_bounded_after_a_burst(tmp_path: Path) -> None:
     """A burst that grows the WAL far past SQLite's checkpoint (a reader held an old
     snapshot meanwhile) leaves it at most WAL_LIMIT once writes go on, and housekeeping
     (cleanup) truncates it to nothing."""
-    from hapsms_relay.outbox import KIND_SMS, NewEntry
+    from hapsms_relay.outbox import NewEntry
     from hapsms_relay.outbox_sqlite import WAL_LIMIT
 
     path = tmp_path / "outbox.db"

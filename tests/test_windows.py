@@ -9,8 +9,8 @@ import re
 import pytest
 
 from hapsms_relay.errors import ConfigError
+from hapsms_relay.kinds import KIND_SMS, KIND_VOICE
 from hapsms_relay.limits import Limiter, LimitsConfig, Window, _span, parse
-from hapsms_relay.outbox import KIND_SMS, KIND_VOICE
 from hapsms_relay.table import Table
 
 N = "+8613800138000"

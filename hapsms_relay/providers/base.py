@@ -14,7 +14,7 @@ import string
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -26,11 +26,10 @@ from hapsms_relay.errors import (
     TransientError,
     UnsupportedError,
 )
+from hapsms_relay.kinds import Kind
 from hapsms_relay.rate import Rate
 from hapsms_relay.receipts import ReceiptConfig
 from hapsms_relay.table import REQUIRED, Table
-
-Kind = Literal["sms", "voice"]
 
 DEFAULT_SIGNATURE_FORMAT = "【{signature}】{message}"
 
