@@ -16,6 +16,7 @@ from functools import lru_cache
 import phonenumbers
 
 from hapsms_relay.kinds import KIND_SMS, KIND_VOICE, kind_name
+from hapsms_relay.numbers import SPECIAL_TYPES
 from hapsms_relay.sketch import Sketch
 from hapsms_relay.table import Table, parse_duration
 
@@ -303,9 +304,6 @@ class Limiter:
         return self.cfg.voice if kind == KIND_VOICE else self.cfg.sms if kind == KIND_SMS else ()
 
 
-# Types phonenumbers tells apart by their own pattern (checked before fixed line and mobile).
-_SPECIAL = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager",
-            "uan", "voicemail")
 
 
 def denied_type(denied: frozenset[str], e164: str, region: str) -> str | None:
@@ -314,9 +312,9 @@ def denied_type(denied: frozenset[str], e164: str, region: str) -> str | None:
     The special types are matched against the region's own patterns (a few µs: this runs for
     every new number on the hot path); the others need phonenumbers' full classification.
     """
-    if denied.issubset(_SPECIAL):
+    if denied.issubset(SPECIAL_TYPES):
         national = e164[1 + len(str(phonenumbers.country_code_for_region(region))):]
-        for name in _SPECIAL:
+        for name in SPECIAL_TYPES:
             if name in denied:
                 pattern = _pattern(region, name)
                 if pattern is not None and pattern.fullmatch(national):

@@ -90,8 +90,11 @@ def slow(raw: str, default_region: str) -> Number | None:
 
 # -- the fast path ---------------------------------------------------------------------------
 
-_TYPES_BEFORE_MOBILE = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number",
-                        "pager", "uan", "voicemail", "fixed_line")
+#: The types phonenumbers tells apart by their own patterns, in the order it tries them
+#: (``_number_type_helper``), before fixed line and mobile.
+SPECIAL_TYPES = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager",
+                 "uan", "voicemail")
+_TYPES_BEFORE_MOBILE = (*SPECIAL_TYPES, "fixed_line")
 
 
 @dataclass(frozen=True)
