@@ -68,6 +68,7 @@ class Dispatcher:
     outbox: Outbox
     config: Config
     metrics: Metrics
+    budget: Budget  # shared with the webhook, which refuses when it is used up
     activity: Activity = field(default_factory=Activity)
     paused: bool = False
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -87,13 +88,10 @@ class Dispatcher:
     _overdue: set[asyncio.Task[Any]] = field(default_factory=set)
     owner: str = "relay"  # who claims: unique to this process among the storage's writers
     renewed_at: float = 0.0  # when leases were last renewed (clock time)
-    budget: Budget | None = None  # shared with the webhook; one of its own if not given
     clock: Clock = SYSTEM
     breakers: Breakers = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.budget is None:
-            self.budget = Budget(self.config.limits, self.metrics)
         self.breakers = Breakers(self.config.breaker, self.metrics, self.clock)
         self.breakers.track(list(self.config.providers))
 
@@ -318,7 +316,6 @@ class Dispatcher:
             await self._defer(entries, name, limiter)
             return []
         budget = self.budget
-        assert budget is not None
         # segment budgets reserve what each text is expected to cost; the provider's own
         # count is what is settled
         costs = [expected_segments(e) for e in entries] if budget.counts_segments else []
