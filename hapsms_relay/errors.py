@@ -59,8 +59,6 @@ class DeliveryError(RelayError):
     SMTP reply), kept for the logs and for ``queue list --dead``. Never put secrets in them.
     """
 
-    retryable = False
-
     def __init__(self, provider: str, code: str, text: str = "") -> None:
         super().__init__(f"{provider}: {code}" + (f" {text}" if text else ""))
         self.provider = provider
@@ -81,8 +79,6 @@ class TransientError(DeliveryError):
 
     ``retry_after`` is the provider's own hint in seconds (``Retry-After``), if any.
     """
-
-    retryable = True
 
     def __init__(
         self, provider: str, code: str, text: str = "", *, retry_after: float | None = None
