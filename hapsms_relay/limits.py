@@ -1,4 +1,5 @@
-"""Abuse limits on recipients: per-number sliding windows, countries and number types.
+"""Abuse limits on recipients: per-number sliding windows, countries and number types (the
+types themselves are classified in ``numbers``).
 
 Checks run in memory on the webhook's hot path. The windows are rebuilt at start from the
 outbox itself (every accepted message is a row with its recipient and time), so a restart
@@ -8,23 +9,16 @@ resets nothing and the hot path writes nothing more than the enqueue already doe
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import phonenumbers
 
 from hapsms_relay.kinds import KIND_SMS, KIND_VOICE, kind_name
-from hapsms_relay.numbers import SPECIAL_TYPES
+from hapsms_relay.numbers import NUMBER_TYPES, denied_type
 from hapsms_relay.sketch import Sketch
 from hapsms_relay.table import Table, parse_duration
 
-#: The number types phonenumbers knows, by the lower-case names the config uses.
-NUMBER_TYPES = {
-    name.lower(): getattr(phonenumbers.PhoneNumberType, name)
-    for name in dir(phonenumbers.PhoneNumberType) if name.isupper()
-}
 RATE_LIMITED = "rate_limited"
 
 
@@ -304,45 +298,6 @@ class Limiter:
         return self.cfg.voice if kind == KIND_VOICE else self.cfg.sms if kind == KIND_SMS else ()
 
 
-
-
-def denied_type(denied: frozenset[str], e164: str, region: str) -> str | None:
-    """The type of ``e164`` if it is one of ``denied``, else None.
-
-    The special types are matched against the region's own patterns (a few µs: this runs for
-    every new number on the hot path); the others need phonenumbers' full classification.
-    """
-    if denied.issubset(SPECIAL_TYPES):
-        national = e164[1 + len(str(phonenumbers.country_code_for_region(region))):]
-        for name in SPECIAL_TYPES:
-            if name in denied:
-                pattern = _pattern(region, name)
-                if pattern is not None and pattern.fullmatch(national):
-                    return name
-        return None
-    t = number_type(e164)
-    return t if t in denied else None
-
-
-@lru_cache(maxsize=4096)
-def _pattern(region: str, name: str) -> re.Pattern[str] | None:
-    meta = phonenumbers.PhoneMetadata.metadata_for_region(region) if region else None
-    desc = getattr(meta, name, None) if meta is not None else None
-    text = getattr(desc, "national_number_pattern", None)
-    return re.compile(text) if text else None
-
-
-@lru_cache(maxsize=65536)
-def number_type(e164: str) -> str:
-    """phonenumbers' type of a valid E.164 number, as a config name (``premium_rate``)."""
-    try:
-        t = phonenumbers.number_type(phonenumbers.parse(e164))
-    except phonenumbers.NumberParseException:
-        return "unknown"
-    for name, value in NUMBER_TYPES.items():
-        if value == t:
-            return name
-    return "unknown"
 
 
 def _rate_limited(kind: int, e164: str, w: Window) -> Refusal:

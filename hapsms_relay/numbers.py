@@ -1,5 +1,5 @@
-"""Phone numbers from HAP to E.164: a fast path for the default region's mobiles, else
-phonenumbers, cached.
+"""Phone numbers from HAP to E.164 (a fast path for the default region's mobiles, else
+phonenumbers, cached), and their types by the names ``[limits]`` uses.
 
 HAP passes numbers as its users typed them: ``+8613800138000``, ``008613800138000``,
 ``8613800138000`` or ``13800138000``. Parsing with phonenumbers is the costliest step of a
@@ -203,3 +203,51 @@ def _applies(desc: PhoneNumberDesc | None, length: int) -> bool:
 @lru_cache(maxsize=64)
 def _fast_path(region: str) -> FastPath | None:
     return FastPath.build(region)
+
+
+# -- number types, by the names [limits] uses ------------------------------------------------
+
+#: The number types phonenumbers knows, by the lower-case names the config uses.
+NUMBER_TYPES = {
+    name.lower(): getattr(phonenumbers.PhoneNumberType, name)
+    for name in dir(phonenumbers.PhoneNumberType) if name.isupper()
+}
+
+
+def denied_type(denied: frozenset[str], e164: str, region: str) -> str | None:
+    """The type of ``e164`` if it is one of ``denied``, else None.
+
+    The special types are matched against the region's own patterns (a few µs: this runs for
+    every new number on the hot path); the others need phonenumbers' full classification.
+    """
+    if denied.issubset(SPECIAL_TYPES):
+        national = e164[1 + len(str(phonenumbers.country_code_for_region(region))):]
+        for name in SPECIAL_TYPES:
+            if name in denied:
+                pattern = _pattern(region, name)
+                if pattern is not None and pattern.fullmatch(national):
+                    return name
+        return None
+    t = number_type(e164)
+    return t if t in denied else None
+
+
+@lru_cache(maxsize=4096)
+def _pattern(region: str, name: str) -> re.Pattern[str] | None:
+    meta = phonenumbers.PhoneMetadata.metadata_for_region(region) if region else None
+    desc = getattr(meta, name, None) if meta is not None else None
+    text = getattr(desc, "national_number_pattern", None)
+    return re.compile(text) if text else None
+
+
+@lru_cache(maxsize=65536)
+def number_type(e164: str) -> str:
+    """phonenumbers' type of a valid E.164 number, as a config name (``premium_rate``)."""
+    try:
+        t = phonenumbers.number_type(phonenumbers.parse(e164))
+    except phonenumbers.NumberParseException:
+        return "unknown"
+    for name, value in NUMBER_TYPES.items():
+        if value == t:
+            return name
+    return "unknown"

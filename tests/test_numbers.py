@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hapsms_relay.limits import number_type
-from hapsms_relay.numbers import InvalidNumber, _fast_path, normalise, slow
+from hapsms_relay.numbers import InvalidNumber, _fast_path, normalise, number_type, slow
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 REGIONS = ["CN", "US", "GB", "HK", "DE", "IN", "SG", "RU", "IT", "FR", "BR", "JP"]
