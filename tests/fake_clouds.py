@@ -284,13 +284,14 @@ class AliyunFake:
             return Reply(ALI_STATUS.get(code, 200), aliyun_error(code))
         request_id = str(uuid.uuid4()).upper()
         if action == "SendSms":
-            biz = f"{uuid.uuid4().int % 10**15}^0"
+            biz = f"{uuid.uuid4().int % 10**15:015d}^0"  # fixed widths: never a phone number
             self.sent.append((biz, rec.query.get("OutId", ""), number))
             return Reply(200, {"Code": "OK", "Message": "OK", "RequestId": request_id,
                                "BizId": biz})
         if action == "SingleCallByTts":
             return Reply(200, {"Code": "OK", "Message": "OK", "RequestId": request_id,
-                               "CallId": f"{uuid.uuid4().int % 10**12}^{uuid.uuid4().int % 10**11}"})
+                               "CallId": f"{uuid.uuid4().int % 10**12:012d}^"
+                                         f"{10**11 + uuid.uuid4().int % 10**11}"})
         return Reply(404, aliyun_error("InvalidAction.NotFound"))
 
     def _vendor_rules(self, action: str, query: Any, *, mainland: bool) -> str:
