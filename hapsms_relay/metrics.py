@@ -120,6 +120,7 @@ class Metrics:
         self._status_children: dict[int, Counter] = {}
         self._sent_children: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
         self._sent_pending: dict[tuple[str, str], list[int]] = {}  # not yet in the counters
+        self._counts: dict[Counter, int] = {}  # not yet in the counters
         self._flush_due = False
         self._latency_children: dict[str, Histogram] = {}
         # labels() takes a lock and a dict lookup per call: the hot path keeps the children
@@ -129,7 +130,24 @@ class Metrics:
         child = self._status_children.get(status)
         if child is None:
             child = self._status_children[status] = self.requests.labels(str(status))
-        child.inc()
+        self.count(child)
+
+    def count(self, child: Counter, n: int = 1) -> None:
+        """``child.inc(n)`` at the end of this turn of the event loop (or before a scrape):
+        the hot path's counters, one locked increment per turn instead of per request."""
+        pending = self._counts.get(child)
+        self._counts[child] = n if pending is None else pending + n
+        if pending is None and not self._flush_due:
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_due = True
+        loop.call_soon(self.flush)
 
     def sent_to(self, provider: str, kind: str, segments: int) -> None:
         """One message sent. Counted here and added to the counters once per turn of the
@@ -141,19 +159,15 @@ class Metrics:
             counts[1] += segments
             return
         self._sent_pending[provider, kind] = [1, segments]
-        if self._flush_due:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._flush_due = True
-        loop.call_soon(self.flush)
+        if not self._flush_due:
+            self._flush_soon()
 
     def flush(self) -> None:
-        """Add what ``sent_to`` counted to the counters."""
+        """Add what ``count`` and ``sent_to`` counted to the counters."""
         self._flush_due = False
+        counts, self._counts = self._counts, {}
+        for child, n in counts.items():
+            child.inc(n)
         pending, self._sent_pending = self._sent_pending, {}
         for (provider, kind), (n, segments) in pending.items():
             children = self._sent_children.get((provider, kind))
