@@ -44,14 +44,19 @@ def mask(number: str) -> str:
     """
     head, national = "", number
     if number[:1] == "+":
-        for n in (1, 2, 3):
-            if number[1 : 1 + n] in _CALLING_CODES:
-                head, national = number[: 1 + n], number[1 + n :]
-                break
-        else:
-            head, national = "+", number[1:]
+        n = _CODE_LENGTH.get(number[1:4])
+        if n is None:
+            n = next((n for n in (1, 2, 3) if number[1 : 1 + n] in _CALLING_CODES), 0)
+            if len(_CODE_LENGTH) < 4096:
+                _CODE_LENGTH[number[1:4]] = n
+        head, national = number[: 1 + n], number[1 + n :]
     shown = min(_TAIL, len(national) // 2)
     return head + "*" * (len(national) - shown) + national[len(national) - shown :]
+
+
+# the calling code's length by a number's first three digits (prefix-free codes decide it):
+# one look-up per `sent` line instead of up to three slices and set look-ups
+_CODE_LENGTH: dict[str, int] = {}
 
 
 _PLAIN: dict[str, str] = {}  # values seen before, as written: provider names, kinds, masks
