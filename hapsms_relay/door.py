@@ -1,4 +1,5 @@
-"""The front door: allowed addresses, connection limits, a header deadline and TLS.
+"""The front door: allowed addresses, connection limits, a header deadline, TLS, and the
+drain that closes every connection on stop without losing a request.
 
 Admission happens when a connection is made, before it takes a slot: an address outside
 ``allow_ips`` is closed at once. A slow or hostile client must not starve the others: past
@@ -12,6 +13,7 @@ one refused); and a connection that has not sent a complete request header withi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable
@@ -26,6 +28,11 @@ from hapsms_relay.errors import BadRequest
 from hapsms_relay.metrics import Metrics
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# While stopping, a kept-alive connection is closed once it has been quiet this long (no
+# request in progress, no byte received): a client still posting on it sends its next
+# request sooner, and that request is served (with Connection: close) rather than raced.
+DRAIN_QUIET = 1.0
 
 
 # What was wrong with a request the parser refused, by aiohttp's exception class (most
@@ -59,6 +66,11 @@ class _Handler(RequestHandler):
         super().__init__(door, loop=door.loop, **kwargs)
         self.door = door
         self.admitted = False
+        self.quiet_since = door.loop.time()  # the last byte in or answer out (for the drain)
+
+    def data_received(self, data: bytes) -> None:
+        self.quiet_since = self.door.loop.time()  # part of a request counts as busy
+        super().data_received(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's protocol callback, before aiohttp sets the connection up: a refused one
@@ -112,6 +124,8 @@ class Door(web.Server):
         super().__init__(self._serve, loop=self.loop)
         self._handler = handler
         self.metrics = metrics
+        self.draining = False
+        self._drained: asyncio.Event | None = None
         self._clients: dict[RequestHandler, str] = {}
         self._per_client: dict[str, int] = {}
         # Connections waiting for a request (a first one, or the next on a kept-alive
@@ -202,6 +216,8 @@ class Door(web.Server):
         else:
             del self._per_client[client]
             del self._idle[client]
+        if self._drained is not None and not self._clients:
+            self._drained.set()
 
     def _header_timeout(self, handler: RequestHandler) -> None:
         if self._header_timers.pop(handler, None) is not None:
@@ -221,10 +237,49 @@ class Door(web.Server):
         if idle is not None:
             idle.pop(protocol, None)
         try:
-            return await self._handler(request)
+            response = await self._handler(request)
         finally:
             if idle is not None and protocol in self._clients:
                 idle[protocol] = None
+            if isinstance(protocol, _Handler):
+                protocol.quiet_since = self.loop.time()
+        if self.draining:
+            response.force_close()  # Connection: close; aiohttp closes once it is sent
+        return response
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Close every connection without dropping a request, within ``timeout`` seconds.
+
+        Call it once the listener is closed (under socket activation new connections then
+        wait in the kernel's backlog for the next process). Until a connection closes, its
+        requests are served as usual, each answered with ``Connection: close`` and the
+        connection closed after it. A connection with nothing in progress is closed once it
+        has been quiet for ``DRAIN_QUIET``: one that was just used is likely to carry a
+        request any moment, which is then served instead of crossing our close on the wire;
+        one quiet for longer is closed at once (its client's next request is as likely now
+        as later). Whatever remains after ``timeout`` is left to the caller.
+        """
+        self.draining = True
+        if not self._clients:
+            return
+        self._drained = asyncio.Event()
+        for handler in list(self._clients):
+            if isinstance(handler, _Handler):
+                self._close_when_quiet(handler)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout)
+
+    def _close_when_quiet(self, handler: _Handler) -> None:
+        client = self._clients.get(handler)
+        if client is None or handler not in self._idle.get(client, ()):
+            return  # closed already, or a request is in progress: its answer closes it
+        wait = handler.quiet_since + DRAIN_QUIET - self.loop.time()
+        if wait > 0:
+            self.loop.call_later(wait, self._close_when_quiet, handler)
+        else:
+            self._close(handler, client)
 
 
 class AddressFilter:

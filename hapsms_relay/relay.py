@@ -33,6 +33,8 @@ from hapsms_relay.webhook import Webhook
 # loop free between chunks: one pass over a 30 s pile stalled requests for ~65 ms.
 PRUNE_EVERY = 1.0
 PRUNE_CHUNK = 2000
+# Requests still in progress once server.shutdown_timeout has passed get this much longer.
+CUT_AFTER = 1.0
 
 
 async def serve(cfg: Config, path: str, *, paused: bool = False) -> bool:
@@ -169,12 +171,12 @@ class Relay:
         if isinstance(self.outbox, Cluster):  # cluster status lists this relay while it runs
             heartbeat = asyncio.create_task(self._heartbeat(self.outbox), name="heartbeat")
             stack.push_async_callback(self._leave, self.outbox, heartbeat)
-        self.door = Door(self.webhook, self.config.server, self.metrics)
-        self.runner = web.ServerRunner(
-            self.door, handle_signals=False, shutdown_timeout=self.config.server.shutdown_timeout
-        )
+        self.door = door = Door(self.webhook, self.config.server, self.metrics)
+        # Door.drain() closes the connections; aiohttp's own shutdown (pre_shutdown ignores
+        # what clients send after it began) only meets requests that outlived the drain.
+        self.runner = web.ServerRunner(door, handle_signals=False, shutdown_timeout=CUT_AFTER)
         await self.runner.setup()
-        stack.push_async_callback(self._close_http, self.runner)
+        stack.push_async_callback(self._close_http, self.runner, door)
         s = self.config.server
         site: web.BaseSite
         self._inherited_socket = sock is not None
@@ -196,16 +198,12 @@ class Relay:
         async with self._reload_lock:  # a reload in progress finishes first
             await self._stack.aclose()
 
-    async def _close_http(self, runner: web.ServerRunner) -> None:
-        self.webhook.accepting = False
-        # Close the listener, then let requests in flight finish while their connections
-        # are still open: aiohttp's own shutdown ignores whatever a client sends after it
-        # began, so a body still arriving would never complete. Requests that arrive on a
-        # kept-alive connection meanwhile get 503 shutting_down.
+    async def _close_http(self, runner: web.ServerRunner, door: Door) -> None:
+        self.webhook.accepting = False  # /readyz and the status line say so; posts are served
         for site in list(runner.sites):
-            await site.stop()
-        await self.webhook.drain(self.config.server.shutdown_timeout)
-        await runner.cleanup()
+            await site.stop()  # under socket activation systemd keeps the socket listening
+        await door.drain(self.config.server.shutdown_timeout)
+        await runner.cleanup()  # requests still running past the drain are cut short
 
     async def _heartbeat(self, cluster: Cluster) -> None:
         started = self.clock.time()

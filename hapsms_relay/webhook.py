@@ -8,7 +8,6 @@ answer, 404 and 405 included, is the relay's JSON and nothing is routed twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -58,11 +57,9 @@ class Webhook:
         self.metrics = metrics
         self.notify = notify
         self.ready = ready
-        self.accepting = True
+        self.accepting = True  # false once stopping: /readyz says so, posts are still served
         self.handling = 0  # requests being handled now
         self.storing = 0  # entries of enqueues not yet committed (for queue.max_pending)
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.guard = guard
         self.receipts = Receipts(outbox, metrics, clock, self.read_body)
         self.messages = Messages(outbox)
@@ -89,20 +86,12 @@ class Webhook:
         self.prefixes: tuple[tuple[str, Handler], ...] = (
             (RECEIPTS, self.receipts), (MESSAGES, self.messages))
 
-    async def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds until no request is being handled."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
-
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         self.handling += 1
-        self._idle.clear()
         try:
             return await self._handle(request)
         finally:
             self.handling -= 1
-            if not self.handling:
-                self._idle.set()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -165,9 +154,6 @@ class Webhook:
             # HAP posts plain JSON; a decoder would be one more thing to bound (gzip bombs)
             raise BadRequest(415, "unsupported_encoding", "send the body uncompressed (no "
                              "Content-Encoding)", {"Accept-Encoding": "identity"})
-        if not self.accepting:
-            raise BadRequest(503, "shutting_down", "the relay is shutting down; retry shortly",
-                             {"Retry-After": "5"})
         key = headers.get(IDEMPOTENCY_KEY)
         if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
             raise BadRequest(400, "invalid_idempotency_key",

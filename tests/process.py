@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,9 +19,14 @@ from tests.helpers import eventually, leaked
 
 # Sets the file-size limit (soft; the hard limit stays, so it can be raised again from
 # outside with prlimit), ignores SIGXFSZ so writes past it fail with EFBIG as on a full disk,
-# then becomes the relay.
+# passes a listening socket as systemd does (fd 3, LISTEN_FDS and LISTEN_PID of this very
+# process, which exec keeps), then becomes the relay.
 _LAUNCH = """
 import os, resource, signal, sys
+fd = os.environ.pop("HAPSMS_TEST_LISTEN_FD", "")
+if fd:
+    os.dup2(int(fd), 3)
+    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
 limit = int(sys.argv[1])
 if limit:
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
@@ -59,11 +65,17 @@ class RelayProcess:
     """``hapsms-relay serve --config PATH`` in a subprocess; ``lines`` is its stdout so far."""
 
     def __init__(self, config: Path, env: Mapping[str, str] | None = None,
-                 args: Sequence[str] = (), *, fsize: int = 0, paused: bool = False) -> None:
+                 args: Sequence[str] = (), *, fsize: int = 0, paused: bool = False,
+                 listen: socket.socket | None = None) -> None:
         """``fsize``: a file-size limit in bytes (writes past it fail as on a full disk);
-        ``paused``: serve with ``--pause-delivery``."""
+        ``paused``: serve with ``--pause-delivery``; ``listen``: a listening socket to
+        serve, handed over as systemd's socket activation does (the caller keeps it open,
+        as systemd does across restarts)."""
         self.config = config
         self.env = {**os.environ, **(env or {})}
+        self.listen = listen
+        if listen is not None:
+            self.env["HAPSMS_TEST_LISTEN_FD"] = str(listen.fileno())
         self.args = list(args) + (["--pause-delivery"] if paused else [])
         self.fsize = fsize
         self.lines: list[str] = []
@@ -90,6 +102,7 @@ class RelayProcess:
             sys.executable, "-c", _LAUNCH, str(self.fsize), "serve", "--config", str(self.config),
             *self.args, env=self.env, cwd=self.config.parent,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            pass_fds=() if self.listen is None else (self.listen.fileno(),),
         )
         self._reader = asyncio.create_task(self._read())
         await eventually(lambda: bool(self.address) or self.proc is None

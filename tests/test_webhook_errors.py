@@ -3,7 +3,6 @@ stored or sent, and the relay keeps serving."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from tests.helpers import (
     TOKEN2,
     base_config,
     eventually,
-    outbox_rows,
     settled,
 )
 
@@ -249,38 +247,6 @@ async def test_unauthenticated_when_allowed(
     assert status == 200
     rows = await settled(relay, body["ids"])
     assert rows[body["ids"][0]].state == State.SENT
-
-
-async def test_shutting_down_answers_503(
-    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession
-) -> None:
-    """While the relay stops, a request on a kept-alive connection gets 503 ``shutting_down``
-    with Retry-After and stores nothing, and the request in flight is still answered 200."""
-    relay = await relay_factory(base_config(tmp_path), paused=True)
-    assert (await relay.post(session, SMS_BODY))[0] == 200  # leaves a kept-alive connection
-    host, port = relay.url.removeprefix("http://").rsplit(":", 1)
-    body = orjson.dumps(SMS_BODY)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /sms/webhook HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                 + body[:10])
-    await writer.drain()
-    await eventually(lambda: relay.relay.webhook.handling == 1, what="the request in flight")
-    stopping = asyncio.create_task(relay.stop())
-    await eventually(lambda: not relay.relay.webhook.accepting, what="the relay stopping")
-    async with session.post(relay.webhook_url, json=SMS_BODY, headers=AUTH) as r:
-        answer = await r.json()
-        assert (r.status, answer["error"], answer["ok"]) == (503, "shutting_down", False)
-        assert r.headers["Retry-After"].isdigit()
-    assert not stopping.done()
-    writer.write(body[10:])
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ")
-    writer.close()
-    await stopping
-    rows = await outbox_rows(tmp_path / "outbox.db")
-    assert len(rows) == 2  # the first post and the one in flight; not the refused one
 
 
 async def test_queue_full_answers_503(
