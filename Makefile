@@ -10,6 +10,7 @@ CONFIG ?= examples/dev.toml
 PREFIX  ?= /opt/hapsms-relay
 DESTDIR ?=
 UNITDIR ?= /etc/systemd/system
+BINDIR  ?= /usr/local/bin
 CONFDIR ?= /etc/hapsms-relay
 STAGED  := $(DESTDIR)$(PREFIX)
 # /run/systemd/system exists only when systemd is PID 1 (what sd_booted(3) checks).
@@ -107,6 +108,9 @@ install:
 	install -d -m 0755 $(STAGED)/docs/providers
 	install -m 0644 docs/*.md $(STAGED)/docs/
 	install -m 0644 docs/providers/*.md $(STAGED)/docs/providers/
+	@# On root's PATH, so that the README's commands (hapsms-relay queue stats) run as written.
+	install -d -m 0755 $(DESTDIR)$(BINDIR)
+	ln -sfn $(PREFIX)/bin/hapsms-relay $(DESTDIR)$(BINDIR)/hapsms-relay
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	for unit in hapsms-relay.service hapsms-relay.socket; do \
 	  sed 's|/opt/hapsms-relay|$(PREFIX)|g' systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit && \
@@ -130,6 +134,8 @@ uninstall:
 	  echo "make uninstall: run as root (or with DESTDIR=...)" >&2; exit 1; fi
 	$(if $(SYSTEMD_RUNNING),-systemctl disable --now hapsms-relay.socket hapsms-relay.service)
 	rm -f $(DESTDIR)$(UNITDIR)/hapsms-relay.service $(DESTDIR)$(UNITDIR)/hapsms-relay.socket
+	@if [ "$$(readlink $(DESTDIR)$(BINDIR)/hapsms-relay)" = "$(PREFIX)/bin/hapsms-relay" ]; then \
+	  rm -f $(DESTDIR)$(BINDIR)/hapsms-relay; fi
 	$(if $(SYSTEMD_RUNNING),systemctl daemon-reload)
 	rm -rf $(STAGED)
 	@echo "kept $(CONFDIR) and /var/lib/hapsms-relay (the outbox)"

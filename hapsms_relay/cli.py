@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from hapsms_relay import __version__, config, history, log, storage
-from hapsms_relay.config import Config, RoutesConfig
+from hapsms_relay.config import Config, QueueConfig, RoutesConfig
 from hapsms_relay.dispatcher import make_message
 from hapsms_relay.errors import ConfigError, PermanentError, StorageError, TransientError
 from hapsms_relay.kinds import KIND_SMS, KIND_VOICE, kind_name
@@ -93,11 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_OK
     path = config.config_path(args.config)
     try:
+        if args.command == "queue" and args.queue_command != "import-sqlite":
+            # the outbox only: none of the service's secrets needed (operations.md, step 6)
+            queue, region = config.load_queue(path)
+            return asyncio.run(queue_command(queue, region, args))
         cfg = config.load(path)
-    except ConfigError as exc:
-        print(f"hapsms-relay: config error in {path}: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    try:
         if args.command == "serve":
             return serve(cfg, path, paused=args.pause_delivery)
         if args.command == "check-config":
@@ -106,9 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(send(cfg, args.to, args.message, args.code, args.signature))
         if args.command == "cluster":
             return asyncio.run(cluster_status(cfg))
-        if args.queue_command == "import-sqlite":
-            return asyncio.run(import_sqlite(cfg, args.sqlite_path))
-        return asyncio.run(queue_command(cfg, args))
+        return asyncio.run(import_sqlite(cfg, args.sqlite_path))  # queue import-sqlite
+    except ConfigError as exc:
+        print(f"hapsms-relay: config error in {path}: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except StorageError as exc:
         print(f"hapsms-relay: {exc}", file=sys.stderr)
         return EX_FAIL
@@ -205,8 +206,8 @@ async def send(cfg: Config, to: str, message: str | None, code: str | None, sign
 
 # -- queue -----------------------------------------------------------------------------------
 
-async def queue_command(cfg: Config, args: argparse.Namespace) -> int:
-    outbox = storage.outbox(cfg.queue, admin=True)
+async def queue_command(queue: QueueConfig, region: str, args: argparse.Namespace) -> int:
+    outbox = storage.outbox(queue, admin=True)
     await outbox.open()
     try:
         action = args.queue_command
@@ -235,7 +236,7 @@ async def queue_command(cfg: Config, args: argparse.Namespace) -> int:
                     print("  " + "  ".join(f"{k}={v}" for k, v in e.items()))
         elif action == "find":
             try:
-                number = normalise(args.to, cfg.default_region).e164
+                number = normalise(args.to, region).e164
                 since = time.time() - parse_duration(args.since)
             except InvalidNumber:
                 print(f"hapsms-relay: {args.to!r} is not a valid phone number", file=sys.stderr)
@@ -246,7 +247,7 @@ async def queue_command(cfg: Config, args: argparse.Namespace) -> int:
             for r in await outbox.find(number, since, args.limit):
                 _print_record(history.row_record(r, show_numbers=args.show_numbers), args.json)
         elif action == "retry":
-            n = await outbox.requeue(None if args.all_dead else [args.id], cfg.queue.ttl)
+            n = await outbox.requeue(None if args.all_dead else [args.id], queue.ttl)
             print(f"requeued {n}")
             if n == 0 and not args.all_dead:
                 print(f"hapsms-relay: no dead entry with id {args.id}", file=sys.stderr)

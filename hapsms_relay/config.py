@@ -146,9 +146,29 @@ def config_path(cli_value: str | None) -> str:
 
 def load(path: str) -> Config:
     """Read and validate the config file; raise ``ConfigError`` naming the bad key."""
+    return parse(_read(path), source=path)
+
+
+def load_queue(path: str) -> tuple[QueueConfig, str]:
+    """Only ``[queue]`` and the default region of the config file: what the ``queue``
+    commands need. Nothing else is read, so they work without the service's secrets (on an
+    install those exist only as its credentials)."""
+    root = Table(_read(path))
+    return _queue(root.table("queue", {})), _region(root.table("numbers", {}))
+
+
+def _region(numbers: Table) -> str:
+    region = numbers.string("default_region", "CN").upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise numbers.error("default_region", f"unknown region {region!r}; use an ISO code like CN")
+    numbers.done()
+    return region
+
+
+def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError("", f"config file {path} does not exist") from None
     except OSError as exc:
@@ -157,7 +177,6 @@ def load(path: str) -> Config:
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{path} is not UTF-8 text") from None
-    return parse(data, source=path)
 
 
 def parse(data: Mapping[str, object], source: str = "") -> Config:
@@ -165,11 +184,7 @@ def parse(data: Mapping[str, object], source: str = "") -> Config:
     root = Table(data)
     server = _server(root.table("server", {}))
     queue = _queue(root.table("queue", {}))
-    numbers = root.table("numbers", {})
-    region = numbers.string("default_region", "CN").upper()
-    if region not in phonenumbers.SUPPORTED_REGIONS:
-        raise numbers.error("default_region", f"unknown region {region!r}; use an ISO code like CN")
-    numbers.done()
+    region = _region(root.table("numbers", {}))
     providers = _providers(root.tables("providers"))
     routes = _routes(root.table("routes", {}), providers)
     log_level = root.choice("log_level", ("debug", "info", "warning", "error"), "info")

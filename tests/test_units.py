@@ -123,6 +123,8 @@ def test_make_install_destdir_lays_out_what_the_units_expect(own_tmp: Path) -> N
         for uri in line.removeprefix("Documentation=").split():
             assert (dest / uri.removeprefix("file:///")).is_file(), uri
     assert (staged / "docs/providers/twilio.md").is_file()
+    # The README's commands name plain `hapsms-relay`: it is on root's PATH.
+    assert os.readlink(dest / "usr/local/bin/hapsms-relay") == f"{prefix}/bin/hapsms-relay"
 
     conf = dest / "etc/hapsms-relay"
     assert (conf / "config.toml").read_text() == (UNITS / "config.example.toml").read_text()
@@ -143,4 +145,5 @@ def test_make_install_destdir_lays_out_what_the_units_expect(own_tmp: Path) -> N
     done = subprocess.run([*make, "uninstall"], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not staged.exists() and not (units / SERVICE).exists() and not (units / SOCKET).exists()
+    assert not (dest / "usr/local/bin/hapsms-relay").is_symlink()
     assert (conf / "config.toml").exists() and token.read_text() == first_token
