@@ -1,4 +1,4 @@
-"""The ``hapsms-relay`` command: serve, check-config, send, queue, version.
+"""The ``hapsms-relay`` command: serve, check-config, send, queue, reload, version.
 
 Exit codes: 0 success; 1 failure (delivery refused, storage error); 2 usage; 75 temporary
 failure (``send`` failed transiently: try again); 78 configuration error.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -82,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
     csub.add_parser("status", parents=[common],
                     help="relays alive: version, last heartbeat, in flight, config agreement")
+    reload = sub.add_parser(
+        "reload", help="reload a running relay's config and report whether it worked "
+        "(what the unit's ExecReload= runs)")
+    reload.add_argument("pid", type=int, help="the relay's process id ($MAINPID)")
+    reload.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -91,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"hapsms-relay {__version__}")
         return EX_OK
+    if args.command == "reload":  # the running relay reads its own config
+        return reload(args.pid, args.timeout)
     path = config.config_path(args.config)
     try:
         if args.command == "queue" and args.queue_command != "import-sqlite":
@@ -126,6 +135,46 @@ def serve(cfg: Config, path: str, *, paused: bool = False) -> int:
 
     log.setup(cfg.log_level)
     return EX_OK if uvloop.run(relay.serve(cfg, path, paused=paused)) else EX_FAIL
+
+
+# -- reload ----------------------------------------------------------------------------------
+
+def reload(pid: int, timeout: float) -> int:
+    """SIGHUP to the relay, then wait for the outcome of the reload that followed it: 0 when
+    the new config is in force, 1 (with the error on stderr) when the old one stays."""
+    from hapsms_relay import systemd
+
+    directory = systemd.runtime_directory()
+    if directory is None:
+        print("hapsms-relay: reload needs $RUNTIME_DIRECTORY (systemd RuntimeDirectory=), "
+              "where the relay reports the outcome", file=sys.stderr)
+        return EX_USAGE
+    sent = systemd.monotonic_usec()
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"hapsms-relay: cannot signal process {pid}: {exc.strerror}", file=sys.stderr)
+        return EX_FAIL
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = systemd.read_reload_outcome(directory)
+        if outcome is not None and outcome.pid == pid and outcome.started >= sent:
+            break
+        if time.monotonic() > deadline:
+            print(f"hapsms-relay: no reload outcome from process {pid} within {timeout:g}s",
+                  file=sys.stderr)
+            return EX_FAIL
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"hapsms-relay: process {pid} exited during the reload", file=sys.stderr)
+            return EX_FAIL
+        time.sleep(0.05)
+    if outcome.error:
+        print(f"hapsms-relay: reload failed, the running config stays: {outcome.error}",
+              file=sys.stderr)
+        return EX_FAIL
+    return EX_OK
 
 
 # -- check-config ----------------------------------------------------------------------------

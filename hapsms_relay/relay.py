@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import os
 import signal
 import socket
 from collections.abc import Iterable
@@ -89,17 +90,22 @@ class _Reloads:
 
     def request(self) -> None:
         if not self.running:
-            log.warning("reload_ignored", reason="not running (starting or stopping)")
+            reason = "not running (starting or stopping)"
+            log.warning("reload_ignored", reason=reason)
+            systemd.write_reload_outcome(
+                systemd.ReloadOutcome(os.getpid(), systemd.monotonic_usec(), reason))
             return
         task = asyncio.create_task(self._reload())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _reload(self) -> None:
-        self.notifier.reloading()
-        await self.relay.reload(self.path)
+        started = self.notifier.reloading()
+        error = await self.relay.reload(self.path)
         if self.running:
             self.notifier.ready(self.relay.status())
+        # for `hapsms-relay reload` (ExecReload=): a reload that failed fails the job
+        systemd.write_reload_outcome(systemd.ReloadOutcome(os.getpid(), started, error or ""))
 
     async def finish(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)

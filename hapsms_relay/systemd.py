@@ -1,4 +1,5 @@
-"""systemd integration without libsystemd: the socket systemd passes us, and sd_notify.
+"""systemd integration without libsystemd: the socket systemd passes us, sd_notify, and
+the outcome of a reload for ``ExecReload=``.
 
 sd_notify is one datagram of ``KEY=value`` lines to ``$NOTIFY_SOCKET`` (a path, or an
 abstract name written ``@name``); see sd_notify(3) and sd_listen_fds(3).
@@ -7,10 +8,15 @@ abstract name written ``@name``); see sd_notify(3) and sd_listen_fds(3).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import orjson
 
 from hapsms_relay import log
 
@@ -85,9 +91,11 @@ class Notifier:
     def ready(self, status: str) -> None:
         self.notify(READY="1", STATUS=status)
 
-    def reloading(self) -> None:
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    def reloading(self) -> int:
+        """RELOADING=1; the CLOCK_MONOTONIC microseconds it names, which stamp the reload."""
+        usec = monotonic_usec()
         self.notify(RELOADING="1", MONOTONIC_USEC=str(usec), STATUS="reloading the config")
+        return usec
 
     def stopping(self, status: str) -> None:
         self.notify(STOPPING="1", STATUS=status)
@@ -116,3 +124,51 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+# -- the outcome of a reload --------------------------------------------------------------------
+# systemd 252 (Debian 12) has no Type=notify-reload, and even that cannot fail a reload: so
+# ExecReload= runs `hapsms-relay reload $MAINPID`, which sends SIGHUP and waits for the relay
+# to write how the reload it started ended into $RUNTIME_DIRECTORY (RuntimeDirectory=).
+
+RELOAD_FILE = "reload"
+
+
+class ReloadOutcome(NamedTuple):
+    pid: int
+    started: int  # CLOCK_MONOTONIC microseconds when the reload began (after the SIGHUP)
+    error: str  # empty: the new config is in force
+
+
+def runtime_directory() -> Path | None:
+    directory = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(directory) if directory else None
+
+
+def write_reload_outcome(outcome: ReloadOutcome) -> None:
+    """Publish a reload's outcome (whole, by rename) for ``read_reload_outcome``; without
+    ``$RUNTIME_DIRECTORY`` (not run by the unit) there is nobody to tell."""
+    directory = runtime_directory()
+    if directory is None:
+        return
+    path = directory / RELOAD_FILE
+    tmp = path.with_name(f".{RELOAD_FILE}.{os.getpid()}")
+    try:
+        tmp.write_bytes(orjson.dumps(outcome._asdict()))
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("reload_outcome_unwritten", path=str(path), error=exc.strerror or str(exc))
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_reload_outcome(directory: Path) -> ReloadOutcome | None:
+    try:
+        doc = orjson.loads((directory / RELOAD_FILE).read_bytes())
+        return ReloadOutcome(int(doc["pid"]), int(doc["started"]), str(doc["error"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not written yet, or by another version

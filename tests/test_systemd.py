@@ -88,7 +88,8 @@ class ActivatedRelay:
     """``systemd-socket-activate -l 127.0.0.1:PORT`` running ``hapsms-relay serve``."""
 
     def __init__(self, config_path: Path, log_path: Path, notify: NotifyListener,
-                 watchdog_usec: int = 0) -> None:
+                 watchdog_usec: int = 0, runtime_dir: Path | None = None) -> None:
+        self.runtime_dir = runtime_dir
         self.config_path = config_path
         self.log_path = log_path
         self.notify = notify
@@ -107,6 +108,8 @@ class ActivatedRelay:
         args = [ACTIVATE, "-l", f"127.0.0.1:{self.port}", "-E", f"NOTIFY_SOCKET={self.notify.address}"]
         if self.watchdog_usec:
             args += ["-E", f"WATCHDOG_USEC={self.watchdog_usec}"]
+        if self.runtime_dir is not None:  # RuntimeDirectory=
+            args += ["-E", f"RUNTIME_DIRECTORY={self.runtime_dir}"]
         args += [sys.executable, "-m", "hapsms_relay", "serve", "--config", str(self.config_path)]
         if _mdwe_supported():
             args = [sys.executable, "-c", MDWE_EXEC, *args]
@@ -334,6 +337,43 @@ async def test_sighup_reload_rotates_tokens_adds_provider_and_survives_broken_co
     assert statuses and set(statuses) == {200}, f"posts failed during reloads: {set(statuses)}"
     assert await relay.stop() == 0
     assert "Traceback" not in relay.log()
+
+
+async def test_reload_command_reports_the_outcome(
+    tmp_path: Path, short_dir: Path, notify_listener: NotifyListener,
+    activated: list[ActivatedRelay], session: aiohttp.ClientSession,
+) -> None:
+    """`hapsms-relay reload PID` (the unit's ExecReload=) exits 0 once a good config is in
+    force, and 1 with the error on stderr for a broken one, which the relay does not take;
+    without $RUNTIME_DIRECTORY it says what it needs."""
+    from tests.process import run_cli
+
+    runtime = short_dir / "run"
+    runtime.mkdir()
+    doc = base_config(tmp_path, server={"tokens": ["old-token-1"]})
+    path = write_config(tmp_path, doc)
+    relay = ActivatedRelay(path, tmp_path / "relay.log", notify_listener, runtime_dir=runtime)
+    activated.append(relay)
+    await relay.start()
+    assert await relay.post(session, SMS_BODY, "old-token-1") == 200  # starts the relay
+    assert relay.proc is not None
+    pid = str(relay.proc.pid)
+    env = {"RUNTIME_DIRECTORY": str(runtime)}
+
+    doc["server"]["tokens"] = ["new-token-2"]
+    write_config(tmp_path, doc)
+    assert await run_cli("reload", pid, env=env) == (0, "", "")
+    assert await relay.post(session, SMS_BODY, "new-token-2") == 200
+
+    path.write_text(path.read_text() + "\n[bogus]\nkey = 1\n")
+    code, out, err = await run_cli("reload", pid, env=env)
+    assert (code, out) == (1, "")
+    assert err.startswith("hapsms-relay: reload failed, the running config stays: bogus: ")
+    assert await relay.post(session, SMS_BODY, "new-token-2") == 200  # still in force
+
+    code, _, err = await run_cli("reload", pid, env={"RUNTIME_DIRECTORY": ""})
+    assert code == 2 and "RUNTIME_DIRECTORY" in err
+    assert await relay.stop() == 0
 
 
 @pytest.mark.skipif(not _mdwe_supported(), reason="the kernel has no PR_SET_MDWE (Linux < 6.3)")

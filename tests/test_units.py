@@ -46,7 +46,9 @@ def verify(units_dir: Path, prefix: str, real_prefix: Path, staged: Path) -> Non
     binary = exec_start(service)
     assert binary == f"{prefix}/bin/hapsms-relay"
     assert (real_prefix / "bin/hapsms-relay").is_file()
-    (staged / SERVICE).write_text(service.replace(f"ExecStart={prefix}/", f"ExecStart={real_prefix}/", 1))
+    for command in ("ExecStart", "ExecReload"):
+        service = service.replace(f"{command}={prefix}/", f"{command}={real_prefix}/", 1)
+    (staged / SERVICE).write_text(service)
     shutil.copy(units_dir / SOCKET, staged / SOCKET)
     done = analyze("verify", "--man=no", str(staged / SERVICE), str(staged / SOCKET))
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
@@ -74,7 +76,8 @@ def test_units_pair_up() -> None:
     service = (UNITS / SERVICE).read_text()
     assert re.search(r"^ListenStream=8080$", sock, re.M)
     assert re.search(r"^Accept=no$", sock, re.M)
-    for setting in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Requires=hapsms-relay.socket",
+    for setting in ("Type=notify", "ExecReload=/opt/hapsms-relay/bin/hapsms-relay reload $MAINPID",
+                    "RuntimeDirectory=hapsms-relay", "Requires=hapsms-relay.socket",
                     "Restart=on-failure", "StateDirectory=hapsms-relay",
                     "ConfigurationDirectory=hapsms-relay", "MemoryDenyWriteExecute=yes"):
         assert re.search(rf"^{re.escape(setting)}$", service, re.M), setting
