@@ -16,7 +16,8 @@ STAGED  := $(DESTDIR)$(PREFIX)
 # /run/systemd/system exists only when systemd is PID 1 (what sd_booted(3) checks).
 SYSTEMD_RUNNING = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
 
-.PHONY: run test lint typecheck pytest fuzz mutation mutation-quick bench bench-smoke wrk bench-smtp bench-cluster postgresql clean install uninstall
+.PHONY: run test lint typecheck pytest fuzz mutation mutation-quick bench bench-smoke wrk bench-smtp \
+	bench-cluster postgresql clean install uninstall test-systemd guest-tools
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -48,6 +49,17 @@ pytest: $(VENV)/.test-extras postgresql
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The units under a real systemd: a cached Debian guest booted with systemd-nspawn, the
+# checkout installed in it, and tests/guest/checks.py run there (as root; a few minutes the
+# first time, while debootstrap builds the guest, then about a minute).
+guest-tools:
+	@command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null || \
+	  (apt-get update -q && apt-get install -y -q debootstrap systemd-container) || \
+	  { echo "make test-systemd needs debootstrap and systemd-container (Debian's packages)" >&2; exit 1; }
+
+test-systemd: guest-tools
+	tests/guest/run.sh
 
 # Benchmarks (bench/README.md): server pinned to CPU 0, wrk and the sink on CPU 1.
 wrk:
