@@ -52,9 +52,13 @@ printf '[Service]\nSystemCallErrorNumber=kill\nWatchdogSec=4s\nTimeoutAbortSec=5
 systemd-nspawn --quiet --register=no --keep-unit --boot -D "$work/root" \
   --bind="$CACHE/pip:/root/.cache/pip" > "$work/console.log" 2>&1 &
 nspawn=$!
+# The guest's PID 1 is the child of systemd-nspawn that runs systemd (nspawn forks an
+# intermediate child first, which exits).
 leader=""
-for _ in $(seq 100); do
-  leader=$(pgrep -P "$nspawn" | head -1 || true)
+for _ in $(seq 300); do
+  for child in $(pgrep -P "$nspawn" || true); do
+    if [ "$(cat "/proc/$child/comm" 2>/dev/null)" = systemd ]; then leader=$child; fi
+  done
   [ -n "$leader" ] && break
   sleep 0.1
 done
