@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hapsms_relay.outbox import KIND_SMS, NewEntry
+from hapsms_relay.kinds import KIND_SMS
+from hapsms_relay.outbox import NewEntry
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from tests.helpers import base_config, write_config
 
@@ -45,7 +46,7 @@ def _shell_env() -> dict[str, str]:
 async def _make_outbox(path: Path) -> None:
     outbox = SQLiteOutbox(str(path))
     await outbox.open()
-    entry = NewEntry(KIND_SMS, "+8613800138000", "CN", "13800138000", "hi", "", "", 0)
+    entry = NewEntry(KIND_SMS, "+8613800138000", "CN", "13800138000", "hi")
     await outbox.enqueue([entry], 900.0)
     await outbox.close()
 
