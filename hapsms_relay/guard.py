@@ -105,10 +105,7 @@ class Guard:
             if found is not None:
                 adm.duplicate = found
                 return adm
-        over = None
-        if not self.budget.hold and self.budget.exhausted():
-            over = Refusal(RATE_LIMITED, 429, f"the daily budget of {cfg.daily_budget} messages "
-                           "is used up (limits.daily_budget)")
+        over = _budget_refusal(self.budget, cfg)
         for e in entries:
             refusal = over or self.limiter.check(e.kind, e.recipient, e.region, now, e.number_type)
             if refusal is None:
@@ -192,10 +189,7 @@ class SharedGuard:
             adm.keys.append((header_key(idempotency_key), now + cfg.idempotency_ttl))
         if cfg.dedup_window > 0:
             adm.keys.append((body_key(entries), now + cfg.dedup_window))
-        over = None
-        if not self.budget.hold and self.budget.exhausted():
-            over = Refusal(RATE_LIMITED, 429, f"the daily budget of {cfg.daily_budget} messages "
-                           "is used up (limits.daily_budget)")
+        over = _budget_refusal(self.budget, cfg)
         for e in entries:
             refusal = over or self._rules.check(e.kind, e.recipient, e.region, now, e.number_type)
             if refusal is None:
@@ -245,3 +239,11 @@ class SharedGuard:
 
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         return 0
+
+
+def _budget_refusal(budget: Budget, cfg: LimitsConfig) -> Refusal | None:
+    """The refusal of every entry of a body while the daily budget is used up and refuses."""
+    if budget.hold or not budget.exhausted():
+        return None
+    return Refusal(RATE_LIMITED, 429, f"the daily budget of {cfg.daily_budget} messages "
+                   "is used up (limits.daily_budget)")

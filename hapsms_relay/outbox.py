@@ -17,7 +17,7 @@ import builtins
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from hapsms_relay.receipts import Receipt
 
@@ -152,6 +152,21 @@ class Stats:
     oldest_pending: float | None  # creation time of the oldest undelivered entry
     delivered: int = 0
     undelivered: int = 0
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Sequence[Any]]) -> Stats:
+        """From ``SELECT state, count(*), min(created) ... GROUP BY state``, any backend."""
+        counts = {State(s): (n, c) for s, n, c in rows}
+        oldest = [c for s, (n, c) in counts.items() if s in (State.PENDING, State.INFLIGHT)]
+        return cls(
+            pending=counts.get(State.PENDING, (0, None))[0],
+            inflight=counts.get(State.INFLIGHT, (0, None))[0],
+            sent=counts.get(State.SENT, (0, None))[0],
+            dead=counts.get(State.DEAD, (0, None))[0],
+            oldest_pending=min(oldest) if oldest else None,
+            delivered=counts.get(State.DELIVERED, (0, None))[0],
+            undelivered=counts.get(State.UNDELIVERED, (0, None))[0],
+        )
 
 
 class Queue(Protocol):

@@ -679,17 +679,7 @@ class PostgresOutbox:
     async def stats(self) -> Stats:
         rows = await self._rows(
             "SELECT state, count(*), min(created) FROM hapsms_messages GROUP BY state", ())
-        counts = {State(s): (n, c) for s, n, c in rows}
-        oldest = [c for s, (n, c) in counts.items() if s in (State.PENDING, State.INFLIGHT)]
-        return Stats(
-            pending=counts.get(State.PENDING, (0, None))[0],
-            inflight=counts.get(State.INFLIGHT, (0, None))[0],
-            sent=counts.get(State.SENT, (0, None))[0],
-            dead=counts.get(State.DEAD, (0, None))[0],
-            oldest_pending=min(oldest) if oldest else None,
-            delivered=counts.get(State.DELIVERED, (0, None))[0],
-            undelivered=counts.get(State.UNDELIVERED, (0, None))[0],
-        )
+        return Stats.from_rows(rows)
 
     async def list(self, state: State | None, limit: int) -> builtins.list[Row]:
         where = "WHERE state = %s" if state is not None else ""

@@ -723,18 +723,7 @@ class SQLiteOutbox:
         rows = await self._call(
             self._op_query, "SELECT state, count(*), min(created) FROM messages GROUP BY state", ()
         )
-        counts = {State(s): (n, c) for s, n, c in rows}
-        oldest = [c for s, (n, c) in counts.items() if s in (State.PENDING, State.INFLIGHT)]
-        stats = Stats(
-            pending=counts.get(State.PENDING, (0, None))[0],
-            inflight=counts.get(State.INFLIGHT, (0, None))[0],
-            sent=counts.get(State.SENT, (0, None))[0],
-            dead=counts.get(State.DEAD, (0, None))[0],
-            oldest_pending=min(oldest) if oldest else None,
-            delivered=counts.get(State.DELIVERED, (0, None))[0],
-            undelivered=counts.get(State.UNDELIVERED, (0, None))[0],
-        )
-        return stats
+        return Stats.from_rows(rows)
 
     async def durability(self) -> tuple[str, int]:
         """``journal_mode`` and ``synchronous`` as the writer's own connection has them in
