@@ -10,6 +10,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     disable_created_metrics,
 )
 
@@ -23,6 +24,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Prometheus' convention for what a target is: hapsms_relay_info{node, version} 1
+        self.info = Info(PREFIX, "This relay: its node name (queue.node) and version",
+                         registry=r)
         self.requests = Counter(
             f"{PREFIX}_requests", "Webhook requests answered, by HTTP status", ["status"],
             registry=r,

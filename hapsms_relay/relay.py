@@ -121,6 +121,7 @@ class Relay:
         self.config = cfg
         self.clock = clock
         self.metrics = Metrics()
+        self.metrics.info.info({"node": cfg.queue.node, "version": __version__})
         self.outbox: Outbox = outbox or storage.outbox(cfg.queue, clock)
         self.owner = storage.owner(cfg.queue.node)
         # one budget: the dispatcher spends it, the webhook refuses when it is used up

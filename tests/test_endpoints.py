@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from hapsms_relay import __version__
 from tests import docs
 from tests.fakes import FakeAPI, Reply
 from tests.helpers import (
@@ -28,7 +29,8 @@ from tests.helpers import (
 async def test_healthz_and_readyz(tmp_path: Path, relay_factory: Any,
                                   session: aiohttp.ClientSession) -> None:
     """/healthz answers while the process serves; /readyz names the node and lists
-    providers, their circuits and the undelivered count."""
+    providers, their circuits and the undelivered count; /metrics names the node and the
+    version in hapsms_relay_info."""
     relay = await relay_factory(base_config(tmp_path, queue={"node": "relay-a"}), paused=True)
     for method in ("GET", "HEAD"):
         async with session.request(method, relay.url + "/healthz") as r:
@@ -39,6 +41,10 @@ async def test_healthz_and_readyz(tmp_path: Path, relay_factory: Any,
         assert await r.json() == {"ok": True, "node": "relay-a", "accepting": True,
                                   "storage": "ok", "undelivered": 1,
                                   "providers": ["dev"], "circuits": {"dev": "closed"}}
+    m = await _metrics(session, relay.url)
+    assert m[("hapsms_relay_info", (("node", "relay-a"), ("version", __version__)))] == 1
+    assert [k for k in m if k[0] == "hapsms_relay_info"] == [
+        ("hapsms_relay_info", (("node", "relay-a"), ("version", __version__)))]
 
 
 async def _metrics(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple[Any, ...]], float]:
