@@ -69,6 +69,19 @@ async def test_url_is_a_secret(tmp_path: Path, pg_url: str) -> None:
     assert code == 0 and PG_PASSWORD not in out + err
 
 
+async def test_queue_commands_without_the_database(tmp_path: Path, pg_url: str) -> None:
+    """A queue command (and cluster status) while the database is unreachable exits 1 with
+    libpq's reason, never the URL's password."""
+    name = PostgresServer.name(pg_url)
+    url = f"postgresql://hapsms:{PG_PASSWORD}@/{name}?host={tmp_path}/nothing-here&connect_timeout=2"
+    path = str(write_config(tmp_path, _doc(pg_config(tmp_path, url))))
+    for args in (["queue", "stats"], ["queue", "list"], ["queue", "retry", "--all-dead"],
+                 ["cluster", "status"]):
+        code, out, err = await run_cli(*args, "--config", path)
+        assert code == 1 and err.startswith("hapsms-relay: database: "), (args, err)
+        assert PG_PASSWORD not in out + err
+
+
 @pytest.mark.parametrize(("queue", "says"), [
     ({"backend": "postgres"}, r"queue\.url: required"),
     ({"backend": "sqlite", "url": "postgresql:///x"}, r"queue\.url: only used with"),
