@@ -319,7 +319,13 @@ class Dispatcher:
         # segment budgets reserve what each text is expected to cost; the provider's own
         # count is what is settled
         costs = [expected_segments(e) for e in entries] if budget.counts_segments else []
-        n = budget.reserve(name, len(entries), costs)
+        try:
+            n = await budget.reserve(name, len(entries), costs)
+        except StorageError as exc:  # a budget the relays share, out of reach: none goes now
+            for e in entries:
+                if attempts[e.id].transient is None:
+                    attempts[e.id].transient = TransientError(name, "storage_unavailable", str(exc))
+            return entries
         cost = sum(costs[:n])
         held = entries[n:]
         for e in held:
@@ -334,7 +340,7 @@ class Dispatcher:
             return held
         wait = self.breakers.allow(name)
         if wait:
-            budget.settle(name, n, 0, cost)
+            await budget.settle(name, n, 0, cost)
             for e in entries[:n]:
                 if attempts[e.id].transient is None:
                     attempts[e.id].transient = TransientError(
@@ -344,8 +350,8 @@ class Dispatcher:
         try:
             carried = await self._try_provider(provider, entries[:n], attempts, semaphores)
         finally:  # the reservation becomes what was sent; the rest is freed
-            budget.settle(name, n, sum(attempts[e.id].sent for e in entries[:n]), cost,
-                          sum(attempts[e.id].segments for e in entries[:n]))
+            await budget.settle(name, n, sum(attempts[e.id].sent for e in entries[:n]), cost,
+                                sum(attempts[e.id].segments for e in entries[:n]))
         return carried + held
 
     async def _try_provider(

@@ -4,9 +4,10 @@
 path), then ``commit`` or ``abort`` closes the admission once the enqueue has committed or
 failed, so concurrent requests see each other's reservations and duplicates of a body being
 stored wait for its answer. ``Guard`` is the in-memory implementation, rebuilt from the
-outbox at start: right for one relay on its own outbox. ``SharedGuard`` leaves duplicates
-and windows to the transaction of the enqueue itself (``CheckingQueue``), so that they hold
-across the relays that share a database.
+outbox at start: right for one relay on its own outbox. ``SharedGuard`` leaves duplicates,
+windows and ``queue.max_pending`` to the transaction of the enqueue itself
+(``CheckingQueue``), and reads the budgets the relays share (``SharedBudget``), so that they
+hold across the relays that share a database.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Protocol
 import orjson
 
 from hapsms_relay import log
-from hapsms_relay.budget import Budget, day_start
+from hapsms_relay.budget import Budget, SharedBudget, day_start
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.dedup import Replies, Reply, body_key, header_key
 from hapsms_relay.limits import RATE_LIMITED, Limiter, LimitsConfig, Refusal
@@ -68,8 +69,9 @@ class Admitter(Protocol):
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         """Forget up to ``limit`` expired things; return how many."""
 
-    async def store(self, adm: Admission, ttl: float) -> Checked:
-        """Enqueue a ``deferred`` admission, deciding it in the same transaction."""
+    async def store(self, adm: Admission, ttl: float, max_pending: int) -> Checked:
+        """Enqueue a ``deferred`` admission, deciding it (and ``queue.max_pending``) in the
+        same transaction."""
 
 
 class Guard:
@@ -158,18 +160,19 @@ class Guard:
             self._full = False
         return n + self.replies.prune(now, limit - n)
 
-    async def store(self, adm: Admission, ttl: float) -> Checked:
+    async def store(self, adm: Admission, ttl: float, max_pending: int) -> Checked:
         raise NotImplementedError("Guard admissions are never deferred")
 
 
 class SharedGuard:
     """``Admitter`` for relays sharing a database: countries, number types and the budget's
-    refusal are decided here, duplicates and per-number windows in the enqueue's own
-    transaction (numbers locked, keys unique, windows counted from an index), so the same
-    body posted to two relays at once is stored once, and windows hold in total."""
+    refusal (from the shared budget's view) are decided here, duplicates, per-number windows
+    and ``queue.max_pending`` in the enqueue's own transaction (numbers locked, keys unique,
+    windows counted from an index), so the same body posted to two relays at once is stored
+    once, and windows and the outbox's bound hold in total."""
 
-    def __init__(self, cfg: LimitsConfig, budget: Budget, metrics: Metrics, outbox: CheckingQueue,
-                 clock: Clock = SYSTEM) -> None:
+    def __init__(self, cfg: LimitsConfig, budget: SharedBudget, metrics: Metrics,
+                 outbox: CheckingQueue, clock: Clock = SYSTEM) -> None:
         self.clock = clock
         self.budget = budget
         self.metrics = metrics
@@ -199,7 +202,7 @@ class SharedGuard:
                 self.metrics.refused.labels(refusal.code).inc()
         return adm
 
-    async def store(self, adm: Admission, ttl: float) -> Checked:
+    async def store(self, adm: Admission, ttl: float, max_pending: int) -> Checked:
         cfg, now = self.cfg, adm.at
         refused_here = list(adm.refused)
 
@@ -221,7 +224,7 @@ class SharedGuard:
 
         done = await self.outbox.enqueue_checked(
             adm.entries, ttl, keys=adm.keys, since=now - cfg.retention, history=history,
-            decide=decide)
+            decide=decide, max_pending=max_pending)
         for _, refusal in adm.refused[len(refused_here):]:
             self.metrics.refused.labels(refusal.code).inc()
         return done
@@ -233,9 +236,8 @@ class SharedGuard:
         pass  # nothing was reserved here
 
     async def load(self, outbox: Queue) -> None:
-        """Today's budget use (budgets are still counted per relay)."""
-        sent = await outbox.sent_since(day_start(self.clock.time()))
-        self.budget.load(sent)
+        """Today's budget counts, as the relays share them."""
+        await self.budget.refresh()
 
     def prune(self, now: float, limit: int = 1 << 62) -> int:
         return 0

@@ -273,27 +273,47 @@ Decide = Callable[[History], tuple[list[NewEntry], bytes]]
 
 class Checked(NamedTuple):
     """What ``enqueue_checked`` stored: the ids (none if everything was refused) and the
-    refused note, or, with ``duplicate``, the answer a key already had."""
+    refused note, or, with ``duplicate``, the answer a key already had; ``full``: nothing
+    stored, the outbox holds ``max_pending`` undelivered entries."""
 
     ids: Sequence[int]
     note: bytes
     duplicate: bool
+    full: bool = False
+
+
+#: a daily budget's counter: (unit, scope), unit "messages" or "segments", scope a
+#: provider's name or "all" (budget.py)
+BudgetKey = tuple[str, str]
+#: a counter's value, or a change to it: (sent, reserved by sends under way)
+Spent = tuple[int, int]
 
 
 @runtime_checkable
 class CheckingQueue(Queue, Protocol):
-    """A queue that several relays share decides duplicates and windows in the enqueue's
-    own transaction, so that they hold across the relays."""
+    """A queue that several relays share decides duplicates, windows and ``max_pending`` in
+    the enqueue's own transaction, and keeps the daily budgets' counts, so that they hold
+    across the relays."""
 
     async def enqueue_checked(
         self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]],
-        since: float, history: Callable[[], History], decide: Decide,
+        since: float, history: Callable[[], History], decide: Decide, max_pending: int,
     ) -> Checked:
         """In one transaction, with the recipients locked across writers: if a live key
         already answers, that answer (nothing stored); else the history of the recipients
         since ``since`` is loaded into ``history()`` (one per transaction, shared by the
         bodies of a batch in order), ``decide`` picks what is stored, and the keys answer
-        for it (not stored if nothing was)."""
+        for it (not stored if nothing was). Nothing is stored (``full``) if it would take
+        the undelivered entries of every writer together past ``max_pending``."""
+
+    async def spend(
+        self, day: float, keys: Sequence[BudgetKey],
+        change: Callable[[dict[BudgetKey, Spent]], dict[BudgetKey, Spent]],
+    ) -> dict[BudgetKey, Spent]:
+        """The budget counters ``keys`` of the day starting at ``day``, locked across
+        writers: ``change`` gets their values and says what to add to each (negative amounts
+        give back; a count never goes below 0); their values after. A counter first used
+        starts with what was sent since ``day`` (as ``sent_since`` counts it)."""
 
 
 class Node(NamedTuple):

@@ -23,11 +23,13 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from hapsms_relay import log
+from hapsms_relay.budget import ALL, SEGMENTS
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.errors import StorageError
 from hapsms_relay.outbox import (
     SENT_STATES,
     Applied,
+    BudgetKey,
     Checked,
     Decide,
     Detail,
@@ -38,16 +40,23 @@ from hapsms_relay.outbox import (
     Node,
     Row,
     Sending,
+    Spent,
     State,
     Stats,
 )
 from hapsms_relay.receipts import Receipt
 from hapsms_relay.secret import Secret
 
-SCHEMA_VERSION = 3  # 2: receipts and history; 3: cluster heartbeats (hapsms_nodes)
+# 2: receipts and history; 3: cluster heartbeats (hapsms_nodes); 4: the undelivered count
+# and the daily budgets across relays (hapsms_pending, hapsms_budget)
+SCHEMA_VERSION = 4
 # One key for every relay of every version: schema changes are made by one at a time. Two
 # int4 keys: a space apart from the one-bigint keys that lock phone numbers (admission).
 _SCHEMA_LOCK = (0x48415053, 1)
+# queue.max_pending near the limit: one enqueue at a time across relays checks and adds
+_PENDING_LOCK = (0x48415053, 2)
+# the budget counters, reserved and settled one relay at a time
+_BUDGET_LOCK = (0x48415053, 3)
 _RECONNECT_EVERY = 1.0  # seconds between attempts while the database is unreachable
 _CONNECT_TIMEOUT = 5
 
@@ -130,7 +139,40 @@ CREATE TABLE IF NOT EXISTS hapsms_nodes (
     heartbeat float8  NOT NULL,
     inflight  integer NOT NULL
 );
+-- schema 4: the undelivered entries (pending or in flight) as the changes each relay made
+-- to their number (their sum is the count), so queue.max_pending is checked in the
+-- enqueue without counting rows, and relays do not wait on one row
+CREATE TABLE IF NOT EXISTS hapsms_pending (
+    node text   PRIMARY KEY,
+    n    bigint NOT NULL
+);
+-- the daily budgets: sent, and reserved by sends under way, per local day (budget.py)
+CREATE TABLE IF NOT EXISTS hapsms_budget (
+    day   float8 NOT NULL,
+    unit  text   NOT NULL,
+    scope text   NOT NULL,
+    sent     bigint NOT NULL,
+    reserved bigint NOT NULL,
+    PRIMARY KEY (day, unit, scope)
+);
 """
+# A relay's change to the undelivered count (hapsms_pending), in the transaction of the
+# change itself.
+_ADD_PENDING = ("INSERT INTO hapsms_pending VALUES (%s, %s) ON CONFLICT (node) "
+                "DO UPDATE SET n = hapsms_pending.n + excluded.n")
+_PENDING = "SELECT coalesce(sum(n), 0) FROM hapsms_pending"
+_COUNT_UNDELIVERED = ("(SELECT count(*) FROM hapsms_messages WHERE state = 0) + "
+                      "(SELECT count(*) FROM hapsms_messages WHERE state = 1)")
+# A budget counter first used today starts from what was sent today (sent before the budget
+# was set, or by relays of an older version); the scan runs only for a counter not there.
+_SEED_BUDGET = (
+    "INSERT INTO hapsms_budget SELECT %(day)s, %(unit)s, %(scope)s, CASE WHEN %(unit)s = "
+    f"'{SEGMENTS}' THEN coalesce(sum(segments), 0) ELSE count(*) END, 0 FROM hapsms_messages "
+    "WHERE state IN (2, 4, 5) AND sent_at >= %(day)s "
+    f"AND (%(scope)s = '{ALL}' OR provider = %(scope)s) AND NOT EXISTS (SELECT 1 FROM "
+    "hapsms_budget WHERE day = %(day)s AND unit = %(unit)s AND scope = %(scope)s) "
+    "ON CONFLICT DO NOTHING"
+)
 
 _INSERT_EVENT = (
     "INSERT INTO hapsms_events (entry, at, kind, provider, code, text, latency, status, part) "
@@ -209,13 +251,16 @@ class _Same(NamedTuple):
 class _Enqueue:
     """One enqueue of a batch; ``decide`` set: admission decided in the transaction."""
 
-    __slots__ = ("decide", "entries", "history", "keys", "note", "now", "since", "ttl")
+    __slots__ = ("decide", "entries", "history", "keys", "max_pending", "note", "now", "since",
+                 "ttl")
 
     def __init__(self, entries: Sequence[NewEntry], now: float, ttl: float,
                  keys: Sequence[tuple[bytes, float]], note: bytes, since: float = 0.0,
-                 history: Callable[[], History] | None = None, decide: Decide | None = None) -> None:
+                 history: Callable[[], History] | None = None, decide: Decide | None = None,
+                 max_pending: int = 0) -> None:
         self.entries, self.now, self.ttl, self.keys, self.note = entries, now, ttl, keys, note
         self.since, self.history, self.decide = since, history, decide
+        self.max_pending = max_pending
 
 
 class PostgresOutbox:
@@ -318,6 +363,10 @@ class PostgresOutbox:
             if version == 1:  # entries sent before keep counting in today's budgets
                 await conn.execute("UPDATE hapsms_messages SET sent_at = updated "
                                    "WHERE state = 2 AND sent_at = 0")
+            if version < 4:  # the count so far; relays of version 3 still running do not
+                # keep it: refresh() mends it
+                await conn.execute(f"INSERT INTO hapsms_pending SELECT '', {_COUNT_UNDELIVERED} "
+                                   "ON CONFLICT (node) DO NOTHING")
             await conn.execute(
                 "INSERT INTO hapsms_meta VALUES ('schema', %s) ON CONFLICT (key) DO UPDATE "
                 "SET value = excluded.value", (str(SCHEMA_VERSION),))
@@ -442,10 +491,11 @@ class PostgresOutbox:
             results[n] = Checked(ids, notes[n], False) if r.decide is not None else ids
         for n, res in enumerate(results):
             if isinstance(res, _Same):  # the earlier body's answer (its refusal, if refused)
-                ids, note, _ = results[res.first]
-                results[n] = Checked(ids, note, bool(ids))
+                ids, note, _, full = results[res.first]
+                results[n] = Checked(ids, note, bool(ids), full)
         if total:
             await conn.execute(_INSERT, cols)
+            await conn.execute(_ADD_PENDING, (self.node, total))
         async with conn.cursor() as c:
             if replies:
                 await c.executemany(_INSERT_REPLY, replies)
@@ -496,6 +546,8 @@ class PostgresOutbox:
             "AND created >= %s ORDER BY created, id",
             ([e.recipient for n in checked for e in reqs[n].entries], since))
         book.load(await cur.fetchall())
+        pending = await self._pending(conn, sum(len(reqs[n].entries) for n in checked),
+                                      min(reqs[n].max_pending for n in checked))
         release: list[bytes] = []
         for n in checked:
             r = reqs[n]
@@ -512,10 +564,31 @@ class PostgresOutbox:
                 continue
             assert r.decide is not None
             stored[n], notes[n] = r.decide(book)
+            if pending + len(stored[n]) > r.max_pending:
+                # its window counts stay in this transaction's book: a later body of the batch
+                # for the same number errs on refusing
+                results[n] = Checked([], b"", False, True)
+                stored[n] = []
+            pending += len(stored[n])
             if not stored[n]:
                 release += [k for k, _ in r.keys if owner[k] == n and k in mine]
         if release:
             await conn.execute("DELETE FROM hapsms_replies WHERE key = ANY(%s)", (release,))
+
+    async def _pending(self, conn: Conn, asked: int, limit: int) -> int:
+        """The undelivered entries of every relay together (``queue.max_pending``): the sum of
+        hapsms_pending, a few rows. While that and ``asked`` stay within half the limit, what
+        other relays store meanwhile (uncommitted, unseen here) cannot take the count past
+        it unless they store over half of it at once; nearer, enqueues check and add one at
+        a time across relays (a lock to the commit), so the limit holds exactly."""
+        cur = await conn.execute(_PENDING)
+        row = await cur.fetchone()
+        if row is not None and int(row[0]) + asked > limit // 2:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _PENDING_LOCK)
+            cur = await conn.execute(_PENDING)  # a new snapshot: what committed meanwhile
+            row = await cur.fetchone()
+        self._undelivered = int(row[0]) if row else 0
+        return self._undelivered
 
     async def _usable(self) -> Conn | None:
         """The connection, reconnecting (at most once a second) if it was lost."""
@@ -551,10 +624,11 @@ class PostgresOutbox:
 
     async def enqueue_checked(
         self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]],
-        since: float, history: Callable[[], History], decide: Decide,
+        since: float, history: Callable[[], History], decide: Decide, max_pending: int,
     ) -> Checked:
         done: Checked = await self._submit(
-            None, None, _Enqueue(entries, self.clock.time(), ttl, keys, b"", since, history, decide))
+            None, None, _Enqueue(entries, self.clock.time(), ttl, keys, b"", since, history, decide,
+                                 max_pending))
         if not done.duplicate:
             self._undelivered += len(done.ids)
         return done
@@ -598,6 +672,8 @@ class PostgresOutbox:
             async with conn.cursor() as cur:
                 await cur.executemany(_INSERT_EVENT, events)
                 await cur.executemany(_SENT, updates)
+                if cur.rowcount:  # not those another relay had recorded sent already
+                    await conn.execute(_ADD_PENDING, (self.node, -cur.rowcount))
                 if refs:
                     await cur.executemany(
                         "INSERT INTO hapsms_refs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", refs)
@@ -612,7 +688,8 @@ class PostgresOutbox:
             "UPDATE hapsms_messages SET state = 0, due = %s, provider = %s, error = %s, "
             "updated = %s WHERE id = %s AND state = 1 AND owner = %s",
             (due, provider, error, now, id, owner),
-            [(id, *_event(e)) for e in trail] + [(id, now, "retry", provider, "", error, None, "", "")])
+            [(id, *_event(e)) for e in trail] + [(id, now, "retry", provider, "", error, None, "", "")],
+            leaves=False)
 
     async def dead(self, owner: str, id: int, provider: str, error: str,
                    trail: Sequence[Event] = ()) -> None:
@@ -621,15 +698,19 @@ class PostgresOutbox:
             "UPDATE hapsms_messages SET state = 3, provider = %s, error = %s, updated = %s "
             "WHERE id = %s AND state = 1 AND owner = %s",
             (provider, error, now, id, owner),
-            [(id, *_event(e)) for e in trail] + [(id, now, "dead", provider, "", error, None, "", "")])
+            [(id, *_event(e)) for e in trail] + [(id, now, "dead", provider, "", error, None, "", "")],
+            leaves=True)
         self._undelivered -= 1
 
     async def _outcome(self, sql: str, params: tuple[Any, ...],
-                       events: builtins.list[tuple[Any, ...]]) -> None:
+                       events: builtins.list[tuple[Any, ...]], *, leaves: bool) -> None:
+        """``leaves``: the entry is no longer undelivered once ``sql`` changed it."""
         async def run(conn: Conn) -> None:
             async with conn.cursor() as cur:
                 await cur.executemany(_INSERT_EVENT, events)
-            await conn.execute(sql, params)
+            cur = await conn.execute(sql, params)
+            if leaves and cur.rowcount:
+                await conn.execute(_ADD_PENDING, (self.node, -cur.rowcount))
 
         await self._call(run)
 
@@ -670,9 +751,13 @@ class PostgresOutbox:
             [(self.clock.time(), i, owner) for i in ids])
 
     async def refresh(self) -> int:
+        """Count the undelivered entries of every relay, and mend hapsms_pending's sum to
+        that count should it differ (a relay of an older version, a change made by hand):
+        one statement, so the count and the sum are of one snapshot."""
         n: int = await self._one(
-            "SELECT (SELECT count(*) FROM hapsms_messages WHERE state = 0) + "
-            "(SELECT count(*) FROM hapsms_messages WHERE state = 1)", ())
+            f"WITH c AS (SELECT {_COUNT_UNDELIVERED} AS n), m AS (INSERT INTO hapsms_pending "
+            f"SELECT %s, c.n - ({_PENDING}) FROM c WHERE c.n <> ({_PENDING}) ON CONFLICT (node) "
+            "DO UPDATE SET n = hapsms_pending.n + excluded.n) SELECT n FROM c", (self.node,))
         self._undelivered = int(n)
         return self._undelivered
 
@@ -692,10 +777,17 @@ class PostgresOutbox:
         now = self.clock.time()
         sql = ("UPDATE hapsms_messages SET state = 0, due = %s, expires = %s, attempts = 0, "
                "updated = %s WHERE state = 3")
-        if ids is None:
-            n = await self._change(sql, (now, now + ttl, now))
-        else:
-            n = await self._change(sql + " AND id = ANY(%s)", (now, now + ttl, now, list(ids)))
+        if ids is not None:
+            sql += " AND id = ANY(%s)"
+
+        async def run(conn: Conn) -> int:
+            cur = await conn.execute(
+                sql, (now, now + ttl, now) + ((list(ids),) if ids is not None else ()))
+            if cur.rowcount:
+                await conn.execute(_ADD_PENDING, (self.node, cur.rowcount))
+            return cur.rowcount
+
+        n: int = await self._call(run)
         self._undelivered += n
         return n
 
@@ -742,6 +834,7 @@ class PostgresOutbox:
             "DELETE FROM hapsms_replies WHERE pos IN (SELECT pos FROM hapsms_replies WHERE "
             "expires <= %s LIMIT %s)", (now, CLEANUP_CHUNK)) == CLEANUP_CHUNK:
             pass
+        await self._change("DELETE FROM hapsms_budget WHERE day < %s", (now - 3 * 86400,))
         return n
 
     async def recent(self, since: float, after: int,
@@ -764,6 +857,33 @@ class PostgresOutbox:
             "SELECT provider, count(*), sum(segments) FROM hapsms_messages WHERE "
             "state IN (2, 4, 5) AND sent_at >= %s GROUP BY provider", (since,))
         return {p: (int(n), int(s or 0)) for p, n, s in rows}
+
+    async def spend(
+        self, day: float, keys: Sequence[BudgetKey],
+        change: Callable[[dict[BudgetKey, Spent]], dict[BudgetKey, Spent]],
+    ) -> dict[BudgetKey, Spent]:
+        async def run(conn: Conn) -> dict[BudgetKey, Spent]:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _BUDGET_LOCK)
+            async with conn.cursor() as c:
+                await c.executemany(_SEED_BUDGET, [{"day": day, "unit": u, "scope": s}
+                                                   for u, s in keys])
+            cur = await conn.execute(
+                "SELECT unit, scope, sent, reserved FROM hapsms_budget WHERE day = %s AND "
+                "(unit, scope) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                (day, [u for u, _ in keys], [s for _, s in keys]))
+            now = {(u, s): (int(n), int(r)) for u, s, n, r in await cur.fetchall()}
+            added = {k: d for k, d in change(dict(now)).items() if any(d)}
+            if added:
+                async with conn.cursor() as c:
+                    await c.executemany(
+                        "UPDATE hapsms_budget SET sent = greatest(sent + %s, 0), reserved = "
+                        "greatest(reserved + %s, 0) WHERE day = %s AND unit = %s AND scope = %s",
+                        [(n, r, day, u, s) for (u, s), (n, r) in added.items()])
+            return {k: (max(0, n + added.get(k, (0, 0))[0]), max(0, r + added.get(k, (0, 0))[1]))
+                    for k, (n, r) in now.items()}
+
+        counts: dict[BudgetKey, Spent] = await self._call(run)
+        return counts
 
     # -- moving from one relay ------------------------------------------------------------
 
@@ -788,13 +908,16 @@ class PostgresOutbox:
                     f"{len(clash)} ids of the SQLite outbox (first {clash[0]}) belong to other "
                     "entries here: import into the cluster's database before its relays "
                     "accept messages")
-            added = 0
+            added = undelivered = 0
             async with conn.cursor() as c:
                 for e in entries:
                     await c.execute(
                         f"INSERT INTO hapsms_messages ({cols}) VALUES ({', '.join(['%s'] * 17)}) "
                         "ON CONFLICT (id) DO NOTHING", e)
                     added += c.rowcount
+                    undelivered += c.rowcount if e[13] in (State.PENDING, State.INFLIGHT) else 0
+                if undelivered:
+                    await c.execute(_ADD_PENDING, (self.node, undelivered))
                 for k in keys:
                     await c.execute(
                         "INSERT INTO hapsms_replies (key, ids, note, expires) VALUES "
@@ -850,9 +973,7 @@ class PostgresOutbox:
         return n
 
     async def _count(self, conn: Conn) -> int:
-        cur = await conn.execute(
-            "SELECT (SELECT count(*) FROM hapsms_messages WHERE state = 0) + "
-            "(SELECT count(*) FROM hapsms_messages WHERE state = 1)")
+        cur = await conn.execute(f"SELECT {_COUNT_UNDELIVERED}")
         row = await cur.fetchone()
         return int(row[0]) if row else 0
 

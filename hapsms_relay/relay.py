@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from hapsms_relay import __version__, config, log, storage, systemd
-from hapsms_relay.budget import Budget
+from hapsms_relay.budget import Budget, SharedBudget
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import Config
 from hapsms_relay.dispatcher import Dispatcher
@@ -124,14 +124,17 @@ class Relay:
         self.metrics.info.info({"node": cfg.queue.node, "version": __version__})
         self.outbox: Outbox = outbox or storage.outbox(cfg.queue, clock)
         self.owner = storage.owner(cfg.queue.node)
-        # one budget: the dispatcher spends it, the webhook refuses when it is used up
-        budget = Budget(cfg.limits, self.metrics, clock)
-        # a storage several relays share decides duplicates and windows itself (guard.py)
-        self.guard: Admitter = (
-            SharedGuard(cfg.limits, budget, self.metrics, self.outbox, clock)
-            if isinstance(self.outbox, CheckingQueue)
-            else Guard(cfg.limits, budget, self.metrics, clock))
-        self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=budget,
+        # one budget: the dispatcher spends it, the webhook refuses when it is used up. A
+        # storage several relays share keeps the budgets' counts and decides duplicates,
+        # windows and max_pending itself (guard.py).
+        self.guard: Admitter
+        if isinstance(self.outbox, CheckingQueue):
+            self.budget: Budget = SharedBudget(cfg.limits, self.metrics, self.outbox, clock)
+            self.guard = SharedGuard(cfg.limits, self.budget, self.metrics, self.outbox, clock)
+        else:
+            self.budget = Budget(cfg.limits, self.metrics, clock)
+            self.guard = Guard(cfg.limits, self.budget, self.metrics, clock)
+        self.dispatcher = Dispatcher(self.outbox, cfg, self.metrics, paused=paused, budget=self.budget,
                                      clock=clock, owner=self.owner)
         self.webhook = Webhook(cfg, self.outbox, self.metrics, self.dispatcher.notify, self.ready,
                                self.guard, clock)
@@ -178,6 +181,9 @@ class Relay:
         if isinstance(self.outbox, Cluster):  # cluster status lists this relay while it runs
             heartbeat = asyncio.create_task(self._heartbeat(self.outbox), name="heartbeat")
             stack.push_async_callback(self._leave, self.outbox, heartbeat)
+        if isinstance(self.budget, SharedBudget):  # what other relays spent, for the webhook
+            watch = asyncio.create_task(self.budget.watch(), name="budget_watch")
+            stack.push_async_callback(_cancel, watch)
         self.door = door = Door(self.webhook, self.config.server, self.metrics)
         # Door.drain() closes the connections; aiohttp's own shutdown (pre_shutdown ignores
         # what clients send after it began) only meets requests that outlived the drain.

@@ -174,16 +174,18 @@ class Webhook:
             raise BadRequest(first.status, first.code, first.detail, refused=adm.note())
         entries = adm.entries
         n = len(entries)
-        # entries being stored count too: concurrent requests see each other's
-        if self.outbox.undelivered + self.storing + n > self.config.queue.max_pending:
+        # entries being stored count too: concurrent requests see each other's (a deferred
+        # admission is checked in the enqueue's transaction, against every relay's entries)
+        if self.outbox.undelivered + self.storing + n > self.config.queue.max_pending \
+                and not adm.deferred:
             self.guard.abort(adm)
-            raise BadRequest(503, "queue_full", "the outbox is full; retry later",
-                             {"Retry-After": "30"})
+            raise _queue_full()
         note = adm.note()
         self.storing += n
         try:
             if adm.deferred:  # duplicates and windows decided in the enqueue's transaction
-                done = await self.guard.store(adm, self.config.queue.ttl)
+                done = await self.guard.store(adm, self.config.queue.ttl,
+                                              self.config.queue.max_pending)
                 ids, note = done.ids, done.note
             else:
                 ids = await self.outbox.enqueue(entries, self.config.queue.ttl, keys=adm.keys,
@@ -202,6 +204,8 @@ class Webhook:
             if done.duplicate:
                 self.metrics.duplicates.inc()
                 return self.answer(ids, note, duplicate=True)
+            if done.full:
+                raise _queue_full()
             first = adm.refused[0][1]
             raise BadRequest(first.status, first.code, first.detail, refused=note)
         self.guard.commit(adm, ids)
@@ -383,6 +387,10 @@ class Webhook:
         self.metrics.flush()  # what was counted this turn of the loop, too
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _queue_full() -> BadRequest:
+    return BadRequest(503, "queue_full", "the outbox is full; retry later", {"Retry-After": "30"})
 
 
 def _too_large(limit: int) -> BadRequest:

@@ -1,22 +1,58 @@
 """Daily budgets on a ManualClock: reservations keep concurrent rounds from overshooting,
 what was delivered is counted, warnings come once each, counts are seeded at start and
-forgotten at local midnight; /metrics shows what is left."""
+forgotten at local midnight; /metrics shows what is left. One suite for both
+implementations: in memory (``Budget``) and shared by relays through a PostgreSQL outbox
+(``SharedBudget``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 
-from hapsms_relay.budget import ALL, Budget, day_start
+import pytest
+
+from hapsms_relay.budget import ALL, Budget, SharedBudget, day_start
 from hapsms_relay.clock import ManualClock
+from hapsms_relay.kinds import KIND_SMS
 from hapsms_relay.limits import LimitsConfig
 from hapsms_relay.metrics import Metrics
+from hapsms_relay.outbox import NewEntry, Sending
+from hapsms_relay.outbox_postgres import PostgresOutbox
+from hapsms_relay.secret import Secret
 
 NOON = day_start(time.time()) + 86400 * 2 + 12 * 3600
 
+Make = Callable[..., tuple[Budget, ManualClock, Metrics]]
 
-def budget(**cfg: object) -> tuple[Budget, ManualClock, Metrics]:
+
+@pytest.fixture(params=["memory", "shared"])
+async def budget(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+    """Budgets on a ManualClock at noon: ``Budget``, or ``SharedBudget`` on a new database."""
     clock, metrics = ManualClock(NOON), Metrics()
-    return Budget(LimitsConfig(**cfg), metrics, clock), clock, metrics  # type: ignore[arg-type]
+    outbox = None
+    if request.param == "shared":
+        outbox = PostgresOutbox(Secret(request.getfixturevalue("pg_url")), clock=clock, node="t")
+        await outbox.open()
+
+    def make(**cfg: object) -> tuple[Budget, ManualClock, Metrics]:
+        limits = LimitsConfig(**cfg)  # type: ignore[arg-type]
+        if outbox is None:
+            return Budget(limits, metrics, clock), clock, metrics
+        return SharedBudget(limits, metrics, outbox, clock), clock, metrics
+
+    yield make
+    if outbox is not None:
+        await outbox.close()
+
+
+@pytest.fixture
+def memory_budget() -> Make:
+    """``Budget`` alone, for what only the in-memory one does (``load``)."""
+    def make(**cfg: object) -> tuple[Budget, ManualClock, Metrics]:
+        clock, metrics = ManualClock(NOON), Metrics()
+        return Budget(LimitsConfig(**cfg), metrics, clock), clock, metrics  # type: ignore[arg-type]
+    return make
 
 
 def remaining(metrics: Metrics, name: str) -> float | None:
@@ -25,124 +61,124 @@ def remaining(metrics: Metrics, name: str) -> float | None:
     return value
 
 
-def test_no_budget_no_limit() -> None:
+async def test_no_budget_no_limit(budget: Make) -> None:
     """Without budgets every reservation is granted and nothing is shown."""
     b, _, metrics = budget()
-    assert b.reserve("a", 1000) == 1000 and b.left("a") is None and b.left(ALL) is None
+    assert await b.reserve("a", 1000) == 1000 and b.left("a") is None and b.left(ALL) is None
     assert not b.exhausted() and remaining(metrics, ALL) is None
 
 
-def test_reservations_cap_concurrent_rounds() -> None:
+async def test_reservations_cap_concurrent_rounds(budget: Make) -> None:
     """Reserved sends count against the budget until settled: two rounds cannot overshoot."""
     b, _, metrics = budget(daily_budget=10)
-    assert b.reserve("a", 6) == 6
-    assert b.reserve("b", 6) == 4  # only 4 left while the first round is out
+    assert await b.reserve("a", 6) == 6
+    assert await b.reserve("b", 6) == 4  # only 4 left while the first round is out
     assert b.left(ALL) == 0 and b.exhausted()
-    b.settle("a", 6, 2)  # two of six delivered: four freed
+    await b.settle("a", 6, 2)  # two of six delivered: four freed
     assert b.left(ALL) == 4 and not b.exhausted()
     assert remaining(metrics, ALL) == 8  # what is left once reservations settle
-    b.settle("b", 4, 4)
+    await b.settle("b", 4, 4)
     assert b.left(ALL) == 4 and remaining(metrics, ALL) == 4
-    assert b.reserve("a", 0) == 0
+    assert await b.reserve("a", 0) == 0
 
 
-def test_provider_budget_and_overall_budget_both_apply() -> None:
+async def test_provider_budget_and_overall_budget_both_apply(budget: Make) -> None:
     """A provider's own budget and the overall one: the smaller of what each leaves."""
     b, _, metrics = budget(daily_budget=5, provider_budgets={"a": 3})
     assert remaining(metrics, "a") == 3 and remaining(metrics, ALL) == 5
-    assert b.reserve("a", 10) == 3
-    b.settle("a", 3, 3)
+    assert await b.reserve("a", 10) == 3
+    await b.settle("a", 3, 3)
     assert b.left("a") == 0 and b.left(ALL) == 2
-    assert b.reserve("a", 1) == 0
-    assert b.reserve("b", 10) == 2  # b has no budget of its own: the overall one caps it
-    b.settle("b", 2, 2)
+    assert await b.reserve("a", 1) == 0
+    assert await b.reserve("b", 10) == 2  # b has no budget of its own: the overall one caps it
+    await b.settle("b", 2, 2)
     assert b.exhausted() and remaining(metrics, ALL) == 0 and remaining(metrics, "a") == 0
     assert b.left("b") is None
 
 
-def test_exhausted_only_when_nothing_is_left() -> None:
+async def test_exhausted_only_when_nothing_is_left(budget: Make) -> None:
     """One message left is not exhausted; none left is."""
     b, _, _ = budget(daily_budget=2)
-    b.settle("a", b.reserve("a", 1), 1)
+    await b.settle("a", await b.reserve("a", 1), 1)
     assert b.left(ALL) == 1 and not b.exhausted()
-    b.settle("a", b.reserve("a", 1), 1)
+    await b.settle("a", await b.reserve("a", 1), 1)
     assert b.exhausted()
 
 
-def test_delivered_without_a_reservation_counts() -> None:
+async def test_delivered_without_a_reservation_counts(budget: Make) -> None:
     """A delivery settled with nothing reserved (a round that was out before a reload set
     the budget) counts, and reserves nothing."""
     b, _, _ = budget(daily_budget=10)
-    b.settle("a", 0, 1)
+    await b.settle("a", 0, 1)
     assert b.left(ALL) == 9
 
 
-def test_settle_never_goes_negative() -> None:
+async def test_settle_never_goes_negative(budget: Make) -> None:
     """Settling more than was reserved leaves no negative reservation behind."""
     b, _, _ = budget(daily_budget=10)
-    b.reserve("a", 2)
-    b.settle("a", 5, 0)
+    await b.reserve("a", 2)
+    await b.settle("a", 5, 0)
     assert b.left(ALL) == 10
 
 
-def test_warnings_once_each(caplog) -> None:
+async def test_warnings_once_each(caplog, budget: Make) -> None:
     """budget_low once at the warning share, budget_exhausted once when used up."""
     b, _, _ = budget(daily_budget=10, budget_warning=0.5)
     for _ in range(4):
-        b.settle("a", b.reserve("a", 1), 1)
+        await b.settle("a", await b.reserve("a", 1), 1)
     assert "budget_low" not in caplog.text
-    b.settle("a", b.reserve("a", 1), 1)
+    await b.settle("a", await b.reserve("a", 1), 1)
     assert caplog.text.count("budget_low provider=all used=5 budget=10") == 1
     for _ in range(4):
-        b.settle("a", b.reserve("a", 1), 1)
+        await b.settle("a", await b.reserve("a", 1), 1)
     assert caplog.text.count("budget_low") == 1 and "budget_exhausted" not in caplog.text
-    b.settle("a", b.reserve("a", 1), 1)
+    await b.settle("a", await b.reserve("a", 1), 1)
     assert caplog.text.count("budget_exhausted provider=all used=10 budget=10 then=hold") == 1
-    b.settle("a", 0, 1)  # delivered past the budget (a round that was out): no new warning
+    await b.settle("a", 0, 1)  # delivered past the budget (a round that was out): no new warning
     assert caplog.text.count("budget_exhausted") == 1
 
 
-def test_refuse_mode_is_named_in_the_warning(caplog) -> None:
+async def test_refuse_mode_is_named_in_the_warning(caplog, budget: Make) -> None:
     """over_budget = "refuse": hold is off and the warning says what follows."""
     b, _, _ = budget(provider_budgets={"a": 1}, over_budget="refuse")
     assert not b.hold
-    b.settle("a", b.reserve("a", 1), 1)
+    await b.settle("a", await b.reserve("a", 1), 1)
     assert "budget_exhausted provider=a used=1 budget=1 then=refuse" in caplog.text
     assert budget(daily_budget=1)[0].hold
 
 
-def test_nothing_delivered_warns_nothing(caplog) -> None:
+async def test_nothing_delivered_warns_nothing(caplog, budget: Make) -> None:
     """A round that delivered nothing does not warn, even at a budget of one."""
     b, _, _ = budget(daily_budget=1, budget_warning=0.1)
-    b.settle("a", b.reserve("a", 1), 0)
+    await b.settle("a", await b.reserve("a", 1), 0)
     assert "budget_" not in caplog.text
 
 
-def test_load_seeds_todays_counts() -> None:
+def test_load_seeds_todays_counts(memory_budget: Make) -> None:
     """Counts rebuilt from the outbox at start count against today's budgets."""
-    b, _, metrics = budget(daily_budget=10, provider_budgets={"a": 4})
+    b, _, metrics = memory_budget(daily_budget=10, provider_budgets={"a": 4})
     b.load({"a": (3, 4), "b": (2, 2), "": (1, 1)})  # "": sent by a provider since removed
     assert b.left("a") == 1 and b.left(ALL) == 4
     assert remaining(metrics, "a") == 1 and remaining(metrics, ALL) == 4
 
 
-def test_midnight_forgets_the_day() -> None:
+async def test_midnight_forgets_the_day(budget: Make) -> None:
     """At the next local midnight the counts and warnings start again; not a second before."""
     b, clock, metrics = budget(daily_budget=2)
-    b.settle("a", b.reserve("a", 2), 2)
+    await b.settle("a", await b.reserve("a", 2), 2)
     assert b.exhausted()
     clock.set(day_start(NOON) + 86400 - 1)
     assert b.exhausted()
     clock.advance(1)
     assert not b.exhausted() and b.left(ALL) == 2 and remaining(metrics, ALL) == 2
     clock.advance(86400 * 3)  # days without traffic
-    assert b.reserve("a", 5) == 2
+    assert await b.reserve("a", 5) == 2
 
 
-def test_set_config_applies_new_budgets() -> None:
+async def test_set_config_applies_new_budgets(budget: Make) -> None:
     """A reload's budgets apply at once, keeping today's counts."""
     b, _, metrics = budget(daily_budget=2)
-    b.settle("a", b.reserve("a", 2), 2)
+    await b.settle("a", await b.reserve("a", 2), 2)
     assert b.exhausted()
     b.set_config(LimitsConfig(daily_budget=5))
     assert b.left(ALL) == 3 and remaining(metrics, ALL) == 3
@@ -165,24 +201,92 @@ def segments_left(metrics: Metrics, name: str) -> float | None:
     return value
 
 
-def test_segment_budgets() -> None:
+async def test_segment_budgets(budget: Make) -> None:
     """A segment budget lets through the first messages whose expected segments fit, counts
     the segments the provider billed, and is exhausted when they are used up; both units
     are shown in /metrics."""
     b, _, metrics = budget(daily_segment_budget=10, provider_segment_budgets={"a": 6},
                            daily_budget=100)
-    assert b.reserve("a", 4, [2, 3, 2, 1]) == 2  # 2 + 3 fit a's 6; 2 more would not
+    assert await b.reserve("a", 4, [2, 3, 2, 1]) == 2  # 2 + 3 fit a's 6; 2 more would not
     assert b.left("a", "segments") == 1 and b.left(ALL, "segments") == 5
-    b.settle("a", 2, 2, 5, 6)  # the provider billed 6
+    await b.settle("a", 2, 2, 5, 6)  # the provider billed 6
     assert b.left("a", "segments") == 0 and segments_left(metrics, "a") == 0
     assert b.left(ALL) == 98 and remaining(metrics, ALL) == 98
-    assert b.reserve("b", 3, [1, 1, 5]) == 2 and not b.exhausted()
-    b.settle("b", 2, 2, 2, 4)
+    assert await b.reserve("b", 3, [1, 1, 5]) == 2 and not b.exhausted()
+    await b.settle("b", 2, 2, 2, 4)
     assert b.left(ALL, "segments") == 0 and b.exhausted()
 
 
-def test_segments_seeded_at_start() -> None:
+def test_segments_seeded_at_start(memory_budget: Make) -> None:
     """The segments sent today, rebuilt from the outbox, count against segment budgets."""
-    b, _, metrics = budget(daily_segment_budget=10)
+    b, _, metrics = memory_budget(daily_segment_budget=10)
     b.load({"a": (3, 7)})
     assert b.left(ALL, "segments") == 3 and segments_left(metrics, ALL) == 3
+
+
+# -- shared by relays: what only a database holds ----------------------------------------------
+
+async def _outboxes(pg_url: str, n: int, clock: ManualClock) -> list[PostgresOutbox]:
+    boxes = [PostgresOutbox(Secret(pg_url), clock=clock, node=f"relay-{i}") for i in range(n)]
+    for box in boxes:
+        await box.open()
+    return boxes
+
+
+async def test_shared_budget_holds_for_relays_together(pg_url: str) -> None:
+    """Two relays' budgets on one database, reserving at once a send at a time: 25 granted
+    in total for a budget of 25, and both see it used up once the sends are settled."""
+    clock = ManualClock(NOON)
+    boxes = await _outboxes(pg_url, 2, clock)
+    try:
+        budgets = [SharedBudget(LimitsConfig(daily_budget=25), Metrics(), box, clock)
+                   for box in boxes]
+        granted = await asyncio.gather(*(b.reserve("a", 1) for b in budgets for _ in range(20)))
+        assert sum(granted) == 25
+        await asyncio.gather(*(budgets[i % 2].settle("a", 1, 1)
+                               for i, g in enumerate(granted) if g))
+        for b in budgets:
+            await b.refresh()
+            assert b.exhausted() and b.left(ALL) == 0
+    finally:
+        for box in boxes:
+            await box.close()
+
+
+async def test_shared_counts_start_from_what_was_sent_today(pg_url: str) -> None:
+    """A counter first used today starts with what the outbox sent today (before the
+    budget was set, say), in messages and segments, per provider and overall."""
+    clock = ManualClock(NOON)
+    (box,) = await _outboxes(pg_url, 1, clock)
+    try:
+        ids = await box.enqueue([NewEntry(KIND_SMS, f"+861380013800{i}", "CN", "x", "t")
+                                 for i in range(3)], 3600)
+        await box.claim("me", 10, clock.time(), 30)
+        await box.sent("a", [Sending(ids[0], (), 2, 0.1), Sending(ids[1], (), 1, 0.1)])
+        await box.sent("b", [Sending(ids[2], (), 4, 0.1)])
+        b = SharedBudget(LimitsConfig(daily_budget=10, provider_budgets={"a": 5},
+                                      daily_segment_budget=20), Metrics(), box, clock)
+        await b.refresh()
+        assert (b.left("a"), b.left(ALL), b.left(ALL, "segments")) == (3, 7, 13)
+    finally:
+        await box.close()
+
+
+async def test_shared_round_past_midnight_settles_with_its_day(pg_url: str) -> None:
+    """A round reserved before midnight and settled after it gives back to the day it
+    reserved from: the new day's budget is whole, the old day counts what was sent."""
+    clock = ManualClock(day_start(NOON) + 86400 - 1)
+    (box,) = await _outboxes(pg_url, 1, clock)
+    try:
+        b = SharedBudget(LimitsConfig(daily_budget=10), Metrics(), box, clock)
+        assert await b.reserve("a", 6) == 6
+        clock.advance(2)
+        await b.settle("a", 6, 2)
+        await b.refresh()
+        assert b.left(ALL) == 10
+        before = SharedBudget(LimitsConfig(daily_budget=10), Metrics(), box,
+                              ManualClock(day_start(NOON) + 3600))
+        await before.refresh()
+        assert before.left(ALL) == 8
+    finally:
+        await box.close()

@@ -69,13 +69,13 @@ async def test_system_wait_times_out() -> None:
     assert await SYSTEM.wait(event, 0) is True
 
 
-def test_budget_rolls_over_at_local_midnight() -> None:
+async def test_budget_rolls_over_at_local_midnight() -> None:
     """A day's use of the budget is forgotten at the next local midnight, not a second before."""
     midnight = day_start(time.time()) + 86400 * 3
     clock = ManualClock(midnight - 60)
     budget = Budget(LimitsConfig(daily_budget=2), Metrics(), clock)
-    assert budget.reserve("p", 2) == 2
-    budget.settle("p", 2, 2)
+    assert await budget.reserve("p", 2) == 2
+    await budget.settle("p", 2, 2)
     assert budget.exhausted()
     clock.advance(59)
     assert budget.exhausted() and budget.left(ALL) == 0

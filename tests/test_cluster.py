@@ -1,5 +1,6 @@
-"""Relay processes sharing one PostgreSQL under load: ``kill -9`` of one relay after another
-and an immediate restart of PostgreSQL itself lose nothing that was acknowledged."""
+"""Relay processes sharing one PostgreSQL: under load, ``kill -9`` of one relay after another
+and an immediate restart of PostgreSQL itself lose nothing that was acknowledged; posts
+spread over the relays at once meet one daily budget and one ``queue.max_pending``."""
 
 from __future__ import annotations
 
@@ -11,20 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.fakes import FakeAPI
 from tests.helpers import AUTH, TOKEN, base_config, eventually, http_provider, write_config
 from tests.pg_server import PostgresServer
-from tests.process import RelayProcess
+from tests.process import RelayProcess, run_cli
 
 
-def cluster_config(tmp_path: Path, url: str, api: FakeAPI, node: str) -> Path:
+def cluster_config(tmp_path: Path, url: str, api: FakeAPI, node: str,
+                   queue: dict[str, Any] | None = None, **sections: Any) -> Path:
     doc = base_config(
         tmp_path, queue={"backend": "postgres", "url": url, "node": node, "lease": "2s",
-                         "retry_base": "50ms", "retry_max": "200ms"},
+                         "retry_base": "50ms", "retry_max": "200ms", **(queue or {})},
         providers=[http_provider("api", api.url, concurrency=8)], routes={"sms": ["api"]},
-        server={"listen": "127.0.0.1:0", "tokens": [TOKEN]})
+        server={"listen": "127.0.0.1:0", "tokens": [TOKEN]}, **sections)
     doc["queue"].pop("path")
     return write_config(tmp_path, doc, f"{node}.toml")
 
@@ -33,8 +36,8 @@ def cluster_config(tmp_path: Path, url: str, api: FakeAPI, node: str) -> Path:
 async def spawn() -> AsyncIterator[Callable[..., Any]]:
     started: list[RelayProcess] = []
 
-    async def start(config: Path) -> RelayProcess:
-        relay = await RelayProcess(config).start()
+    async def start(config: Path, **kwargs: Any) -> RelayProcess:
+        relay = await RelayProcess(config, **kwargs).start()
         started.append(relay)
         return relay
 
@@ -160,3 +163,80 @@ async def test_postgres_restart_immediate_under_load(
     with capsys.disabled():
         print(f"\n  pg restart: {len(load.acked)} acknowledged, refused {dict(load.refused)}, "
               f"{sum(_refs(fake_api).values())} deliveries")
+
+
+async def _post_spread(session: aiohttp.ClientSession, relays: list[RelayProcess],
+                       count: int) -> tuple[list[str], Counter[tuple[int, str]]]:
+    """``count`` one-number bodies posted at once, spread over the relays in turn: the ids
+    acknowledged, and the other answers by (status, error)."""
+    async def post(i: int) -> tuple[int, dict[str, Any]]:
+        body = {"Type": 1, "Data": {"Mobiles": [f"1390{i:07d}"], "Message": f"m{i}"}}
+        async with session.post(relays[i % len(relays)].url + "/sms/webhook", json=body,
+                                headers=AUTH) as r:
+            return r.status, await r.json()
+
+    acked: list[str] = []
+    other: Counter[tuple[int, str]] = Counter()
+    for status, answer in await asyncio.gather(*(post(i) for i in range(count))):
+        if status == 200:
+            acked += answer["ids"]
+        else:
+            other[status, answer["error"]] += 1
+    return acked, other
+
+
+async def test_max_pending_holds_across_relays(
+    tmp_path: Path, pg_url: str, spawn: Callable[..., Any], fake_api: FakeAPI,
+) -> None:
+    """queue.max_pending = 20 on three relays (delivery paused): 60 posts at once, spread over
+    them, store exactly 20 in total; the other 40 get 503 queue_full, as does every relay
+    afterwards."""
+    relays = [await spawn(cluster_config(tmp_path, pg_url, fake_api, f"node{n}",
+                                         queue={"max_pending": 20}), paused=True)
+              for n in range(3)]
+    async with aiohttp.ClientSession() as session:
+        acked, other = await _post_spread(session, relays, 60)
+        assert len(set(acked)) == 20 and other == {(503, "queue_full"): 40}
+        late, other = await _post_spread(session, relays, 3)
+        assert late == [] and other == {(503, "queue_full"): 3}
+    code, out, _ = await run_cli("queue", "stats", "--config", str(tmp_path / "node0.toml"))
+    assert code == 0 and out.startswith("pending 20\n")
+
+
+async def test_daily_budget_holds_across_relays(
+    tmp_path: Path, pg_url: str, spawn: Callable[..., Any], fake_api: FakeAPI,
+) -> None:
+    """limits.daily_budget = 10 with over_budget = "refuse" on three relays: 40 posts at once
+    spread over them, the provider gets exactly 10 messages in total, the rest are dead as
+    over budget, and soon every relay answers new posts 429 and shows no budget left."""
+    fake_api.delay = 0.01  # sends overlap across the relays
+    relays = [await spawn(cluster_config(tmp_path, pg_url, fake_api, f"node{n}",
+                                         limits={"daily_budget": 10, "over_budget": "refuse"}))
+              for n in range(3)]
+    async with aiohttp.ClientSession() as session:
+        acked, other = await _post_spread(session, relays, 40)
+        assert len(acked) >= 10 and set(other) <= {(429, "rate_limited")}
+        path = str(tmp_path / "node0.toml")
+
+        async def settled() -> bool:
+            code, out, _ = await run_cli("queue", "stats", "--config", path)
+            counts = dict(line.split(" ", 1) for line in out.splitlines())
+            return code == 0 and int(counts["sent"]) + int(counts["dead"]) == len(acked)
+
+        await eventually(settled, timeout=30, what="every acknowledged message sent or dead")
+        assert len(fake_api.accepted) == 10
+        code, out, _ = await run_cli("queue", "list", "--dead", "--json", "--limit", "100",
+                                     "--config", path)
+        assert code == 0
+        dead = [orjson.loads(line) for line in out.splitlines()]
+        assert len(dead) == len(acked) - 10
+        assert all("daily budget used up" in d["error"] for d in dead)
+        for relay in relays:
+
+            async def refused(relay: RelayProcess = relay) -> bool:
+                _, other = await _post_spread(session, [relay], 1)
+                return other == {(429, "rate_limited"): 1}
+
+            await eventually(refused, what="429 once the budget is used up elsewhere too")
+            async with session.get(relay.url + "/metrics") as r:
+                assert 'hapsms_relay_budget_remaining{provider="all"} 0.0' in await r.text()

@@ -385,3 +385,36 @@ async def test_schema_is_created_once_by_relays_starting_together(
     newer = PostgresOutbox(Secret(pg_url))
     with pytest.raises(StorageError, match=r"newer hapsms-relay .*upgrade this relay"):
         await newer.open()
+
+
+async def test_max_pending_counts_every_change(
+    tmp_path: Path, pg_server: PostgresServer, pg_url: str, relay_factory: Any,
+    session: aiohttp.ClientSession,
+) -> None:
+    """queue.max_pending on PostgreSQL counts what is undelivered however it changes: sent and
+    dead entries make room, `queue retry` takes it again; a change made by hand is mended
+    by the next refresh (housekeeping)."""
+    # housekeeping's refresh only when the test calls it
+    doc = _doc(pg_config(tmp_path, pg_url, queue={"max_pending": 2, "housekeeping": "1h"}))
+    relay = await relay_factory(doc, paused=True)
+    box = relay.relay.outbox
+
+    async def post() -> int:
+        status, answer = await relay.post(session, SMS_BODY)
+        assert status == 200 or answer["error"] == "queue_full"
+        return status
+
+    assert [await post() for _ in range(3)] == [200, 200, 503]
+    first, second = await box.claim("me", 10, relay.relay.clock.time(), 30)
+    await box.dead("me", first.id, "dev", "dev http_400: no")
+    assert [await post(), await post()] == [200, 503]
+    await box.sent("dev", [Sending(second.id, (), 1, 0.1)])
+    assert [await post(), await post()] == [200, 503]
+    code, out, _ = await run_cli("queue", "retry", "--all-dead",
+                                 "--config", str(write_config(tmp_path, doc)))
+    assert (code, out) == (0, "requeued 1\n")
+    assert await post() == 503  # three undelivered now
+    pg_server.sql("DELETE FROM hapsms_messages WHERE state = 0", PostgresServer.name(pg_url))
+    assert await post() == 503  # the count does not know yet
+    assert await box.refresh() == 0
+    assert [await post(), await post(), await post()] == [200, 200, 503]
