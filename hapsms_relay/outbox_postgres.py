@@ -53,7 +53,7 @@ SCHEMA_VERSION = 4
 # One key for every relay of every version: schema changes are made by one at a time. Two
 # int4 keys: a space apart from the one-bigint keys that lock phone numbers (admission).
 _SCHEMA_LOCK = (0x48415053, 1)
-# queue.max_pending near the limit: one enqueue at a time across relays checks and adds
+# queue.max_pending: one enqueue at a time across relays checks and adds
 _PENDING_LOCK = (0x48415053, 2)
 # the budget counters, reserved and settled one relay at a time
 _BUDGET_LOCK = (0x48415053, 3)
@@ -546,8 +546,7 @@ class PostgresOutbox:
             "AND created >= %s ORDER BY created, id",
             ([e.recipient for n in checked for e in reqs[n].entries], since))
         book.load(await cur.fetchall())
-        pending = await self._pending(conn, sum(len(reqs[n].entries) for n in checked),
-                                      min(reqs[n].max_pending for n in checked))
+        pending = await self._pending(conn)
         release: list[bytes] = []
         for n in checked:
             r = reqs[n]
@@ -575,18 +574,15 @@ class PostgresOutbox:
         if release:
             await conn.execute("DELETE FROM hapsms_replies WHERE key = ANY(%s)", (release,))
 
-    async def _pending(self, conn: Conn, asked: int, limit: int) -> int:
+    async def _pending(self, conn: Conn) -> int:
         """The undelivered entries of every relay together (``queue.max_pending``): the sum of
-        hapsms_pending, a few rows. While that and ``asked`` stay within half the limit, what
-        other relays store meanwhile (uncommitted, unseen here) cannot take the count past
-        it unless they store over half of it at once; nearer, enqueues check and add one at
-        a time across relays (a lock to the commit), so the limit holds exactly."""
+        hapsms_pending, a few rows, read once the enqueues of other relays that could add to
+        it have committed (a lock held to the commit: what another relay stores meanwhile
+        is not visible to this transaction, so checking without it lets several relays
+        pass the bound at once)."""
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _PENDING_LOCK)
         cur = await conn.execute(_PENDING)
         row = await cur.fetchone()
-        if row is not None and int(row[0]) + asked > limit // 2:
-            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _PENDING_LOCK)
-            cur = await conn.execute(_PENDING)  # a new snapshot: what committed meanwhile
-            row = await cur.fetchone()
         self._undelivered = int(row[0]) if row else 0
         return self._undelivered
 
