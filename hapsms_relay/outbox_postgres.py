@@ -158,8 +158,8 @@ CREATE TABLE IF NOT EXISTS hapsms_budget (
 """
 # A relay's change to the undelivered count (hapsms_pending), in the transaction of the
 # change itself.
-_ADD_PENDING = ("INSERT INTO hapsms_pending VALUES (%s, %s) ON CONFLICT (node) "
-                "DO UPDATE SET n = hapsms_pending.n + excluded.n")
+_ADDED = "ON CONFLICT (node) DO UPDATE SET n = hapsms_pending.n + excluded.n"
+_ADD_PENDING = f"INSERT INTO hapsms_pending VALUES (%s, %s) {_ADDED}"
 _PENDING = "SELECT coalesce(sum(n), 0) FROM hapsms_pending"
 _COUNT_UNDELIVERED = ("(SELECT count(*) FROM hapsms_messages WHERE state = 0) + "
                       "(SELECT count(*) FROM hapsms_messages WHERE state = 1)")
@@ -219,26 +219,38 @@ _INSERT_REPLY = (
     "ON CONFLICT (key) DO UPDATE SET ids = excluded.ids, note = excluded.note, "
     "expires = excluded.expires WHERE hapsms_replies.expires <= %s"
 )
+# Leases run out first (an entry whose outcome could not be written), then due entries, in
+# one statement: a claim is one round trip. Due rows locked beyond the limit stay pending
+# and are skipped by other relays only until this transaction commits.
 _CLAIM = (
-    "UPDATE hapsms_messages m SET state = 1, attempts = m.attempts + 1, updated = %s, "
-    "owner = %s, lease = %s FROM (SELECT id FROM hapsms_messages WHERE {where} LIMIT %s "
-    "FOR UPDATE SKIP LOCKED) c WHERE m.id = c.id RETURNING "
+    "WITH expired AS (SELECT id FROM hapsms_messages WHERE state = 1 AND lease <= %(now)s "
+    "LIMIT %(limit)s FOR UPDATE SKIP LOCKED), "
+    "due AS (SELECT id FROM hapsms_messages WHERE state = 0 AND due <= %(now)s ORDER BY due "
+    "LIMIT %(limit)s FOR UPDATE SKIP LOCKED), "
+    "c AS (SELECT id FROM expired UNION ALL SELECT id FROM due LIMIT %(limit)s) "
+    "UPDATE hapsms_messages m SET state = 1, attempts = m.attempts + 1, updated = %(now)s, "
+    "owner = %(owner)s, lease = %(until)s FROM c WHERE m.id = c.id RETURNING "
     + ", ".join(f"m.{c.strip()}" for c in _ENTRY_COLS.split(","))
 )
-_CLAIM_EXPIRED = _CLAIM.format(where="state = 1 AND lease <= %s")
-_CLAIM_DUE = _CLAIM.format(where="state = 0 AND due <= %s ORDER BY due")
 CLEANUP_CHUNK = 5000
+# Ids taken from the sequence at a time: an enqueue usually finds its ids in hand rather
+# than asking the database (relays leave gaps in the sequence, never reuse an id).
+ID_BLOCK = 1024
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 _Fn = Callable[[Conn], Awaitable[Any]]
+# A write that reads nothing back before the batch's end: it queues its statements in the
+# pipeline and returns what reads its result once the pipeline has synced (or None).
+_Piped = Callable[[Conn], Awaitable[Callable[[], Awaitable[Any]] | None]]
 
 
 class _Op:
-    __slots__ = ("args", "fn", "fut", "sql")
+    __slots__ = ("args", "fn", "fut", "piped", "sql")
 
     def __init__(self, fn: _Fn | None, sql: str | None, args: Any,
-                 fut: asyncio.Future[Any]) -> None:
+                 fut: asyncio.Future[Any], piped: _Piped | None = None) -> None:
         self.fn = fn  # a function of the connection, or None for an enqueue or a merged write
+        self.piped = piped  # or one that runs in the pipeline
         self.sql = sql  # a write merged with its like (executemany); None: an enqueue
         self.args = args  # an enqueue's: _Enqueue
         self.fut = fut
@@ -263,6 +275,21 @@ class _Enqueue:
         self.max_pending = max_pending
 
 
+class _Admission:
+    """Admission's reads for one batch, queued in the pipeline (see ``_admit_reads``)."""
+
+    __slots__ = ("answers", "checked", "claimed", "history", "owner", "pending", "release")
+
+    def __init__(self, checked: list[int]) -> None:
+        self.checked = checked  # the bodies of the batch that ask for admission
+        self.owner: dict[bytes, int] = {}  # key -> the first body of the batch that has it
+        self.claimed: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
+        self.answers: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
+        self.history: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
+        self.pending: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
+        self.release: list[bytes] = []  # keys claimed for bodies that stored nothing
+
+
 class PostgresOutbox:
     """``Outbox`` on a PostgreSQL database that several relays may share."""
 
@@ -280,6 +307,7 @@ class PostgresOutbox:
         self._undelivered = 0
         self._next_connect = 0.0
         self._problem = ""  # why the last batch failed ("" once one committed)
+        self._ids: list[int] = []  # taken from the sequence, not yet given to an entry
 
     def __repr__(self) -> str:  # never the URL: it may hold a password
         return f"PostgresOutbox(node={self.node!r})"
@@ -385,16 +413,20 @@ class PostgresOutbox:
 
     # -- the batch loop --------------------------------------------------------------------
 
-    def _submit(self, fn: _Fn | None, sql: str | None, args: Any) -> asyncio.Future[Any]:
+    def _submit(self, fn: _Fn | None, sql: str | None, args: Any,
+                piped: _Piped | None = None) -> asyncio.Future[Any]:
         if self._task is None or self._closing:
             raise StorageError("the outbox is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._ops.append(_Op(fn, sql, args, fut))
+        self._ops.append(_Op(fn, sql, args, fut, piped))
         self._wake.set()
         return fut
 
     def _call(self, fn: _Fn) -> asyncio.Future[Any]:
         return self._submit(fn, None, None)
+
+    def _pipe(self, piped: _Piped) -> asyncio.Future[Any]:
+        return self._submit(None, None, None, piped)
 
     async def _run(self) -> None:
         while True:
@@ -435,41 +467,74 @@ class PostgresOutbox:
                 op.fut.set_result(value)
 
     async def _transaction(self, conn: Conn, batch: list[_Op]) -> list[Any]:
+        """The batch in one transaction. Enqueues and merged writes go in pipeline mode:
+        statements whose results nothing waits for go out together, and the COMMIT with them,
+        so a batch of enqueues costs two round trips (admission's reads, then every write
+        and the COMMIT) whatever its size, where it took one per statement (eight or more)."""
         results: list[Any] = [None] * len(batch)
-        enqueues = [i for i, op in enumerate(batch) if op.fn is None and op.sql is None]
-        if enqueues:
-            ids = await self._insert(conn, [batch[i] for i in enqueues])
-            for i, op_ids in zip(enqueues, ids, strict=True):
-                results[i] = op_ids
-        merged: dict[str, list[tuple[Any, ...]]] = {}
-        for op in batch:
-            if op.sql is not None:
-                merged.setdefault(op.sql, []).extend(op.args)
-        async with conn.cursor() as cur:
-            for sql, params in merged.items():
-                await cur.executemany(sql, params)
-        for i, op in enumerate(batch):
-            if op.fn is not None:
-                results[i] = await op.fn(conn)
-        await conn.commit()
+        enqueues = [i for i, op in enumerate(batch)
+                    if op.fn is None and op.sql is None and op.piped is None]
+        # functions of the connection read their results (row counts among them) as they go:
+        # they run after the pipeline, and the COMMIT with them
+        fns = [i for i, op in enumerate(batch) if op.fn is not None]
+        async with conn.pipeline() as pipe:
+            if enqueues:
+                ids = await self._insert(conn, pipe, [batch[i] for i in enqueues])
+                for i, op_ids in zip(enqueues, ids, strict=True):
+                    results[i] = op_ids
+            merged: dict[str, list[tuple[Any, ...]]] = {}
+            for op in batch:
+                if op.sql is not None:
+                    merged.setdefault(op.sql, []).extend(op.args)
+            async with conn.cursor() as cur:
+                for sql, params in merged.items():
+                    await cur.executemany(sql, params)
+            collect = {i: await op.piped(conn) for i, op in enumerate(batch)
+                       if op.piped is not None}
+            if not fns:
+                await conn.commit()
+        for i, read in collect.items():
+            if read is not None:
+                results[i] = await read()
+        for i in fns:
+            fn = batch[i].fn
+            assert fn is not None
+            results[i] = await fn(conn)
+        if fns:
+            await conn.commit()
         return results
 
-    async def _insert(self, conn: Conn, ops: list[_Op]) -> list[Any]:
-        """Every enqueue of the batch: admission for those that ask for it, their ids from
-        the sequence, all rows in one INSERT, the keys' answers; each op's result."""
+    async def _insert(self, conn: Conn, pipe: psycopg.AsyncPipeline,
+                      ops: list[_Op]) -> list[Any]:
+        """Every enqueue of the batch: admission for those that ask for it, their ids, all
+        rows in one INSERT, the keys' answers; each op's result. The reads admission needs
+        and a new block of ids share one round trip; the writes are left in the pipeline."""
         reqs: list[_Enqueue] = [op.args for op in ops]
-        checked = [r for r in reqs if r.decide is not None]
         results: list[Any] = [None] * len(reqs)
         stored: list[Sequence[NewEntry]] = [r.entries for r in reqs]
         notes = [r.note for r in reqs]
-        if checked:
-            await self._admit(conn, reqs, results, stored, notes)
-        total = sum(len(e) for e in stored)
-        fresh: list[int] = []
-        if total:
-            cur = await conn.execute(
-                "SELECT nextval('hapsms_messages_id_seq') FROM generate_series(1, %s)", (total,))
-            fresh = [r[0] for r in await cur.fetchall()]
+        need = sum(len(e) for e in stored)
+        refill = None
+        if len(self._ids) < need:
+            refill = conn.cursor()
+            await refill.execute(
+                "SELECT nextval('hapsms_messages_id_seq') FROM generate_series(1, %s)",
+                (max(need - len(self._ids), ID_BLOCK),))
+        admission = None
+        if any(r.decide is not None for r in reqs):
+            admission = await self._admit_reads(conn, reqs)
+        if refill is not None or admission is not None:
+            await pipe.sync()
+        if refill is not None:
+            self._ids.extend(r[0] for r in await refill.fetchall())
+        if admission is not None:
+            await self._admit(admission, reqs, results, stored, notes)
+            if admission.release:
+                await conn.execute("DELETE FROM hapsms_replies WHERE key = ANY(%s)",
+                                   (admission.release,))
+        total = sum(len(e) for n, e in enumerate(stored) if results[n] is None)
+        # taken from the block for good: a batch that fails leaves a gap, never a reuse
+        fresh, self._ids = self._ids[:total], self._ids[total:]
         cols: list[list[Any]] = [[] for _ in range(13)]
         replies: list[tuple[Any, ...]] = []
         answers: list[tuple[Any, ...]] = []
@@ -504,58 +569,75 @@ class PostgresOutbox:
                     "UPDATE hapsms_replies SET ids = %s, note = %s WHERE key = %s", answers)
         return results
 
-    async def _admit(self, conn: Conn, reqs: list[_Enqueue], results: list[Any],
-                     stored: list[Sequence[NewEntry]], notes: list[bytes]) -> None:
-        """Admission in the transaction: the batch's numbers locked (in order: no deadlock
-        between relays), its keys claimed (a key another relay holds is its answer), the
-        numbers' history loaded, then each body decided in turn."""
+    async def _admit_reads(self, conn: Conn, reqs: list[_Enqueue]) -> _Admission:
+        """Admission's reads, queued in the pipeline: the batch's numbers locked (in order:
+        no deadlock between relays), its keys claimed (a key another relay holds is its
+        answer), the numbers' history since the earliest window."""
         checked = [n for n, r in enumerate(reqs) if r.decide is not None]
+        a = _Admission(checked)
         numbers = sorted({int(e.recipient) for n in checked for e in reqs[n].entries})
         await conn.execute(
             "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest(%s::bigint[]) AS k) s", (numbers,))
         now = min(reqs[n].now for n in checked)
-        owner: dict[bytes, int] = {}  # key -> the first body of the batch that has it
         claims: list[tuple[bytes, float]] = []
         for n in checked:
             for k, exp in reqs[n].keys:
-                if k not in owner:
-                    owner[k] = n
+                if k not in a.owner:
+                    a.owner[k] = n
                     claims.append((k, exp))
-        held: dict[bytes, tuple[Any, ...]] = {}
-        mine: set[bytes] = set()  # keys this transaction holds (placeholders to fill or drop)
         if claims:
-            cur = await conn.execute(
+            keys = [k for k, _ in claims]
+            a.claimed = conn.cursor()
+            await a.claimed.execute(
                 "INSERT INTO hapsms_replies (key, ids, note, expires) SELECT k, '{}', '', e "
                 "FROM unnest(%s::bytea[], %s::float8[]) AS c(k, e) ON CONFLICT (key) DO UPDATE "
                 "SET ids = '{}', note = '', expires = excluded.expires "
                 "WHERE hapsms_replies.expires <= %s RETURNING key",
-                ([k for k, _ in claims], [e for _, e in claims], now))
-            mine = {bytes(r[0]) for r in await cur.fetchall()}
-            others = [k for k, _ in claims if k not in mine]
-            if others:
-                cur = await conn.execute(
-                    "SELECT key, ids, note, expires FROM hapsms_replies WHERE key = ANY(%s)",
-                    (others,))
-                held = {bytes(r[0]): tuple(r[1:]) for r in await cur.fetchall()}
-        history = reqs[checked[0]].history
-        assert history is not None
-        book = history()
-        since = min(reqs[n].since for n in checked)
-        cur = await conn.execute(
+                (keys, [e for _, e in claims], now))
+            # after the claims: a key this transaction holds reads as its placeholder
+            a.answers = conn.cursor()
+            await a.answers.execute(
+                "SELECT key, ids, note, expires FROM hapsms_replies WHERE key = ANY(%s)", (keys,))
+        a.history = conn.cursor()
+        await a.history.execute(
             "SELECT id, kind, recipient, created FROM hapsms_messages WHERE recipient = ANY(%s) "
             "AND created >= %s ORDER BY created, id",
-            ([e.recipient for n in checked for e in reqs[n].entries], since))
-        book.load(await cur.fetchall())
-        pending = await self._pending(conn)
-        release: list[bytes] = []
-        for n in checked:
+            ([e.recipient for n in checked for e in reqs[n].entries],
+             min(reqs[n].since for n in checked)))
+        # last, held to the commit: what another relay stores meanwhile is not visible to
+        # this transaction, so checking without it lets several relays pass the bound at once
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _PENDING_LOCK)
+        a.pending = conn.cursor()
+        await a.pending.execute(_PENDING)
+        return a
+
+    async def _admit(self, a: _Admission, reqs: list[_Enqueue], results: list[Any],
+                     stored: list[Sequence[NewEntry]], notes: list[bytes]) -> None:
+        """Each body decided in turn, once admission's reads have come back; the keys of
+        bodies that stored nothing go in ``a.release``."""
+        mine: set[bytes] = set()  # keys this transaction holds (placeholders to fill or drop)
+        held: dict[bytes, tuple[Any, ...]] = {}
+        if a.claimed is not None and a.answers is not None:
+            mine = {bytes(r[0]) for r in await a.claimed.fetchall()}
+            held = {bytes(r[0]): tuple(r[1:]) for r in await a.answers.fetchall()
+                    if bytes(r[0]) not in mine}
+        history = reqs[a.checked[0]].history
+        assert history is not None and a.history is not None
+        book = history()
+        book.load(await a.history.fetchall())
+        assert a.pending is not None
+        row = await a.pending.fetchone()
+        # the undelivered entries of every relay together (queue.max_pending)
+        pending = self._undelivered = int(row[0]) if row else 0
+        owner = a.owner
+        for n in a.checked:
             r = reqs[n]
             answer = next((held[k] for k, _ in r.keys if k in held), None)
             first = next((owner[k] for k, _ in r.keys if owner[k] != n), None)
             if answer is not None:
                 results[n] = Checked(list(answer[0]), bytes(answer[1]), True)
                 stored[n] = []
-                release += [k for k, _ in r.keys if owner[k] == n and k in mine]
+                a.release += [k for k, _ in r.keys if owner[k] == n and k in mine]
                 continue
             if first is not None:  # a duplicate of an earlier body of this batch
                 results[n] = _Same(first)
@@ -570,21 +652,7 @@ class PostgresOutbox:
                 stored[n] = []
             pending += len(stored[n])
             if not stored[n]:
-                release += [k for k, _ in r.keys if owner[k] == n and k in mine]
-        if release:
-            await conn.execute("DELETE FROM hapsms_replies WHERE key = ANY(%s)", (release,))
-
-    async def _pending(self, conn: Conn) -> int:
-        """The undelivered entries of every relay together (``queue.max_pending``): the sum of
-        hapsms_pending, a few rows, read once the enqueues of other relays that could add to
-        it have committed (a lock held to the commit: what another relay stores meanwhile
-        is not visible to this transaction, so checking without it lets several relays
-        pass the bound at once)."""
-        await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _PENDING_LOCK)
-        cur = await conn.execute(_PENDING)
-        row = await cur.fetchone()
-        self._undelivered = int(row[0]) if row else 0
-        return self._undelivered
+                a.release += [k for k, _ in r.keys if owner[k] == n and k in mine]
 
     async def _usable(self) -> Conn | None:
         """The connection, reconnecting (at most once a second) if it was lost."""
@@ -632,15 +700,17 @@ class PostgresOutbox:
     async def claim(self, owner: str, limit: int, now: float, lease: float) -> list[Entry]:
         until = now + lease
 
-        async def run(conn: Conn) -> list[Entry]:
-            cur = await conn.execute(_CLAIM_EXPIRED, (now, owner, until, now, limit))
-            rows = await cur.fetchall()
-            if len(rows) < limit:
-                cur = await conn.execute(_CLAIM_DUE, (now, owner, until, now, limit - len(rows)))
-                rows += await cur.fetchall()
-            return sorted((Entry(*r) for r in rows), key=lambda e: e.id)
+        async def run(conn: Conn) -> Callable[[], Awaitable[list[Entry]]]:
+            cur = conn.cursor()
+            await cur.execute(_CLAIM, {"now": now, "owner": owner, "until": until,
+                                       "limit": limit})
 
-        entries: list[Entry] = await self._call(run)
+            async def read() -> list[Entry]:
+                return sorted((Entry(*r) for r in await cur.fetchall()), key=lambda e: e.id)
+
+            return read
+
+        entries: list[Entry] = await self._pipe(run)
         return entries
 
     async def renew(self, owner: str, ids: Sequence[int], until: float) -> int:
@@ -663,18 +733,21 @@ class PostgresOutbox:
         refs = [(provider, ref, s.id) for s in entries for ref in s.refs if ref]
 
         async def run(conn: Conn) -> None:
-            await conn.execute("SELECT id FROM hapsms_messages WHERE id = ANY(%s) ORDER BY id "
-                               "FOR UPDATE", (ids,))
+            # the entries locked, and those still undelivered (not those another relay had
+            # recorded sent already) leave the count, in one statement: in the pipeline no
+            # row count comes back before the COMMIT
+            await conn.execute(
+                "WITH e AS (SELECT id, state FROM hapsms_messages WHERE id = ANY(%s) ORDER BY id "
+                "FOR UPDATE) INSERT INTO hapsms_pending SELECT %s, -count(*) FROM e "
+                f"WHERE state IN (0, 1) {_ADDED}", (ids, self.node))
             async with conn.cursor() as cur:
                 await cur.executemany(_INSERT_EVENT, events)
                 await cur.executemany(_SENT, updates)
-                if cur.rowcount:  # not those another relay had recorded sent already
-                    await conn.execute(_ADD_PENDING, (self.node, -cur.rowcount))
                 if refs:
                     await cur.executemany(
                         "INSERT INTO hapsms_refs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", refs)
 
-        await self._call(run)
+        await self._pipe(run)
         self._undelivered -= len(entries)
 
     async def retry(self, owner: str, id: int, due: float, provider: str, error: str,
@@ -704,11 +777,14 @@ class PostgresOutbox:
         async def run(conn: Conn) -> None:
             async with conn.cursor() as cur:
                 await cur.executemany(_INSERT_EVENT, events)
-            cur = await conn.execute(sql, params)
-            if leaves and cur.rowcount:
-                await conn.execute(_ADD_PENDING, (self.node, -cur.rowcount))
+            if leaves:  # what it changed leaves the count, in the same statement
+                await conn.execute(
+                    f"WITH u AS ({sql} RETURNING 1) INSERT INTO hapsms_pending SELECT %s, "
+                    f"-count(*) FROM u {_ADDED}", (*params, self.node))
+            else:
+                await conn.execute(sql, params)
 
-        await self._call(run)
+        await self._pipe(run)
 
     async def receipt(self, provider: str, receipt: Receipt, now: float) -> Applied:
         r = receipt
