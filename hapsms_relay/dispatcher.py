@@ -194,7 +194,7 @@ class Dispatcher:
             # Claim in batches: wait until a quarter of the workers are free (or none is
             # busy) rather than claiming one entry per finished delivery; a claim is a
             # transaction, and one per message cost more than the message's status update.
-            low_water = workers - max(1, workers // 4)
+            low_water = workers - max(1, workers // 4)  # as _free reckons it
             if self.paused or (self._busy and self._busy > low_water):
                 await self._sleep(IDLE_POLL)
                 workers = self.config.queue.workers
@@ -265,11 +265,25 @@ class Dispatcher:
     def _done(self, task: asyncio.Task[None]) -> None:
         ids = self._inflight.pop(task, [])
         self._inflight_entries -= len(ids)
-        self._busy -= self._costs.pop(task, 0)
+        self._free(self._costs.pop(task, 0))
         if not task.cancelled() and task.exception() is not None:
             # its entries' leases are no longer renewed: they are claimed again later
             log.error("delivery_task_failed", error=repr(task.exception()))
+        # it may have put an entry back due sooner than the claim loop's next look
         self._wakeup.set()
+
+    def _free(self, cost: int) -> None:
+        """Workers given back: wake the claim loop if it waits for them (held entries, or
+        the low water just reached), not when it waits for entries: a claim that finds
+        nothing is a round trip to the outbox for nothing."""
+        if not cost:
+            return
+        workers = self.config.queue.workers
+        low_water = workers - max(1, workers // 4)
+        before = self._busy
+        self._busy -= cost
+        if self._held or self._stopping or before > low_water >= self._busy:
+            self._wakeup.set()
 
     def _groups(self, entries: Sequence[Entry]) -> list[list[Entry]]:
         """Entries of one body, kind and route travel together (batching providers)."""
@@ -292,7 +306,13 @@ class Dispatcher:
             if not pending:
                 break
             provider = config.providers[name]
-            pending = await self._try_gated(provider, pending, attempts, semaphores)
+            pending, sent = await self._try_gated(provider, pending, attempts, semaphores)
+            if sent:
+                if not pending:
+                    self._calls_done()
+                # recorded before the rest fails over: a crash meanwhile resends only those
+                await self._sent(provider, sent, attempts)
+        self._calls_done()
         for e in pending:
             a = attempts[e.id]
             if a.transient is not None:
@@ -302,19 +322,28 @@ class Dispatcher:
                 await self._dead(e, a.unsupported.provider, a.unsupported.reason(),
                                  a.unsupported.code, a.trail)
 
+    def _calls_done(self) -> None:
+        """The running delivery makes no more provider calls: its workers are free while it
+        records its outcomes. A claim need not wait for those writes (a round trip to a
+        database, where a cluster's outbox is): workers bound calls, not writes."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._free(self._costs.pop(task, 0))
+
     async def _try_gated(
         self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt],
         semaphores: dict[str, asyncio.Semaphore],
-    ) -> list[Entry]:
+    ) -> tuple[list[Entry], list[tuple[Entry, Sent, float]]]:
         """``_try_provider`` within the provider's daily budget and circuit breaker: what
-        either holds back is handed on to the next provider of the route."""
+        either holds back is handed on to the next provider of the route, with what the
+        provider sent (to be recorded)."""
         name = provider.common.name
         limiter = self._limiter(provider)
         if limiter is not None and limiter.waiting and (
             limiter.waiting + len(entries) > limiter.rate.count + provider.common.concurrency
         ):
             await self._defer(entries, name, limiter)
-            return []
+            return [], []
         budget = self.budget
         # segment budgets reserve what each text is expected to cost; the provider's own
         # count is what is settled
@@ -325,7 +354,7 @@ class Dispatcher:
             for e in entries:
                 if attempts[e.id].transient is None:
                     attempts[e.id].transient = TransientError(name, "storage_unavailable", str(exc))
-            return entries
+            return entries, []
         cost = sum(costs[:n])
         held = entries[n:]
         for e in held:
@@ -337,7 +366,7 @@ class Dispatcher:
             elif not budget.hold and a.unsupported is None:
                 a.unsupported = UnsupportedError(name, "over_budget", "daily budget used up")
         if not n:
-            return held
+            return held, []
         wait = self.breakers.allow(name)
         if wait:
             await budget.settle(name, n, 0, cost)
@@ -346,19 +375,20 @@ class Dispatcher:
                     attempts[e.id].transient = TransientError(
                         name, "circuit_open", "skipped while its circuit is open (last failure: "
                         f"{self.breakers.last_error(name) or 'unknown'})", retry_after=wait)
-            return entries
+            return entries, []
         try:
-            carried = await self._try_provider(provider, entries[:n], attempts, semaphores)
+            carried, sent = await self._try_provider(provider, entries[:n], attempts, semaphores)
         finally:  # the reservation becomes what was sent; the rest is freed
             await budget.settle(name, n, sum(attempts[e.id].sent for e in entries[:n]), cost,
                                 sum(attempts[e.id].segments for e in entries[:n]))
-        return carried + held
+        return carried + held, sent
 
     async def _try_provider(
         self, provider: Provider, entries: list[Entry], attempts: dict[int, Attempt],
         semaphores: dict[str, asyncio.Semaphore],
-    ) -> list[Entry]:
-        """Send through one provider; return the entries the next provider should try."""
+    ) -> tuple[list[Entry], list[tuple[Entry, Sent, float]]]:
+        """Send through one provider; return the entries the next provider should try, and
+        those it sent (``_sent`` records them)."""
         size = max(1, provider.max_batch)
         chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
         if len(chunks) == 1:  # the common case: no gather, no task of its own
@@ -393,9 +423,7 @@ class Dispatcher:
                     self._note_error(outcome)
                     await self._dead(e, provider.common.name, outcome.reason(), outcome.code,
                                      attempts[e.id].trail[:-1])
-        if sent:
-            await self._sent(provider, sent, attempts)
-        return carried
+        return carried, sent
 
     async def _send(
         self, provider: Provider, entries: list[Entry], semaphores: dict[str, asyncio.Semaphore]
