@@ -183,7 +183,8 @@ _INSERT_EVENT = (
 # UPDATE) in an earlier statement, so in READ COMMITTED it sees what a concurrent relay's
 # receipt or send committed meanwhile: nothing is lost between two relays.
 _SENT = (
-    "UPDATE hapsms_messages SET state = CASE "
+    "UPDATE hapsms_messages SET state = CASE WHEN NOT EXISTS (SELECT 1 FROM hapsms_events "
+    "WHERE entry = %(id)s AND kind = 'receipt') THEN 2 "  # most entries: one look-up
     "WHEN EXISTS (SELECT 1 FROM hapsms_events WHERE entry = %(id)s AND kind = 'receipt' "
     "AND provider = %(provider)s AND status = 'undelivered') THEN 5 "
     "WHEN (SELECT count(DISTINCT part) FROM hapsms_events WHERE entry = %(id)s "
