@@ -186,7 +186,9 @@ class SQLiteOutbox:
         self.clock = clock
         self._busy_timeout = busy_timeout
         self._exclusive = exclusive
-        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        # ops reach the writer thread a loop turn's worth at a time (see _call)
+        self._ops: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
+        self._turn: list[_Op] = []
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
@@ -247,6 +249,7 @@ class SQLiteOutbox:
 
     async def close(self) -> None:
         if self._thread is not None:
+            self._hand_off()
             self._ops.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
@@ -260,8 +263,18 @@ class SQLiteOutbox:
         if self._thread is None or self._loop is None:
             raise StorageError("the outbox is not open")
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._ops.put((fn, args, fut))
+        self._turn.append((fn, args, fut))
+        if len(self._turn) == 1:
+            self._loop.call_soon(self._hand_off)
         return fut
+
+    def _hand_off(self) -> None:
+        """The ops of this turn of the event loop to the writer thread, in one put: a put
+        per op woke the thread (and made it take the GIL) once per op, for batches of one
+        or two ops where it could have committed them all at once."""
+        ops, self._turn = self._turn, []
+        if ops:
+            self._ops.put(ops)
 
     def _run(self) -> None:
         stop = False
@@ -276,16 +289,16 @@ class SQLiteOutbox:
                     continue
             if first is None:
                 break
-            batch = [first]
+            batch = first
             while True:
                 try:
-                    op = self._ops.get_nowait()
+                    ops = self._ops.get_nowait()
                 except queue.Empty:
                     break
-                if op is None:
+                if ops is None:
                     stop = True
                     break
-                batch.append(op)
+                batch += ops
             results = self._execute(batch)
             assert self._loop is not None
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
