@@ -169,6 +169,38 @@ class Stats:
         )
 
 
+class Backlog:
+    """What a backend knows of its undelivered entries (pending or in flight) without asking
+    the storage: how many, and when the oldest was accepted (``Queue.undelivered`` and
+    ``Queue.oldest_undelivered``). Its own writes change it at once; ``counted`` sets what
+    the storage says (at open and ``refresh``)."""
+
+    __slots__ = ("count", "oldest")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.oldest: float | None = None
+
+    def counted(self, count: int, oldest: float | None) -> int:
+        """What the storage holds: ``count`` entries, the oldest accepted at ``oldest``."""
+        self.count, self.oldest = count, oldest
+        return count
+
+    def added(self, n: int, accepted: float) -> None:
+        """``n`` entries accepted at ``accepted``: none older than those already waiting."""
+        if n:
+            self.count += n
+            if self.oldest is None:
+                self.oldest = accepted
+
+    def removed(self, n: int) -> None:
+        """``n`` entries sent or dead. Which entry is the oldest now is known only once none
+        is left; until then it stays as it was, older than it is, until ``counted``."""
+        self.count -= n
+        if self.count <= 0:
+            self.oldest = None
+
+
 class Queue(Protocol):
     """The hot path and delivery. Every method may raise ``StorageError``.
 
@@ -181,6 +213,13 @@ class Queue(Protocol):
     def undelivered(self) -> int:
         """Entries pending or in flight, as last known (cheap; for limits and metrics):
         this writer's changes at once, other writers' after ``refresh``."""
+
+    @property
+    def oldest_undelivered(self) -> float | None:
+        """When the oldest entry pending or in flight was accepted, None if there is none, as
+        last known (cheap; for metrics): this writer's first enqueue into an empty outbox
+        and its last entry sent or dead at once, anything else (the oldest sent while
+        others wait, other writers' changes) after ``refresh``."""
 
     @property
     def writable(self) -> bool:
@@ -236,8 +275,8 @@ class Queue(Protocol):
         """Put ``owner``'s in-flight entries back to pending, due now (shutdown)."""
 
     async def refresh(self) -> int:
-        """Recount the undelivered entries (other writers and the ``queue`` commands change
-        them); return the count."""
+        """Recount the undelivered entries and find the oldest, over indexes (other writers
+        and the ``queue`` commands change them); return the count."""
 
     async def cleanup(self, delivered_before: float) -> int:
         """Forget delivered entries accepted before the given time, and expired keys."""

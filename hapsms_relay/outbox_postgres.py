@@ -29,6 +29,7 @@ from hapsms_relay.errors import StorageError
 from hapsms_relay.outbox import (
     SENT_STATES,
     Applied,
+    Backlog,
     BudgetKey,
     Checked,
     Decide,
@@ -48,8 +49,9 @@ from hapsms_relay.receipts import Receipt
 from hapsms_relay.secret import Secret
 
 # 2: receipts and history; 3: cluster heartbeats (hapsms_nodes); 4: the undelivered count
-# and the daily budgets across relays (hapsms_pending, hapsms_budget)
-SCHEMA_VERSION = 4
+# and the daily budgets across relays (hapsms_pending, hapsms_budget); 5: the index of
+# pending entries by acceptance time
+SCHEMA_VERSION = 5
 # One key for every relay of every version: schema changes are made by one at a time. Two
 # int4 keys: a space apart from the one-bigint keys that lock phone numbers (admission).
 _SCHEMA_LOCK = (0x48415053, 1)
@@ -155,6 +157,10 @@ CREATE TABLE IF NOT EXISTS hapsms_budget (
     reserved bigint NOT NULL,
     PRIMARY KEY (day, unit, scope)
 );
+-- schema 5: the oldest pending entry (the oldest undelivered one's age is a metric), one
+-- look-up at the index's first row (hapsms_created would walk every entry sent since);
+-- those in flight are few (hapsms_inflight_lease). Pending only, as in the SQLite outbox.
+CREATE INDEX IF NOT EXISTS hapsms_pending_created ON hapsms_messages (created) WHERE state = 0;
 """
 # A relay's change to the undelivered count (hapsms_pending), in the transaction of the
 # change itself.
@@ -163,6 +169,13 @@ _ADD_PENDING = f"INSERT INTO hapsms_pending VALUES (%s, %s) {_ADDED}"
 _PENDING = "SELECT coalesce(sum(n), 0) FROM hapsms_pending"
 _COUNT_UNDELIVERED = ("(SELECT count(*) FROM hapsms_messages WHERE state = 0) + "
                       "(SELECT count(*) FROM hapsms_messages WHERE state = 1)")
+# how many are pending or in flight (n), and the oldest of them: each part over its partial
+# index (tests check the plan)
+UNDELIVERED = (
+    f"SELECT {_COUNT_UNDELIVERED} AS n, "
+    "(SELECT min(c) FROM (SELECT min(created) AS c FROM hapsms_messages WHERE state = 0 "
+    "UNION ALL SELECT min(created) FROM hapsms_messages WHERE state = 1) m) AS oldest"
+)
 # A budget counter first used today starts from what was sent today (sent before the budget
 # was set, or by relays of an older version); the scan runs only for a counter not there.
 _SEED_BUDGET = (
@@ -305,7 +318,7 @@ class PostgresOutbox:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._undelivered = 0
+        self._backlog = Backlog()
         self._next_connect = 0.0
         self._problem = ""  # why the last batch failed ("" once one committed)
         self._ids: list[int] = []  # taken from the sequence, not yet given to an entry
@@ -315,7 +328,11 @@ class PostgresOutbox:
 
     @property
     def undelivered(self) -> int:
-        return self._undelivered
+        return self._backlog.count
+
+    @property
+    def oldest_undelivered(self) -> float | None:
+        return self._backlog.oldest
 
     @property
     def writable(self) -> bool:
@@ -328,7 +345,7 @@ class PostgresOutbox:
         self._conn = await self._connect()
         try:
             await self._schema(self._conn)
-            self._undelivered = await self._count(self._conn)
+            self._backlog.counted(*await self._count(self._conn))
             await self._conn.commit()
         except BaseException:
             await self._drop()
@@ -629,7 +646,7 @@ class PostgresOutbox:
         assert a.pending is not None
         row = await a.pending.fetchone()
         # the undelivered entries of every relay together (queue.max_pending)
-        pending = self._undelivered = int(row[0]) if row else 0
+        pending = self._backlog.count = int(row[0]) if row else 0
         owner = a.owner
         for n in a.checked:
             r = reqs[n]
@@ -682,20 +699,21 @@ class PostgresOutbox:
         self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]] = (),
         note: bytes = b"",
     ) -> list[int]:
-        ids: list[int] = await self._submit(
-            None, None, _Enqueue(entries, self.clock.time(), ttl, keys, note))
-        self._undelivered += len(ids)
+        now = self.clock.time()
+        ids: list[int] = await self._submit(None, None, _Enqueue(entries, now, ttl, keys, note))
+        self._backlog.added(len(ids), now)
         return ids
 
     async def enqueue_checked(
         self, entries: Sequence[NewEntry], ttl: float, *, keys: Sequence[tuple[bytes, float]],
         since: float, history: Callable[[], History], decide: Decide, max_pending: int,
     ) -> Checked:
+        now = self.clock.time()
         done: Checked = await self._submit(
-            None, None, _Enqueue(entries, self.clock.time(), ttl, keys, b"", since, history, decide,
+            None, None, _Enqueue(entries, now, ttl, keys, b"", since, history, decide,
                                  max_pending))
         if not done.duplicate:
-            self._undelivered += len(done.ids)
+            self._backlog.added(len(done.ids), now)
         return done
 
     async def claim(self, owner: str, limit: int, now: float, lease: float) -> list[Entry]:
@@ -749,7 +767,7 @@ class PostgresOutbox:
                         "INSERT INTO hapsms_refs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", refs)
 
         await self._pipe(run)
-        self._undelivered -= len(entries)
+        self._backlog.removed(len(entries))
 
     async def retry(self, owner: str, id: int, due: float, provider: str, error: str,
                     trail: Sequence[Event] = ()) -> None:
@@ -770,7 +788,7 @@ class PostgresOutbox:
             (provider, error, now, id, owner),
             [(id, *_event(e)) for e in trail] + [(id, now, "dead", provider, "", error, None, "", "")],
             leaves=True)
-        self._undelivered -= 1
+        self._backlog.removed(1)
 
     async def _outcome(self, sql: str, params: tuple[Any, ...],
                        events: builtins.list[tuple[Any, ...]], *, leaves: bool) -> None:
@@ -824,15 +842,14 @@ class PostgresOutbox:
             [(self.clock.time(), i, owner) for i in ids])
 
     async def refresh(self) -> int:
-        """Count the undelivered entries of every relay, and mend hapsms_pending's sum to
-        that count should it differ (a relay of an older version, a change made by hand):
-        one statement, so the count and the sum are of one snapshot."""
-        n: int = await self._one(
-            f"WITH c AS (SELECT {_COUNT_UNDELIVERED} AS n), m AS (INSERT INTO hapsms_pending "
-            f"SELECT %s, c.n - ({_PENDING}) FROM c WHERE c.n <> ({_PENDING}) ON CONFLICT (node) "
-            "DO UPDATE SET n = hapsms_pending.n + excluded.n) SELECT n FROM c", (self.node,))
-        self._undelivered = int(n)
-        return self._undelivered
+        """Count the undelivered entries of every relay, and when the oldest was accepted, and
+        mend hapsms_pending's sum to that count should it differ (a relay of an older version,
+        a change made by hand): one statement, so the count and the sum are of one snapshot."""
+        ((count, oldest),) = await self._rows(
+            f"WITH c AS ({UNDELIVERED}), m AS (INSERT INTO hapsms_pending SELECT %s, c.n - "
+            f"({_PENDING}) FROM c WHERE c.n <> ({_PENDING}) {_ADDED}) SELECT n, oldest FROM c",
+            (self.node,))
+        return self._backlog.counted(int(count), oldest)
 
     async def stats(self) -> Stats:
         rows = await self._rows(
@@ -861,7 +878,8 @@ class PostgresOutbox:
             return cur.rowcount
 
         n: int = await self._call(run)
-        self._undelivered += n
+        if n:  # entries of any age wait again
+            await self.refresh()
         return n
 
     async def purge_dead(self) -> int:
@@ -1045,10 +1063,10 @@ class PostgresOutbox:
         n: int = await self._call(run)
         return n
 
-    async def _count(self, conn: Conn) -> int:
-        cur = await conn.execute(f"SELECT {_COUNT_UNDELIVERED}")
+    async def _count(self, conn: Conn) -> tuple[int, float | None]:
+        cur = await conn.execute(UNDELIVERED)
         row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return (int(row[0]), row[1]) if row else (0, None)
 
 
 def _row(r: Sequence[Any]) -> Row:

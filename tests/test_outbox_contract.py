@@ -237,6 +237,49 @@ async def test_cleanup_forgets_old_delivered_only(box: Outbox, clock: ManualCloc
     assert box.undelivered == 2 == await box.refresh()
 
 
+async def test_oldest_undelivered_follows_the_queue(backend: Backend, clock: ManualClock) -> None:
+    """oldest_undelivered is when the oldest pending or in-flight entry was accepted: set by
+    an enqueue into an empty outbox, None once the last one is sent or dead, refresh finds
+    the next oldest (one in flight, one waiting for its retry, one requeued), and an
+    outbox opened again knows it."""
+    box = backend.make(clock)
+    await box.open()
+    assert box.oldest_undelivered is None
+    t0 = clock.time()
+    (first,) = await box.enqueue([sms(1)], DAY)
+    assert box.oldest_undelivered == t0
+    clock.advance(10)
+    (second,) = await box.enqueue([sms(2)], DAY)
+    clock.advance(10)
+    (third,) = await box.enqueue([sms(3)], DAY)
+    assert box.oldest_undelivered == t0
+    await box.claim(A, 10, clock.time(), 30)
+    await box.sent("p", sending([first]))
+    assert await box.refresh() == 2
+    assert box.oldest_undelivered == t0 + 10  # the second, in flight
+    await box.retry(A, second, clock.time() + 60, "p", "p http_503")
+    await box.dead(A, third, "p", "refused")
+    await box.refresh()
+    assert box.oldest_undelivered == t0 + 10  # the second, waiting for its retry
+    await box.close()
+    box = backend.make(clock)
+    await box.open()
+    try:
+        assert box.oldest_undelivered == t0 + 10
+        (e,) = await box.claim(A, 10, clock.time() + 60, 30)
+        await box.sent("p", sending([e.id]))
+        assert box.oldest_undelivered is None
+        assert await box.refresh() == 0 and box.oldest_undelivered is None
+        clock.advance(5)
+        await box.enqueue([sms(4)], DAY)
+        assert box.oldest_undelivered == t0 + 25
+        assert await box.requeue([third], DAY) == 1
+        await box.refresh()
+        assert box.oldest_undelivered == t0 + 20  # the dead one waits again
+    finally:
+        await box.close()
+
+
 # -- states, history and receipts ---------------------------------------------------------------
 
 def ok(entry: int | None = None, ref: str = "", status: str = "delivered", code: str = "DELIVRD",
