@@ -80,6 +80,10 @@ class Metrics:
             f"{PREFIX}_queue_depth", "Messages in the outbox not yet delivered or dead",
             registry=r,
         )
+        self.queue_oldest_age = Gauge(
+            f"{PREFIX}_queue_oldest_age_seconds", "Seconds since the oldest message counted in "
+            "queue_depth was accepted (0: none)", registry=r,
+        )
         # abuse protection and fault tolerance (limits, guard, breaker, budget, door)
         self.refused = Counter(
             f"{PREFIX}_recipients_refused", "Recipients refused by a limit, by error code",
@@ -191,5 +195,7 @@ class Metrics:
             child = self._latency_children[provider] = self.latency.labels(provider)
         return child
 
-    def track_queue(self, depth: Callable[[], float]) -> None:
+    def track_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
+        """The queue's gauges, read at each scrape."""
         self.queue_depth.set_function(depth)
+        self.queue_oldest_age.set_function(oldest_age)

@@ -165,7 +165,7 @@ class Relay:
         await self.outbox.open()
         stack.push_async_callback(self._close_outbox)
         await self.guard.load(self.outbox)  # limits survive restarts
-        self.metrics.track_queue(lambda: self.outbox.undelivered)
+        self.metrics.track_queue(lambda: self.outbox.undelivered, self._oldest_age)
         self.session = await stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             headers={"User-Agent": f"hapsms-relay/{__version__}"},
@@ -357,6 +357,12 @@ class Relay:
             "providers": list(self.config.providers),
             "circuits": self.dispatcher.breakers.states(list(self.config.providers)),
         }
+
+    def _oldest_age(self) -> float:
+        """Seconds the oldest undelivered entry has waited, by this relay's clock (0: none).
+        At every scrape: the outbox only keeps when it was accepted (``refresh``)."""
+        oldest = self.outbox.oldest_undelivered
+        return 0.0 if oldest is None else max(self.clock.time() - oldest, 0.0)
 
     async def _prune(self) -> None:
         while True:

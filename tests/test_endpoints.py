@@ -13,6 +13,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from hapsms_relay import __version__
+from hapsms_relay.clock import ManualClock
 from tests import docs
 from tests.fakes import FakeAPI, Reply
 from tests.helpers import (
@@ -92,6 +93,42 @@ async def test_metrics_count_what_happened(
     assert m[("hapsms_relay_provider_latency_seconds_count", (("provider", "api"),))] == 4
     assert m[("hapsms_relay_queue_depth", ())] == 0
     assert sum(v for (name, _), v in m.items() if name == "hapsms_relay_requests_total") == 4
+
+
+async def test_oldest_age_is_how_long_the_oldest_message_waits(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, fake_api: FakeAPI
+) -> None:
+    """hapsms_relay_queue_oldest_age_seconds is how long the oldest message not yet sent has
+    waited, by the relay's clock at the scrape: 0 with none, growing while one waits for a
+    provider that refuses it, 0 again once it is sent."""
+    up = {"ok": False}
+    fake_api.respond = lambda rec: Reply() if up["ok"] else Reply(503, {"error": "busy"})
+    clock = ManualClock()
+    doc = base_config(tmp_path, providers=[http_provider("api", fake_api.url)],
+                      routes={"sms": ["api"]}, breaker={"failures": 0},
+                      queue={"retry_base": "20s", "retry_max": "20s"})
+    relay = await relay_factory(doc, clock=clock)
+    age, depth = ("hapsms_relay_queue_oldest_age_seconds", ()), ("hapsms_relay_queue_depth", ())
+    assert (await _metrics(session, relay.url))[age] == 0
+    assert (await relay.post(session, SMS_BODY))[0] == 200
+    await eventually(lambda: len(fake_api.requests) == 1, what="the first attempt")
+    await relay.caught_up()
+    assert (await _metrics(session, relay.url))[age] == 0  # accepted just now
+    clock.advance(45)
+    m = await _metrics(session, relay.url)
+    assert (m[age], m[depth]) == (45, 1)
+    await relay.caught_up()  # retried (and refused) meanwhile: it still waits
+    clock.advance(30)
+    assert (await _metrics(session, relay.url))[age] == 75
+    up["ok"] = True
+    for _ in range(10):  # until its retry is due
+        await relay.caught_up()
+        if fake_api.accepted:
+            break
+        clock.advance(5)
+    await eventually(lambda: relay.relay.outbox.undelivered == 0, what="the message sent")
+    m = await _metrics(session, relay.url)
+    assert (m[age], m[depth]) == (0, 0)
 
 
 async def test_docs_list_the_metrics_there_are(
