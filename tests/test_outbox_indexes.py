@@ -37,19 +37,19 @@ async def test_sqlite_finds_the_oldest_undelivered_by_index(tmp_path: Path) -> N
 
 async def test_postgres_upgrade_adds_the_index_of_the_oldest(pg_server: PostgresServer,
                                                               pg_url: str) -> None:
-    """A schema-3 database is upgraded to schema 4 with hapsms_pending_created, and the
+    """A schema-4 database is upgraded to schema 5 with hapsms_pending_created, and the
     recount reads the oldest pending entry from it, however many entries were sent."""
     name = PostgresServer.name(pg_url)
     box = PostgresOutbox(Secret(pg_url), clock=ManualClock())
     await box.open()
     await box.close()
     pg_server.sql("DROP INDEX hapsms_pending_created", name)
-    pg_server.sql("UPDATE hapsms_meta SET value = '3' WHERE key = 'schema'", name)
+    pg_server.sql("UPDATE hapsms_meta SET value = '4' WHERE key = 'schema'", name)
     box = PostgresOutbox(Secret(pg_url), clock=ManualClock())
     await box.open()
     await box.close()
     assert pg_server.sql("SELECT value FROM hapsms_meta WHERE key = 'schema'", name) \
-        == str(outbox_postgres.SCHEMA_VERSION) == "4"
+        == str(outbox_postgres.SCHEMA_VERSION) == "5"
     # 100,000 entries sent, then ten waiting and ten in flight: what a busy day leaves
     pg_server.sql(
         "INSERT INTO hapsms_messages (id, batch, kind, recipient, region, national, text, "
