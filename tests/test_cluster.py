@@ -128,7 +128,7 @@ async def test_postgres_restart_immediate_under_load(
         load = Load(session, relays)
         posting = asyncio.create_task(load.run(800, concurrency=4))
         await eventually(lambda: len(load.acked) >= 100, what="posts acknowledged")
-        pg_server.stop("immediate")
+        await asyncio.to_thread(pg_server.stop, "immediate")
         try:
             await eventually(lambda: load.refused[503] >= 5, what="503 while the database is down")
 
@@ -137,7 +137,7 @@ async def test_postgres_restart_immediate_under_load(
                     return r.status == 503
             await eventually(not_ready, what="/readyz not ready")
         finally:
-            pg_server.start()
+            await asyncio.to_thread(pg_server.start)
         await posting
 
         async def ready() -> bool:

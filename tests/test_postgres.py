@@ -153,7 +153,7 @@ async def test_database_down_then_back(tmp_path: Path, pg_server: PostgresServer
     relay = await relay_factory(_doc(pg_config(tmp_path, pg_url, fake_api)))
     assert (await relay.post(session, SMS_BODY))[0] == 200
     await eventually(lambda: len(fake_api.accepted) == 1, what="the first delivery")
-    pg_server.stop("immediate")
+    await asyncio.to_thread(pg_server.stop, "immediate")
     try:
         status, body = await relay.post(session, SMS_BODY)
         assert status == 503 and body["error"] == "storage_unavailable"
@@ -165,7 +165,7 @@ async def test_database_down_then_back(tmp_path: Path, pg_server: PostgresServer
 
         await eventually(not_ready, what="/readyz not ready")
     finally:
-        pg_server.start()
+        await asyncio.to_thread(pg_server.start)
 
     async def accepted() -> bool:
         return (await relay.post(session, SMS_BODY))[0] == 200
@@ -221,12 +221,12 @@ async def test_outcome_write_lost_with_the_database_is_sent_again(
     status, answer = await relay.post(session, SMS_BODY)
     assert status == 200
     await eventually(lambda: len(fake_api.requests) == 1, what="the send under way")
-    pg_server.stop("immediate")
+    await asyncio.to_thread(pg_server.stop, "immediate")
     try:
         await eventually(lambda: len(fake_api.accepted) == 1, what="the send done")
         await eventually(lambda: "outbox_update_failed" in caplog.text, what="the lost outcome")
     finally:
-        pg_server.start()
+        await asyncio.to_thread(pg_server.start)
 
     async def sent() -> bool:
         try:
