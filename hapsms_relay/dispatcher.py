@@ -194,8 +194,7 @@ class Dispatcher:
             # Claim in batches: wait until a quarter of the workers are free (or none is
             # busy) rather than claiming one entry per finished delivery; a claim is a
             # transaction, and one per message cost more than the message's status update.
-            low_water = workers - max(1, workers // 4)  # as _free reckons it
-            if self.paused or (self._busy and self._busy > low_water):
+            if self.paused or (self._busy and self._busy > _low_water(workers)):
                 await self._sleep(IDLE_POLL)
                 workers = self.config.queue.workers
                 continue
@@ -278,8 +277,7 @@ class Dispatcher:
         nothing is a round trip to the outbox for nothing."""
         if not cost:
             return
-        workers = self.config.queue.workers
-        low_water = workers - max(1, workers // 4)
+        low_water = _low_water(self.config.queue.workers)
         before = self._busy
         self._busy -= cost
         if self._held or self._stopping or before > low_water >= self._busy:
@@ -597,6 +595,11 @@ def make_message(e: Entry, provider: Provider, voice_fallback_text: str) -> Mess
         kind: Kind = "voice" if provider.supports_voice else "sms"
         return Message(e.id, kind, e.recipient, e.region, e.national, text, "", e.code)
     return Message(e.id, "sms", e.recipient, e.region, e.national, e.text, e.signature, "")
+
+
+def _low_water(workers: int) -> int:
+    """Workers busy at most for the claim loop to claim again: a quarter of them free."""
+    return workers - max(1, workers // 4)
 
 
 def _kind(e: Entry) -> str:
