@@ -266,7 +266,7 @@ class _Op:
         self.fn = fn  # a function of the connection, or None for an enqueue or a merged write
         self.piped = piped  # or one that runs in the pipeline
         self.sql = sql  # a write merged with its like (executemany); None: an enqueue
-        self.args = args  # an enqueue's: _Enqueue
+        self.args = args  # an enqueue's (_Enqueue), a sent call's (_Sends)
         self.fut = fut
 
 
@@ -287,6 +287,15 @@ class _Enqueue:
         self.entries, self.now, self.ttl, self.keys, self.note = entries, now, ttl, keys, note
         self.since, self.history, self.decide = since, history, decide
         self.max_pending = max_pending
+
+
+class _Sends(NamedTuple):
+    """One ``sent`` call's rows: the sends of a batch are written together."""
+
+    ids: list[int]
+    events: list[tuple[Any, ...]]
+    updates: list[dict[str, Any]]
+    refs: list[tuple[str, str, int]]
 
 
 class _Admission:
@@ -490,8 +499,7 @@ class PostgresOutbox:
         so a batch of enqueues costs two round trips (admission's reads, then every write
         and the COMMIT) whatever its size, where it took one per statement (eight or more)."""
         results: list[Any] = [None] * len(batch)
-        enqueues = [i for i, op in enumerate(batch)
-                    if op.fn is None and op.sql is None and op.piped is None]
+        enqueues = [i for i, op in enumerate(batch) if isinstance(op.args, _Enqueue)]
         # functions of the connection read their results (row counts among them) as they go:
         # they run after the pipeline, and the COMMIT with them
         fns = [i for i, op in enumerate(batch) if op.fn is not None]
@@ -507,6 +515,9 @@ class PostgresOutbox:
             async with conn.cursor() as cur:
                 for sql, params in merged.items():
                     await cur.executemany(sql, params)
+            sends = [op.args for op in batch if isinstance(op.args, _Sends)]
+            if sends:
+                await self._record_sent(conn, sends)
             collect = {i: await op.piped(conn) for i, op in enumerate(batch)
                        if op.piped is not None}
             if not fns:
@@ -586,6 +597,25 @@ class PostgresOutbox:
                 await c.executemany(
                     "UPDATE hapsms_replies SET ids = %s, note = %s WHERE key = %s", answers)
         return results
+
+    async def _record_sent(self, conn: Conn, sends: list[_Sends]) -> None:
+        """The ``sent`` calls of a batch in four statements whatever their number (a
+        statement per call and table cost more than the rows themselves): the entries
+        locked, in order, and those still undelivered (not those another relay had recorded
+        sent already) out of the count, in one statement (in the pipeline no row count
+        comes back before the COMMIT); their history, their state, the provider's ids."""
+        ids = sorted(i for s in sends for i in s.ids)
+        await conn.execute(
+            "WITH e AS (SELECT id, state FROM hapsms_messages WHERE id = ANY(%s) ORDER BY id "
+            "FOR UPDATE) INSERT INTO hapsms_pending SELECT %s, -count(*) FROM e "
+            f"WHERE state IN (0, 1) {_ADDED}", (ids, self.node))
+        async with conn.cursor() as cur:
+            await cur.executemany(_INSERT_EVENT, [e for s in sends for e in s.events])
+            await cur.executemany(_SENT, [u for s in sends for u in s.updates])
+            refs = [r for s in sends for r in s.refs]
+            if refs:
+                await cur.executemany(
+                    "INSERT INTO hapsms_refs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", refs)
 
     async def _admit_reads(self, conn: Conn, reqs: list[_Enqueue]) -> _Admission:
         """Admission's reads, queued in the pipeline: the batch's numbers locked (in order:
@@ -750,23 +780,7 @@ class PostgresOutbox:
         updates = [{"id": s.id, "parts": len(s.refs), "refs": " ".join(s.refs),
                     "segments": s.segments, "provider": provider, "now": now} for s in entries]
         refs = [(provider, ref, s.id) for s in entries for ref in s.refs if ref]
-
-        async def run(conn: Conn) -> None:
-            # the entries locked, and those still undelivered (not those another relay had
-            # recorded sent already) leave the count, in one statement: in the pipeline no
-            # row count comes back before the COMMIT
-            await conn.execute(
-                "WITH e AS (SELECT id, state FROM hapsms_messages WHERE id = ANY(%s) ORDER BY id "
-                "FOR UPDATE) INSERT INTO hapsms_pending SELECT %s, -count(*) FROM e "
-                f"WHERE state IN (0, 1) {_ADDED}", (ids, self.node))
-            async with conn.cursor() as cur:
-                await cur.executemany(_INSERT_EVENT, events)
-                await cur.executemany(_SENT, updates)
-                if refs:
-                    await cur.executemany(
-                        "INSERT INTO hapsms_refs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", refs)
-
-        await self._pipe(run)
+        await self._submit(None, None, _Sends(ids, events, updates, refs))
         self._backlog.removed(len(entries))
 
     async def retry(self, owner: str, id: int, due: float, provider: str, error: str,
