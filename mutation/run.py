@@ -136,6 +136,11 @@ def scratch(module: Module) -> Path:
         # 5x the test's own time + 3 s, and counts as caught (the suite did not pass)
         "timeout_multiplier = 5", "timeout_constant = 3",
         "use_git_change_detection = false",
+        # each mutant's tests in a process that has collected the tests but run none: forked
+        # from mutmut's own process, they would inherit the caches its first full pass filled
+        # (number masks, normalised numbers), and a mutant of the code behind a cache would
+        # never run on the inputs the tests had already used
+        "process_isolation = forkserver", "forkserver_warmup = collect",
         # mypy --strict is part of `make test`: a mutant it refuses is caught without a test
         "type_check_command =", "    mypy", "    --output", "    json", "    --no-warn-unused-ignores",
         "    hapsms_relay",
