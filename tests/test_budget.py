@@ -186,3 +186,34 @@ def test_segments_seeded_at_start() -> None:
     b, _, metrics = budget(daily_segment_budget=10)
     b.load({"a": (3, 7)})
     assert b.left(ALL, "segments") == 3 and segments_left(metrics, ALL) == 3
+
+
+def test_segments_that_fit_exactly_go() -> None:
+    """Messages whose expected segments add up to exactly what is left all go; one more
+    segment would not."""
+    b, _, _ = budget(provider_segment_budgets={"a": 5})
+    assert b.reserve("a", 3, [2, 3, 1]) == 2
+    assert b.left("a", "segments") == 0
+
+
+def test_a_round_that_sent_nothing_counts_no_segments() -> None:
+    """A round settled with its reserved segments and nothing sent (the dispatcher's failed
+    round) gives them all back and counts none."""
+    b, _, _ = budget(daily_segment_budget=5)
+    assert b.reserve("a", 1, [2]) == 1 and b.left(ALL, "segments") == 3
+    b.settle("a", 1, 0, 2)
+    assert b.left(ALL, "segments") == 5
+
+
+def test_warnings_name_the_unit_only_for_segments(caplog) -> None:
+    """budget_low and budget_exhausted of a segment budget say unit=segments; those of a
+    message budget say no unit (messages being the default)."""
+    b, _, _ = budget(daily_budget=2, daily_segment_budget=4, budget_warning=0.5)
+    b.settle("a", b.reserve("a", 1, [2]), 1, 2, 2)
+    b.settle("a", b.reserve("a", 1, [2]), 1, 2, 2)
+    assert caplog.messages == [
+        "budget_low provider=all used=1 budget=2",
+        "budget_low provider=all used=2 budget=4 unit=segments",
+        "budget_exhausted provider=all used=2 budget=2 then=hold",
+        "budget_exhausted provider=all used=4 budget=4 then=hold unit=segments",
+    ]
