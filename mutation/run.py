@@ -66,13 +66,20 @@ class Module:
     name: str
     path: str
     tests: tuple[str, ...]
+    quick_tests: tuple[str, ...]  # the tests of the quick (CI) run: ``tests`` unless narrowed
     functions: tuple[str, ...]  # only these ("classify", "TwilioProvider.classify"); (): all
     quick: bool
     target: float
+    batch: str  # modules of one batch are mutated in one mutmut run (same tests, functions)
+
+    @property
+    def dotted(self) -> str:
+        """``hapsms_relay/providers/aliyun.py`` -> ``hapsms_relay.providers.aliyun``."""
+        return self.path.removesuffix(".py").replace("/", ".")
 
     def patterns(self) -> list[str]:
         """mutmut's mutant-name globs for ``functions``."""
-        return [f"*.x{'ǁ' + f.replace('.', 'ǁ') if '.' in f else '_' + f}__mutmut_*"
+        return [f"{self.dotted}.x{'ǁ' + f.replace('.', 'ǁ') if '.' in f else '_' + f}__mutmut_*"
                 for f in self.functions]
 
 
@@ -90,19 +97,30 @@ class Mutant:
 
     @property
     def change(self) -> str:
-        """The mutated line(s), stripped: what ``accepted.toml`` matches on."""
-        return " / ".join(x[1:].strip() for x in self.diff.splitlines()
-                          if x.startswith("+") and not x.startswith("+++"))
+        """The mutated line(s), stripped: what ``accepted.toml`` matches on; a mutant that
+        only deletes says ``removed:`` and the deleted line(s)."""
+        lines = self.diff.splitlines()
+        added = [x[1:].strip() for x in lines if x.startswith("+") and not x.startswith("+++")]
+        if added:
+            return " / ".join(added)
+        return "removed: " + " / ".join(x[1:].strip() for x in lines
+                                        if x.startswith("-") and not x.startswith("---"))
 
 
 def load_scope() -> tuple[list[Module], float]:
     doc = tomllib.loads((HERE / "scope.toml").read_text(encoding="utf-8"))
     target = float(doc["target"])
     modules = [
-        Module(name, m["path"], tuple(m["tests"]), tuple(m.get("functions", ())),
-               bool(m.get("quick", False)), float(m.get("target", target)))
+        Module(name, m["path"], tuple(m["tests"]), tuple(m.get("quick_tests", m["tests"])),
+               tuple(m.get("functions", ())), bool(m.get("quick", False)),
+               float(m.get("target", target)), m.get("batch", name))
         for name, m in doc["modules"].items()
     ]
+    for b in {m.batch for m in modules}:
+        group = [m for m in modules if m.batch == b]
+        if len(group) > 1 and (len({(m.tests, m.quick_tests) for m in group}) > 1
+                               or not all(m.functions for m in group)):
+            sys.exit(f"mutation: the modules of batch {b!r} need the same tests and functions lists")
     return modules, target
 
 
@@ -112,9 +130,11 @@ def load_accepted() -> dict[tuple[str, str, str], str]:
     return {(a["module"], a["function"], a["change"]): a["reason"] for a in doc.get("survivor", [])}
 
 
-def scratch(module: Module) -> Path:
-    """A fresh copy of the project for one module, with mutmut's settings in its setup.cfg."""
-    work = WORK / module.name
+def scratch(group: list[Module], quick: bool) -> Path:
+    """A fresh copy of the project for one batch of modules, with mutmut's settings in its
+    setup.cfg."""
+    module = group[0]
+    work = WORK / module.batch
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     # the project's files as git sees them (tracked, and new ones not ignored)
@@ -128,14 +148,20 @@ def scratch(module: Module) -> Path:
     settings = "\n".join([
         "", "[mutmut]",
         "source_paths = hapsms_relay",
-        f"only_mutate = {module.path}",
-        "pytest_add_cli_args_test_selection =", *(f"    {t}" for t in module.tests),
+        "only_mutate =", *(f"    {m.path}" for m in group),
+        "pytest_add_cli_args_test_selection =",
+        *(f"    {t}" for t in (module.quick_tests if quick else module.tests)),
         # -p no:cacheprovider: mutants must not write a shared .pytest_cache
         "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
         # a mutant that slows a test down (a loop bound, a wait never woken) is cut at
         # 5x the test's own time + 3 s, and counts as caught (the suite did not pass)
         "timeout_multiplier = 5", "timeout_constant = 3",
         "use_git_change_detection = false",
+        # each mutant's tests in a process that has collected the tests but run none: forked
+        # from mutmut's own process, they would inherit the caches its first full pass filled
+        # (number masks, normalised numbers), and a mutant of the code behind a cache would
+        # never run on the inputs the tests had already used
+        "process_isolation = forkserver", "forkserver_warmup = collect",
         # mypy --strict is part of `make test`: a mutant it refuses is caught without a test
         "type_check_command =", "    mypy", "    --output", "    json", "    --no-warn-unused-ignores",
         "    hapsms_relay",
@@ -146,26 +172,56 @@ def scratch(module: Module) -> Path:
     return work
 
 
-def run_module(module: Module, mutmut: Path, python: Path, children: int) -> list[Mutant]:
-    work = scratch(module)
+def run_batch(group: list[Module], mutmut: Path, python: Path, children: int,
+              quick: bool) -> dict[str, list[Mutant]]:
+    """Each module's mutants (of its ``functions``, if named), by module name."""
+    work = scratch(group, quick)
+    name = group[0].batch
     # mutmut looks the type checker up on PATH by the name "mypy"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
            "PATH": f"{mutmut.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = work / "mutmut.log"
     with log.open("w") as out:
         done = subprocess.run([str(mutmut), "run", "--max-children", str(children),
-                               *module.patterns()], cwd=work,
+                               *(p for m in group for p in m.patterns())], cwd=work,
                               env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        sys.exit(f"mutation: mutmut failed on {module.name} (exit {done.returncode}); see {log}")
+        sys.exit(f"mutation: mutmut failed on {name} (exit {done.returncode}); see {log}")
     export = subprocess.run([str(python), "-c", _EXPORT], cwd=work, env=env, capture_output=True,
                             text=True, check=False)
     if export.returncode != 0:
-        sys.exit(f"mutation: reading mutmut's results for {module.name} failed:\n{export.stderr}")
-    mutants = [Mutant(**m) for m in json.loads(export.stdout)]
-    if module.functions:
-        mutants = [m for m in mutants if m.function in module.functions]
-    return mutants
+        sys.exit(f"mutation: reading mutmut's results for {name} failed:\n{export.stderr}")
+    every = [Mutant(**m) for m in json.loads(export.stdout)]
+    return {
+        module.name: [m for m in every if m.name.startswith(module.dotted + ".")
+                      and (not module.functions or m.function in module.functions)]
+        for module in group
+    }
+
+
+def judge(module: Module, mutants: list[Mutant], accepted: dict[tuple[str, str, str], str],
+          matched: set[tuple[str, str, str]], survivors: list[str],
+          took: str) -> tuple[str, int, float]:
+    """A module's report line, its unexplained survivors and its score; its survivors are
+    added to ``survivors`` and the explanations they used to ``matched``."""
+    killed = sum(m.status in KILLED for m in mutants)
+    total = len(mutants)
+    score = 100.0 * killed / total if total else 100.0
+    unexplained = 0
+    for m in mutants:
+        if m.status in KILLED:
+            continue
+        reason = accepted.get((module.name, m.function, m.change))
+        if reason is None:
+            unexplained += 1
+        else:
+            matched.add((module.name, m.function, m.change))
+        survivors.append(f"{module.name} {m.function} [{m.status}] "
+                         f"{reason or 'UNEXPLAINED: kill it with a test, or list it in accepted.toml'}\n"
+                         f"    {m.name}\n    change: {m.change}\n")
+    line = (f"{module.name:<15} {score:5.1f}% killed  {killed:4d}/{total:<4d} "
+            f"not killed {total - killed:3d} (unexplained {unexplained})  {took}")
+    return line, unexplained, score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,31 +244,29 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = []
     survivors: list[str] = []
     failed: list[str] = []
-    for module in chosen:
+    matched: set[tuple[str, str, str]] = set()
+    for batch in dict.fromkeys(mod.batch for mod in chosen):
+        group = [mod for mod in chosen if mod.batch == batch]
         started = time.monotonic()
-        mutants = run_module(module, mutmut, python, args.max_children)
-        seconds = time.monotonic() - started
-        killed = sum(m.status in KILLED for m in mutants)
-        total = len(mutants)
-        score = 100.0 * killed / total if total else 100.0
-        unexplained = 0
-        for m in mutants:
-            if m.status in KILLED:
-                continue
-            reason = accepted.get((module.name, m.function, m.change))
-            if reason is None:
-                unexplained += 1
-            survivors.append(f"{module.name} {m.function} [{m.status}] "
-                             f"{reason or 'UNEXPLAINED: kill it with a test, or list it in accepted.toml'}\n"
-                             f"    {m.name}\n    change: {m.change}\n")
-        line = (f"{module.name:<12} {score:5.1f}% killed  {killed:4d}/{total:<4d} "
-                f"not killed {total - killed:3d} (unexplained {unexplained})  {seconds:5.0f}s")
-        print(line, flush=True)
-        lines.append(line)
-        if score < module.target:
-            failed.append(f"{module.name}: {score:.1f}% killed, under the {module.target:g}% target")
-        if unexplained and not args.quick:  # CI's quick run gates on the score alone
-            failed.append(f"{module.name}: {unexplained} survivor(s) not in mutation/accepted.toml")
+        results = run_batch(group, mutmut, python, args.max_children, args.quick)
+        seconds = f"{time.monotonic() - started:5.0f}s"
+        for module in group:  # one mutmut run for a batch: its time on the batch's last line
+            took = seconds if module is group[-1] else f"(with {group[-1].name})"
+            line, unexplained, score = judge(module, results[module.name], accepted, matched,
+                                             survivors, took)
+            print(line, flush=True)
+            lines.append(line)
+            if score < module.target:
+                failed.append(f"{module.name}: {score:.1f}% killed, under the {module.target:g}% target")
+            if unexplained and not args.quick:  # CI's quick run gates on the score alone
+                failed.append(f"{module.name}: {unexplained} survivor(s) not in mutation/accepted.toml")
+
+    # an explanation whose mutant no longer survives (killed, or its line rewritten) goes
+    stale = [] if args.quick else sorted(
+        k for k in accepted if k[0] in {m.name for m in chosen} and k not in matched)
+    for module_name, function, change in stale:
+        failed.append(f"{module_name}: accepted.toml explains a survivor there is no more: "
+                      f"{function}: {change}")
 
     REPORT.write_text("\n".join(lines) + "\n", encoding="utf-8")
     SURVIVORS.write_text("".join(survivors) or "none\n", encoding="utf-8")

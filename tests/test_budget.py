@@ -224,6 +224,37 @@ def test_segments_seeded_at_start(memory_budget: Make) -> None:
     assert b.left(ALL, "segments") == 3 and segments_left(metrics, ALL) == 3
 
 
+async def test_segments_that_fit_exactly_go(budget: Make) -> None:
+    """Messages whose expected segments add up to exactly what is left all go; one more
+    segment would not."""
+    b, _, _ = budget(provider_segment_budgets={"a": 5})
+    assert await b.reserve("a", 3, [2, 3, 1]) == 2
+    assert b.left("a", "segments") == 0
+
+
+async def test_a_round_that_sent_nothing_counts_no_segments(budget: Make) -> None:
+    """A round settled with its reserved segments and nothing sent (the dispatcher's failed
+    round) gives them all back and counts none."""
+    b, _, _ = budget(daily_segment_budget=5)
+    assert await b.reserve("a", 1, [2]) == 1 and b.left(ALL, "segments") == 3
+    await b.settle("a", 1, 0, 2)
+    assert b.left(ALL, "segments") == 5
+
+
+async def test_warnings_name_the_unit_only_for_segments(budget: Make, caplog) -> None:
+    """budget_low and budget_exhausted of a segment budget say unit=segments; those of a
+    message budget say no unit (messages being the default)."""
+    b, _, _ = budget(daily_budget=2, daily_segment_budget=4, budget_warning=0.5)
+    await b.settle("a", await b.reserve("a", 1, [2]), 1, 2, 2)
+    await b.settle("a", await b.reserve("a", 1, [2]), 1, 2, 2)
+    assert caplog.messages == [
+        "budget_low provider=all used=1 budget=2",
+        "budget_low provider=all used=2 budget=4 unit=segments",
+        "budget_exhausted provider=all used=2 budget=2 then=hold",
+        "budget_exhausted provider=all used=4 budget=4 then=hold unit=segments",
+    ]
+
+
 # -- shared by relays: what only a database holds ----------------------------------------------
 
 async def _outboxes(pg_url: str, n: int, clock: ManualClock) -> list[PostgresOutbox]:

@@ -3,8 +3,10 @@ so a line always parses as ``event key=value ...``, and journald's priority pref
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -132,3 +134,132 @@ def test_exceptions_are_one_line_unless_debug() -> None:
     assert text.startswith('<3>internal_error "Traceback (most recent call last):\\n')
     assert text.count("\n") == 1  # still one line
     log.setup("debug")
+
+
+class Flushes(io.StringIO):
+    """A stream off a terminal that counts its flushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def isatty(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+@pytest.fixture
+def flushes() -> Iterator[Flushes]:
+    """The relay's lines to a Flushes stream at info level, as in production: set up in the
+    test itself, so that pytest's own log handlers (added for each test phase) are gone."""
+    out = Flushes()
+    yield out
+    log.setup("debug")
+
+
+def test_outside_a_loop_each_line_is_flushed_at_once(flushes: Flushes) -> None:
+    """With no event loop running, every line is flushed as it is written."""
+    log.setup("info", flushes)
+    log.info("a")
+    assert flushes.flushes == 1
+    log.warning("b")
+    log.LOGGER.error("c")  # through logging's own path
+    assert (flushes.getvalue(), flushes.flushes) == ("<6>a\n<4>b\n<3>c\n", 3)
+
+
+async def test_in_a_loop_lines_are_flushed_once_per_turn(flushes: Flushes) -> None:
+    """Inside the event loop the lines of one turn are written at once and flushed once, after
+    the turn; a later turn's lines get a flush of their own."""
+    log.setup("info", flushes)
+    loop = asyncio.get_running_loop()
+    for turn in (1, 2):
+        log.info("a", turn=turn)
+        log.info("b")
+        log.LOGGER.warning("c")
+        assert flushes.flushes == turn - 1  # written, not flushed yet
+        turn_over = loop.create_future()
+        loop.call_soon(turn_over.set_result, None)  # after the flush scheduled by the lines
+        await turn_over
+        assert flushes.flushes == turn
+    assert flushes.getvalue() == "<6>a turn=1\n<6>b\n<4>c\n<6>a turn=2\n<6>b\n<4>c\n"
+
+
+class Recorder(logging.Handler):
+    """A handler of a test's own (as pytest's caplog adds), recording the messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+def test_other_handlers_on_the_root_get_every_line(flushes: Flushes) -> None:
+    """A handler added beside setup's (pytest's caplog) gets each line as a record, with its
+    text; one replacing setup's gets them alone."""
+    log.setup("info", flushes)
+    other = Recorder()
+    logging.getLogger().addHandler(other)
+    log.info("sent", id=1)
+    assert other.lines == ["INFO sent id=1"] and flushes.getvalue() == "<6>sent id=1\n"
+    root = logging.getLogger()
+    root.removeHandler(root.handlers[0])  # setup's handler: the other one is left alone
+    log.warning("dead", id=2)
+    assert other.lines == ["INFO sent id=1", "WARNING dead id=2"]
+    assert flushes.getvalue() == "<6>sent id=1\n"
+    root.removeHandler(other)
+
+
+def test_handlers_and_filters_on_the_relay_logger_are_honoured(flushes: Flushes) -> None:
+    """A handler or a filter on the relay's own logger sees (or drops) its lines as logging
+    would; with propagation off, setup's handler on the root gets none."""
+    log.setup("info", flushes)
+    own = Recorder()
+    log.LOGGER.addHandler(own)
+    try:
+        log.info("one")
+        assert own.lines == ["INFO one"] and flushes.getvalue() == "<6>one\n"
+    finally:
+        log.LOGGER.removeHandler(own)
+    drop = logging.Filter("elsewhere")  # passes only records of another logger
+    log.LOGGER.addFilter(drop)
+    try:
+        log.info("two")
+    finally:
+        log.LOGGER.removeFilter(drop)
+    log.LOGGER.propagate = False
+    try:
+        log.info("three")
+    finally:
+        log.LOGGER.propagate = True
+    log.info("four")
+    assert flushes.getvalue() == "<6>one\n<6>four\n"
+
+
+def test_setup_handler_level_and_filters_are_honoured(flushes: Flushes) -> None:
+    """The handler setup installs keeps logging's own controls: a level set on it drops lines
+    under it, and a filter added to it drops what it refuses."""
+    log.setup("info", flushes)
+    handler = logging.getLogger().handlers[0]
+    handler.setLevel(logging.WARNING)
+    log.info("under")
+    log.warning("at")
+    handler.setLevel(logging.NOTSET)
+    handler.addFilter(logging.Filter("elsewhere"))
+    log.error("filtered")
+    assert flushes.getvalue() == "<4>at\n"
+
+
+@pytest.mark.parametrize("numbers", [
+    ["+1", "+35", "+1354445555", "+44", "+1441234567", "+3", "+35212345"],
+    ["+35212345", "+3", "+1441234567", "+44", "+1354445555", "+35", "+1"],
+])
+def test_a_mask_does_not_depend_on_the_numbers_masked_before(numbers: list[str]) -> None:
+    """Short and long numbers sharing leading digits are masked the same in any order: what
+    is learnt of one number's calling code never decides another's."""
+    expected = {"+1": "+1", "+35": "+*5", "+1354445555": "+1*****5555", "+44": "+44",
+                "+1441234567": "+1*****4567", "+3": "+*", "+35212345": "+352***45"}
+    assert [mask(n) for n in numbers] == [expected[n] for n in numbers]
