@@ -264,7 +264,7 @@ class Dispatcher:
     def _done(self, task: asyncio.Task[None]) -> None:
         ids = self._inflight.pop(task, [])
         self._inflight_entries -= len(ids)
-        self._free(self._costs.pop(task, 0))
+        self._busy -= self._costs.pop(task, 0)  # most gave theirs back already (_calls_done)
         if not task.cancelled() and task.exception() is not None:
             # its entries' leases are no longer renewed: they are claimed again later
             log.error("delivery_task_failed", error=repr(task.exception()))
