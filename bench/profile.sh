@@ -9,7 +9,10 @@ set -e
 cd "$(dirname "$0")/.."; mkdir -p var/prof
 NAME=$1; MODE=${2:-paused}; SCRIPT=${3:-type1.lua}
 W=var/prof/w; mkdir -p $W; rm -f $W/o.db*
-PORT=18181; SINK=18182
+# ports the OS hands out, never fixed ones; every child stopped however the script ends
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port); SINK=$(free_port)
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 cat > $W/relay.toml <<T
 log_level = "info"
 [server]
