@@ -265,7 +265,7 @@ async def queue_command(queue: QueueConfig, region: str, args: argparse.Namespac
             oldest = f"{time.time() - st.oldest_pending:.0f}s" if st.oldest_pending else "-"
             print(f"pending {st.pending}\ninflight {st.inflight}\nsent {st.sent}\n"
                   f"dead {st.dead}\ndelivered {st.delivered}\nundelivered {st.undelivered}\n"
-                  f"oldest_undelivered_age {oldest}")
+                  f"oldest_pending_age {oldest}")
         elif action == "list":
             rows = await outbox.list(State.DEAD if args.dead else None, args.limit)
             for r in rows:

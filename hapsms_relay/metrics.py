@@ -77,7 +77,7 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Messages in the outbox not yet delivered or dead",
+            f"{PREFIX}_queue_depth", "Messages in the outbox waiting to be sent: pending or in flight",
             registry=r,
         )
         self.queue_oldest_age = Gauge(

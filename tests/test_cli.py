@@ -149,8 +149,8 @@ async def test_queue_commands_on_a_running_relay(
 
     code, out, _ = await cli("stats")
     assert code == 0
-    assert out.splitlines()[:6] == ["pending 0", "inflight 0", "sent 1", "dead 1", "delivered 0",
-                                    "undelivered 0"]
+    assert out.splitlines() == ["pending 0", "inflight 0", "sent 1", "dead 1", "delivered 0",
+                                "undelivered 0", "oldest_pending_age -"]
 
     code, out, _ = await cli("list", "--json")
     records = [orjson.loads(line) for line in out.splitlines()]
