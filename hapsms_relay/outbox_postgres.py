@@ -191,20 +191,31 @@ _INSERT_EVENT = (
     "INSERT INTO hapsms_events (entry, at, kind, provider, code, text, latency, status, part) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
+# Any number of events in one statement, a column an array (``_columns``): psycopg's work
+# and a statement's are per statement, and a batch's events cost about one row's.
+_INSERT_EVENTS = (
+    "INSERT INTO hapsms_events (entry, at, kind, provider, code, text, latency, status, part) "
+    "SELECT * FROM unnest(%s::bigint[], %s::float8[], %s::text[], %s::text[], %s::text[], "
+    "%s::text[], %s::float8[], %s::text[], %s::text[])"
+)
+_EVENT_FLOATS = (1, 6)  # at, latency
 # As in the SQLite outbox: a receipt recorded before the send decides the state at once,
-# computed in the statement itself. Each of these runs after the rows were locked (FOR
-# UPDATE) in an earlier statement, so in READ COMMITTED it sees what a concurrent relay's
-# receipt or send committed meanwhile: nothing is lost between two relays.
+# computed in the statement itself; every entry of a batch's sends in one statement (the
+# arrays of ``_Sends.updates``). It and ``_RECEIPT`` run after the rows were locked (FOR
+# UPDATE) in an earlier statement, so in READ COMMITTED it sees what a concurrent relay's receipt or send
+# committed meanwhile: nothing is lost between two relays.
 _SENT = (
-    "UPDATE hapsms_messages SET state = CASE WHEN NOT EXISTS (SELECT 1 FROM hapsms_events "
-    "WHERE entry = %(id)s AND kind = 'receipt') THEN 2 "  # most entries: one look-up
-    "WHEN EXISTS (SELECT 1 FROM hapsms_events WHERE entry = %(id)s AND kind = 'receipt' "
-    "AND provider = %(provider)s AND status = 'undelivered') THEN 5 "
-    "WHEN (SELECT count(DISTINCT part) FROM hapsms_events WHERE entry = %(id)s "
-    "AND kind = 'receipt' AND provider = %(provider)s AND status = 'delivered') "
-    ">= greatest(%(parts)s, 1) THEN 4 ELSE 2 END, "
-    "parts = %(parts)s, refs = %(refs)s, segments = %(segments)s, provider = %(provider)s, "
-    "sent_at = %(now)s, updated = %(now)s WHERE id = %(id)s AND state IN (0, 1)"
+    "UPDATE hapsms_messages m SET state = CASE WHEN NOT EXISTS (SELECT 1 FROM hapsms_events e "
+    "WHERE e.entry = u.id AND e.kind = 'receipt') THEN 2 "  # most entries: one look-up
+    "WHEN EXISTS (SELECT 1 FROM hapsms_events e WHERE e.entry = u.id AND e.kind = 'receipt' "
+    "AND e.provider = u.provider AND e.status = 'undelivered') THEN 5 "
+    "WHEN (SELECT count(DISTINCT e.part) FROM hapsms_events e WHERE e.entry = u.id "
+    "AND e.kind = 'receipt' AND e.provider = u.provider AND e.status = 'delivered') "
+    ">= greatest(u.parts, 1) THEN 4 ELSE 2 END, "
+    "parts = u.parts, refs = u.refs, segments = u.segments, provider = u.provider, "
+    "sent_at = u.now, updated = u.now FROM unnest(%s::bigint[], %s::integer[], %s::text[], "
+    "%s::integer[], %s::text[], %s::float8[]) AS u(id, parts, refs, segments, provider, now) "
+    "WHERE m.id = u.id AND m.state IN (0, 1)"
 )
 _RECEIPT = (
     "UPDATE hapsms_messages SET state = CASE WHEN %(status)s = 'undelivered' THEN 5 "
@@ -293,8 +304,8 @@ class _Sends(NamedTuple):
     """One ``sent`` call's rows: the sends of a batch are written together."""
 
     ids: list[int]
-    events: list[tuple[Any, ...]]
-    updates: list[dict[str, Any]]
+    events: list[tuple[Any, ...]]  # hapsms_events' columns
+    updates: list[tuple[Any, ...]]  # (id, parts, refs, segments, provider, now): _SENT's
     refs: list[tuple[str, str, int]]
 
 
@@ -609,13 +620,19 @@ class PostgresOutbox:
             "WITH e AS (SELECT id, state FROM hapsms_messages WHERE id = ANY(%s) ORDER BY id "
             "FOR UPDATE) INSERT INTO hapsms_pending SELECT %s, -count(*) FROM e "
             f"WHERE state IN (0, 1) {_ADDED}", (ids, self.node))
-        async with conn.cursor() as cur:
-            await cur.executemany(_INSERT_EVENT, [e for s in sends for e in s.events])
-            await cur.executemany(_SENT, [u for s in sends for u in s.updates])
-            refs = [r for s in sends for r in s.refs]
-            if refs:
-                await cur.executemany(
-                    "INSERT INTO hapsms_refs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", refs)
+        await conn.execute(_INSERT_EVENTS, _columns([e for s in sends for e in s.events], 9, _EVENT_FLOATS))
+        # an entry twice in the batch: its first send is recorded, as one statement a call
+        # did (the second found it sent); one UPDATE would apply either
+        first: dict[int, tuple[Any, ...]] = {}
+        for s in sends:
+            for u in s.updates:
+                first.setdefault(u[0], u)
+        await conn.execute(_SENT, _columns(list(first.values()), 6, (5,)))
+        refs = [r for s in sends for r in s.refs]
+        if refs:
+            await conn.execute(
+                "INSERT INTO hapsms_refs SELECT * FROM unnest(%s::text[], %s::text[], "
+                "%s::bigint[]) ON CONFLICT DO NOTHING", _columns(refs, 3))
 
     async def _admit_reads(self, conn: Conn, reqs: list[_Enqueue]) -> _Admission:
         """Admission's reads, queued in the pipeline: the batch's numbers locked (in order:
@@ -777,8 +794,8 @@ class PostgresOutbox:
         events = [(s.id, *_event(e)) for s in entries for e in s.trail]
         events += [(s.id, now, "sent", provider, "", " ".join(s.refs), s.latency, "", "")
                    for s in entries]
-        updates = [{"id": s.id, "parts": len(s.refs), "refs": " ".join(s.refs),
-                    "segments": s.segments, "provider": provider, "now": now} for s in entries]
+        updates = [(s.id, len(s.refs), " ".join(s.refs), s.segments, provider, now)
+                   for s in entries]
         refs = [(provider, ref, s.id) for s in entries for ref in s.refs if ref]
         await self._submit(None, None, _Sends(ids, events, updates, refs))
         self._backlog.removed(len(entries))
@@ -808,8 +825,7 @@ class PostgresOutbox:
                        events: builtins.list[tuple[Any, ...]], *, leaves: bool) -> None:
         """``leaves``: the entry is no longer undelivered once ``sql`` changed it."""
         async def run(conn: Conn) -> None:
-            async with conn.cursor() as cur:
-                await cur.executemany(_INSERT_EVENT, events)
+            await conn.execute(_INSERT_EVENTS, _columns(events, 9, _EVENT_FLOATS))
             if leaves:  # what it changed leaves the count, in the same statement
                 await conn.execute(
                     f"WITH u AS ({sql} RETURNING 1) INSERT INTO hapsms_pending SELECT %s, "
@@ -1090,6 +1106,19 @@ def _row(r: Sequence[Any]) -> Row:
 def _event(e: Event) -> tuple[Any, ...]:
     """An event's columns after ``entry``."""
     return (e.at, e.kind, e.provider, e.code, e.text, e.latency, e.status, e.part)
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int,
+             floats: Sequence[int] = ()) -> list[list[Any]]:
+    """Rows as the arrays of one ``unnest(...)`` statement, a column each; the columns at
+    ``floats`` as floats (psycopg refuses a list that mixes ints and floats, and a clock or
+    a latency may give either)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    cols = [list(c) for c in zip(*rows, strict=True)]
+    for i in floats:
+        cols[i] = [None if v is None else float(v) for v in cols[i]]
+    return cols
 
 
 def _fail(batch: list[_Op], exc: BaseException) -> None:

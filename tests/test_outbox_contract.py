@@ -401,6 +401,38 @@ async def test_receipt_before_the_send_is_recorded(box: Outbox, clock: ManualClo
     assert await state(box, i) == State.DELIVERED
 
 
+async def test_sends_recorded_together_keep_each_entrys_outcome(
+    box: Outbox, clock: ManualClock,
+) -> None:
+    """Several sent calls at once (written together where a backend batches them): each
+    entry gets its own provider, ids, segments, history and state, a receipt that came
+    before its send included, and none stays counted as undelivered."""
+    a, b, c, d = await box.enqueue([sms(n) for n in range(4)], DAY)
+    await box.claim(A, 10, clock.time(), 30)
+    await box.receipt("p", ok(a, "ra"), clock.time())
+    await box.receipt("p", ok(b, "rb", status="undelivered", code="UNDELIV"), clock.time())
+    clock.advance(1)
+    failed = Event(clock.time(), "attempt", "q", "http_500", "down", 0.5)
+    await asyncio.gather(
+        box.sent("p", [Sending(a, ("ra",), 1, 0.1)]),
+        box.sent("p", [Sending(b, ("rb",), 1, 0.2), Sending(c, ("rc1", "rc2"), 2, 0.3, (failed,))]),
+        box.sent("q", [Sending(d, ("rd",), 1, 0.4)]))
+    want = {a: (State.DELIVERED, "p", ("ra",), 1), b: (State.UNDELIVERED, "p", ("rb",), 1),
+            c: (State.SENT, "p", ("rc1", "rc2"), 2), d: (State.SENT, "q", ("rd",), 1)}
+    for i, (st, provider, refs, segments) in want.items():
+        detail = await box.show(i)
+        assert detail is not None
+        assert (detail.row.state, detail.row.provider, detail.refs, detail.segments,
+                detail.sent_at) == (st, provider, refs, segments, clock.time())
+    detail = await box.show(c)
+    assert detail is not None
+    assert [(e.kind, e.provider, e.latency) for e in detail.events] == [
+        ("attempt", "q", 0.5), ("sent", "p", 0.3)]
+    assert (await box.receipt("p", ok(ref="rc2"), clock.time())).id == c
+    assert (await box.receipt("q", ok(ref="rd"), clock.time())).state == State.DELIVERED
+    assert await box.refresh() == 0
+
+
 async def test_find_by_number(box: Outbox, clock: ManualClock) -> None:
     """find gives one number's entries since a time, newest first."""
     first = await box.enqueue([sms(1), sms(2)], DAY)
