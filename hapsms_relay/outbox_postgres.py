@@ -232,11 +232,21 @@ _ENTRY_COLS = (
     "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts,"
     " error"
 )
+# A batch's entries, and as many more undelivered in the count (hapsms_pending): one
+# statement.
 _INSERT = (
-    "INSERT INTO hapsms_messages (id, batch, kind, recipient, region, national, text, signature,"
-    " code, created, due, expires, updated) SELECT * FROM unnest(%s::bigint[], %s::bigint[],"
-    " %s::smallint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
-    " %s::float8[], %s::float8[], %s::float8[], %s::float8[])"
+    "WITH i AS (INSERT INTO hapsms_messages (id, batch, kind, recipient, region, national, text,"
+    " signature, code, created, due, expires, updated) SELECT * FROM unnest(%s::bigint[],"
+    " %s::bigint[], %s::smallint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+    " %s::text[], %s::float8[], %s::float8[], %s::float8[], %s::float8[]) RETURNING 1) "
+    f"INSERT INTO hapsms_pending SELECT %s, count(*) FROM i {_ADDED}"
+)
+# The keys claimed in admission answer for the ids stored: every key of a batch in one
+# statement, each naming its body's ids as a slice of the batch's (lo, hi: 1-based, inclusive).
+_ANSWER = (
+    "UPDATE hapsms_replies r SET ids = (%s::bigint[])[u.lo:u.hi], note = u.note FROM "
+    "unnest(%s::bytea[], %s::integer[], %s::integer[], %s::bytea[]) AS u(key, lo, hi, note) "
+    "WHERE r.key = u.key"
 )
 # A key whose answer expired (not yet cleaned up) answers for the new body.
 _INSERT_REPLY = (
@@ -592,21 +602,19 @@ class PostgresOutbox:
             if r.decide is None:
                 replies.extend((k, ids, r.note, exp, r.now) for k, exp in r.keys)
             elif ids:  # the keys claimed in _admit now answer for these ids
-                answers.extend((ids, notes[n], k) for k, _ in r.keys)
+                answers.extend((k, at - len(ids) + 1, at, notes[n]) for k, _ in r.keys)
             results[n] = Checked(ids, notes[n], False) if r.decide is not None else ids
         for n, res in enumerate(results):
             if isinstance(res, _Same):  # the earlier body's answer (its refusal, if refused)
                 ids, note, _, full = results[res.first]
                 results[n] = Checked(ids, note, bool(ids), full)
         if total:
-            await conn.execute(_INSERT, cols)
-            await conn.execute(_ADD_PENDING, (self.node, total))
-        async with conn.cursor() as c:
-            if replies:
+            await conn.execute(_INSERT, (*cols, self.node))
+        if replies:
+            async with conn.cursor() as c:
                 await c.executemany(_INSERT_REPLY, replies)
-            if answers:
-                await c.executemany(
-                    "UPDATE hapsms_replies SET ids = %s, note = %s WHERE key = %s", answers)
+        if answers:
+            await conn.execute(_ANSWER, (fresh, *_columns(answers, 4)))
         return results
 
     async def _record_sent(self, conn: Conn, sends: list[_Sends]) -> None:

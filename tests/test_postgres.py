@@ -418,3 +418,43 @@ async def test_max_pending_counts_every_change(
     assert await post() == 503  # the count does not know yet
     assert await box.refresh() == 0
     assert [await post(), await post(), await post()] == [200, 200, 503]
+
+
+async def test_keys_of_one_batch_answer_with_their_own_ids(pg_url: str) -> None:
+    """Bodies admitted together, each with its own key and a different number of entries:
+    each key answers again with its own body's ids and note."""
+    from hapsms_relay.kinds import KIND_SMS
+    from hapsms_relay.outbox import Checked, History, NewEntry
+    from hapsms_relay.outbox_postgres import PostgresOutbox
+    from hapsms_relay.secret import Secret
+
+    class Book:
+        def load(self, rows: Any) -> None:
+            pass
+
+    def body(n: int, size: int) -> list[NewEntry]:
+        return [NewEntry(KIND_SMS, f"+86139{n:04d}{i:04d}", "CN", f"139{n:04d}{i:04d}", "hi", "A")
+                for i in range(size)]
+
+    box = PostgresOutbox(Secret(pg_url), node="n")
+    await box.open()
+    try:
+        async def admit(n: int, size: int) -> Checked:
+            entries = body(n, size)
+
+            def decide(book: History) -> tuple[list[NewEntry], bytes]:
+                return entries, f"note {n}".encode()
+
+            return await box.enqueue_checked(
+                entries, 60, keys=[(f"key {n}".encode(), 1e12)], since=0, history=Book,
+                decide=decide, max_pending=1000)
+
+        sizes = [1, 3, 2, 1, 4]
+        first = await asyncio.gather(*(admit(n, size) for n, size in enumerate(sizes)))
+        assert [len(c.ids) for c in first] == sizes
+        assert len({i for c in first for i in c.ids}) == sum(sizes)
+        again = await asyncio.gather(*(admit(n, size) for n, size in enumerate(sizes)))
+        assert [(list(c.ids), c.note, c.duplicate) for c in again] == [
+            (list(c.ids), f"note {n}".encode(), True) for n, c in enumerate(first)]
+    finally:
+        await box.close()
