@@ -200,11 +200,15 @@ _INSERT_EVENTS = (
 )
 _EVENT_FLOATS = (1, 6)  # at, latency
 # As in the SQLite outbox: a receipt recorded before the send decides the state at once,
-# computed in the statement itself; every entry of a batch's sends in one statement (the
-# arrays of ``_Sends.updates``). It and ``_RECEIPT`` run after the rows were locked (FOR
-# UPDATE) in an earlier statement, so in READ COMMITTED it sees what a concurrent relay's receipt or send
-# committed meanwhile: nothing is lost between two relays.
+# computed in the statement itself. A batch's sends are one statement: their events, the
+# provider's ids and every entry's update, each a set of arrays (``_Sends``). It and
+# ``_RECEIPT`` run after the rows were locked (FOR UPDATE) in an earlier statement, so in
+# READ COMMITTED they see what a concurrent relay's receipt or send committed meanwhile:
+# nothing is lost between two relays. (The update does not see the events inserted beside
+# it: it looks for receipts only, and a send inserts none.)
 _SENT = (
+    f"WITH ev AS ({_INSERT_EVENTS}), rf AS (INSERT INTO hapsms_refs SELECT * FROM "
+    "unnest(%s::text[], %s::text[], %s::bigint[]) ON CONFLICT DO NOTHING) "
     "UPDATE hapsms_messages m SET state = CASE WHEN NOT EXISTS (SELECT 1 FROM hapsms_events e "
     "WHERE e.entry = u.id AND e.kind = 'receipt') THEN 2 "  # most entries: one look-up
     "WHEN EXISTS (SELECT 1 FROM hapsms_events e WHERE e.entry = u.id AND e.kind = 'receipt' "
@@ -232,21 +236,21 @@ _ENTRY_COLS = (
     "id, batch, kind, recipient, region, national, text, signature, code, created, expires, attempts,"
     " error"
 )
-# A batch's entries, and as many more undelivered in the count (hapsms_pending): one
-# statement.
-_INSERT = (
-    "WITH i AS (INSERT INTO hapsms_messages (id, batch, kind, recipient, region, national, text,"
-    " signature, code, created, due, expires, updated) SELECT * FROM unnest(%s::bigint[],"
-    " %s::bigint[], %s::smallint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
-    " %s::text[], %s::float8[], %s::float8[], %s::float8[], %s::float8[]) RETURNING 1) "
-    f"INSERT INTO hapsms_pending SELECT %s, count(*) FROM i {_ADDED}"
-)
-# The keys claimed in admission answer for the ids stored: every key of a batch in one
-# statement, each naming its body's ids as a slice of the batch's (lo, hi: 1-based, inclusive).
+# The keys claimed in admission answer for the ids stored: every key of a batch at once,
+# each naming its body's ids as a slice of the batch's (lo, hi: 1-based, inclusive).
 _ANSWER = (
     "UPDATE hapsms_replies r SET ids = (%s::bigint[])[u.lo:u.hi], note = u.note FROM "
     "unnest(%s::bytea[], %s::integer[], %s::integer[], %s::bytea[]) AS u(key, lo, hi, note) "
     "WHERE r.key = u.key"
+)
+# A batch's entries, and as many more undelivered in the count (hapsms_pending), and the
+# keys claimed in admission answering for them (``_ANSWER``): one statement.
+_INSERT = (
+    "WITH i AS (INSERT INTO hapsms_messages (id, batch, kind, recipient, region, national, text,"
+    " signature, code, created, due, expires, updated) SELECT * FROM unnest(%s::bigint[],"
+    " %s::bigint[], %s::smallint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+    " %s::text[], %s::float8[], %s::float8[], %s::float8[], %s::float8[]) RETURNING 1), "
+    f"a AS ({_ANSWER}) INSERT INTO hapsms_pending SELECT %s, count(*) FROM i {_ADDED}"
 )
 # A key whose answer expired (not yet cleaned up) answers for the new body.
 _INSERT_REPLY = (
@@ -608,39 +612,35 @@ class PostgresOutbox:
             if isinstance(res, _Same):  # the earlier body's answer (its refusal, if refused)
                 ids, note, _, full = results[res.first]
                 results[n] = Checked(ids, note, bool(ids), full)
-        if total:
-            await conn.execute(_INSERT, (*cols, self.node))
+        if total:  # answers name ids: there are none without entries
+            await conn.execute(_INSERT, (*cols, fresh, *_columns(answers, 4), self.node))
         if replies:
             async with conn.cursor() as c:
                 await c.executemany(_INSERT_REPLY, replies)
-        if answers:
-            await conn.execute(_ANSWER, (fresh, *_columns(answers, 4)))
         return results
 
     async def _record_sent(self, conn: Conn, sends: list[_Sends]) -> None:
-        """The ``sent`` calls of a batch in four statements whatever their number (a
+        """The ``sent`` calls of a batch in two statements whatever their number (a
         statement per call and table cost more than the rows themselves): the entries
         locked, in order, and those still undelivered (not those another relay had recorded
         sent already) out of the count, in one statement (in the pipeline no row count
-        comes back before the COMMIT); their history, their state, the provider's ids."""
+        comes back before the COMMIT); their history, the provider's ids and their state
+        in the other (``_SENT``)."""
         ids = sorted(i for s in sends for i in s.ids)
         await conn.execute(
             "WITH e AS (SELECT id, state FROM hapsms_messages WHERE id = ANY(%s) ORDER BY id "
             "FOR UPDATE) INSERT INTO hapsms_pending SELECT %s, -count(*) FROM e "
             f"WHERE state IN (0, 1) {_ADDED}", (ids, self.node))
-        await conn.execute(_INSERT_EVENTS, _columns([e for s in sends for e in s.events], 9, _EVENT_FLOATS))
         # an entry twice in the batch: its first send is recorded, as one statement a call
         # did (the second found it sent); one UPDATE would apply either
         first: dict[int, tuple[Any, ...]] = {}
         for s in sends:
             for u in s.updates:
                 first.setdefault(u[0], u)
-        await conn.execute(_SENT, _columns(list(first.values()), 6, (5,)))
-        refs = [r for s in sends for r in s.refs]
-        if refs:
-            await conn.execute(
-                "INSERT INTO hapsms_refs SELECT * FROM unnest(%s::text[], %s::text[], "
-                "%s::bigint[]) ON CONFLICT DO NOTHING", _columns(refs, 3))
+        await conn.execute(_SENT, (
+            *_columns([e for s in sends for e in s.events], 9, _EVENT_FLOATS),
+            *_columns([r for s in sends for r in s.refs], 3),
+            *_columns(list(first.values()), 6, (5,))))
 
     async def _admit_reads(self, conn: Conn, reqs: list[_Enqueue]) -> _Admission:
         """Admission's reads, queued in the pipeline: the batch's numbers locked (in order:
