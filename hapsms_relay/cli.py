@@ -352,7 +352,7 @@ async def import_sqlite(cfg: Config, path: str) -> int:
     from hapsms_relay.outbox_postgres import PostgresOutbox
     from hapsms_relay.outbox_sqlite import export
 
-    outbox = storage.outbox(cfg.queue, admin=True)
+    outbox = storage.outbox(cfg.queue)  # creates the schema in an empty database
     if not isinstance(outbox, PostgresOutbox):
         print("hapsms-relay: queue import-sqlite copies into PostgreSQL: run it with the "
               "cluster's config (queue.backend = \"postgres\")", file=sys.stderr)

@@ -439,6 +439,10 @@ class PostgresOutbox:
 
     async def _upgrade(self, conn: Conn) -> bool:
         version = await self._version(conn)
+        if not version and self._admin:
+            # as with SQLite: a queue command does not create the outbox a relay would own
+            raise StorageError("there is no outbox in this database (queue.url) yet; a relay "
+                               "creates it when it starts, and queue import-sqlite copies one in")
         if version < SCHEMA_VERSION:
             await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _SCHEMA_LOCK)
             version = await self._version(conn)  # another relay may have done it meanwhile

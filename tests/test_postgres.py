@@ -82,6 +82,20 @@ async def test_queue_commands_without_the_database(tmp_path: Path, pg_url: str) 
         assert PG_PASSWORD not in out + err
 
 
+async def test_queue_commands_do_not_create_an_outbox(
+    tmp_path: Path, pg_server: PostgresServer, pg_url: str,
+) -> None:
+    """A queue command on a database no relay has used yet exits 1 and says so, and leaves
+    the database empty (as with SQLite, where it creates no file)."""
+    path = str(write_config(tmp_path, _doc(pg_config(tmp_path, pg_url))))
+    for args in (["queue", "stats"], ["queue", "list", "--dead"], ["queue", "purge", "--dead"]):
+        code, _, err = await run_cli(*args, "--config", path)
+        assert code == 1 and "there is no outbox in this database" in err, (args, err)
+    tables = pg_server.sql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'hapsms%'",
+                           PostgresServer.name(pg_url))
+    assert tables == "0"
+
+
 @pytest.mark.parametrize(("queue", "says"), [
     ({"backend": "postgres"}, r"queue\.url: required"),
     ({"backend": "sqlite", "url": "postgresql:///x"}, r"queue\.url: only used with"),
