@@ -20,6 +20,7 @@ from hapsms_relay.metrics import Metrics
 from hapsms_relay.outbox import NewEntry, Sending
 from hapsms_relay.outbox_postgres import PostgresOutbox
 from hapsms_relay.secret import Secret
+from tests.helpers import eventually
 
 NOON = day_start(time.time()) + 86400 * 2 + 12 * 3600
 
@@ -224,6 +225,16 @@ def test_segments_seeded_at_start(memory_budget: Make) -> None:
     assert b.left(ALL, "segments") == 3 and segments_left(metrics, ALL) == 3
 
 
+async def test_a_round_without_segments_gives_back_none(budget: Make) -> None:
+    """A round that costs no segments (a voice code), settled without naming any, leaves
+    the segments another round reserved where they are."""
+    b, _, _ = budget(daily_segment_budget=5)
+    assert await b.reserve("a", 1, [2]) == 1
+    assert await b.reserve("b", 1, [0]) == 1
+    await b.settle("b", 1, 1)
+    assert b.left(ALL, "segments") == 3
+
+
 async def test_segments_that_fit_exactly_go(budget: Make) -> None:
     """Messages whose expected segments add up to exactly what is left all go; one more
     segment would not."""
@@ -312,6 +323,8 @@ async def test_shared_round_past_midnight_settles_with_its_day(pg_url: str) -> N
         b = SharedBudget(LimitsConfig(daily_budget=10), Metrics(), box, clock)
         assert await b.reserve("a", 6) == 6
         clock.advance(2)
+        await b.refresh()  # the relay has seen the new day (watch) before the round settles
+        assert b.left(ALL) == 10
         await b.settle("a", 6, 2)
         await b.refresh()
         assert b.left(ALL) == 10
@@ -321,3 +334,56 @@ async def test_shared_round_past_midnight_settles_with_its_day(pg_url: str) -> N
         assert before.left(ALL) == 8
     finally:
         await box.close()
+
+
+def test_shared_counts_are_not_loaded() -> None:
+    """A shared budget is never seeded from one relay's outbox: its counts are the
+    database's, read by refresh()."""
+    store = PostgresOutbox(Secret("postgresql:///never-opened"), node="t")
+    shared = SharedBudget(LimitsConfig(daily_budget=10), Metrics(), store, ManualClock(NOON))
+    with pytest.raises(NotImplementedError,
+                       match=r"^a shared budget's counts are in the database: refresh\(\)$"):
+        shared.load({"a": (1, 1)})
+
+
+async def test_watch_refreshes_every_second_and_survives_failures(pg_url: str, caplog) -> None:
+    """watch() reads every relay's counts once a second; a refresh that fails is logged and
+    the next second's is tried again."""
+    clock = ManualClock(NOON)
+    boxes = await _outboxes(pg_url, 2, clock)
+    watching = None
+    try:
+        mine, other = (SharedBudget(LimitsConfig(daily_budget=10), Metrics(), box, clock)
+                       for box in boxes)
+        watching = asyncio.create_task(mine.watch())
+        await other.settle("a", await other.reserve("a", 3), 3)
+        assert mine.left(ALL) == 10  # not seen yet
+        await eventually(lambda: clock.waiting > 0, what="watch waiting")
+        clock.advance(1)
+        await eventually(lambda: mine.left(ALL) == 7, what="the other relay's sends seen")
+        await boxes[0].close()
+        failed = 'budget_refresh_failed error="the outbox is not open"'
+        for times in (1, 2):  # fails, and is tried again a second later
+            await eventually(lambda: clock.waiting > 0, what="watch waiting")
+            clock.advance(1)
+            await eventually(lambda t=times: caplog.text.count(failed) == t,
+                             what=f"failure {times}")
+        assert not watching.done()
+    finally:
+        if watching is not None:
+            watching.cancel()
+        for box in boxes:
+            await box.close()
+
+
+async def test_a_settlement_that_fails_is_logged(pg_url: str, caplog) -> None:
+    """A settlement the database cannot take is logged with the provider and the error; its
+    reservation stands (less is sent, never more)."""
+    clock = ManualClock(NOON)
+    (box,) = await _outboxes(pg_url, 1, clock)
+    b = SharedBudget(LimitsConfig(daily_budget=10), Metrics(), box, clock)
+    assert await b.reserve("a", 4) == 4
+    await box.close()
+    await b.settle("a", 4, 1)
+    assert 'budget_settle_failed provider=a error="the outbox is not open"' in caplog.text
+    assert b.left(ALL) == 6
