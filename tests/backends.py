@@ -4,6 +4,7 @@ throwaway PostgreSQL server."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,12 @@ def sqlite_backend(tmp_path: Path) -> Backend:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the whole session; each test takes a database of its own."""
+    """One PostgreSQL server for the whole session; each test takes a database of its own.
+    With ``HAPSMS_TEST_PG_DIR`` set (mutation/run.py: one server for every mutant's run), the
+    server already running in that directory, left running."""
+    if shared := os.environ.get("HAPSMS_TEST_PG_DIR"):
+        yield PostgresServer(Path(shared))
+        return
     server = PostgresServer()
     server.init()
     server.start()
@@ -45,9 +51,13 @@ def pg_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def pg_url(pg_server: PostgresServer) -> str:
-    """A new, empty database on the session's server."""
-    return pg_server.database()
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A new, empty database on the session's server (dropped after the test when the server
+    outlives the session)."""
+    url = pg_server.database()
+    yield url
+    if os.environ.get("HAPSMS_TEST_PG_DIR"):
+        pg_server.sql(f"DROP DATABASE {pg_server.name(url)} WITH (FORCE)")
 
 
 @pytest.fixture

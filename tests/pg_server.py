@@ -40,9 +40,10 @@ class PostgresServer:
     """``start``, ``stop``, ``restart`` (``-m immediate``: a crash as far as clients see),
     and a fresh database per test from ``database()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path | None = None) -> None:
+        """A new server in a temp dir, or (``directory``) the one already running there."""
         self.bin = bindir()
-        self.dir = Path(tempfile.mkdtemp(prefix="hapsms-pg-"))
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="hapsms-pg-"))
         self.data = self.dir / "data"
         self.socket_dir = self.dir
         self.user = "hapsms"
