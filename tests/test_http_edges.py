@@ -206,3 +206,43 @@ async def test_identity_encoding_is_accepted(tmp_path: Path, relay_factory: Any,
         "Content-Encoding": "identity",
     }) as r:
         assert r.status == 200
+
+
+async def test_declared_length_over_the_limit_is_refused_unread(tmp_path: Path,
+                                                                 relay_factory: Any) -> None:
+    """A Content-Length over max_body_bytes is answered 413 at once, without waiting for a
+    body that may never come (here: never sent, with body_timeout far away)."""
+    relay = await relay_factory(base_config(tmp_path, server={"max_body_bytes": 4096,
+                                                              "body_timeout": "60s"}),
+                                paused=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(relay))
+    try:
+        writer.write(head(length=4097) + BODY[:10])
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert status_line.split(b" ")[1] == b"413", status_line
+    assert relay.relay.outbox.undelivered == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_of_exactly_max_body_bytes_is_accepted(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession, chunked: bool
+) -> None:
+    """max_body_bytes is the largest body accepted, with a Content-Length or chunked: one
+    byte more is 413."""
+    limit = 4096
+    relay = await relay_factory(base_config(tmp_path, server={"max_body_bytes": limit}),
+                                paused=True)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    for size, status in ((limit, 200), (limit + 1, 413)):
+        body = BODY + b" " * (size - len(BODY))  # JSON allows trailing white space
+
+        async def pieces(body: bytes = body) -> Any:
+            for i in range(0, len(body), 1000):
+                yield body[i : i + 1000]
+
+        async with session.post(relay.webhook_url, data=pieces() if chunked else body,
+                                headers=headers) as r:
+            assert r.status == status, await r.text()
+    assert relay.relay.outbox.undelivered == 1

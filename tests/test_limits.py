@@ -139,11 +139,13 @@ async def test_countries(tmp_path: Path, relay_factory, session, limits: dict[st
 ])
 async def test_premium_and_shared_cost_numbers_refused(tmp_path: Path, relay_factory, session,
                                                       number: str, kind: str) -> None:
-    """Premium-rate and shared-cost numbers are refused by default, and nothing is sent."""
+    """Premium-rate and shared-cost numbers are refused by default, an SMS or a voice code,
+    and nothing is sent."""
     relay = await relay_factory(limited(tmp_path))
-    status, body = await relay.post(session, sms(number))
-    assert status == 403 and body["error"] == "number_type_not_allowed"
-    assert kind in body["detail"]
+    for refused in (sms(number), voice(number)):
+        status, body = await relay.post(session, refused)
+        assert status == 403 and body["error"] == "number_type_not_allowed"
+        assert kind in body["detail"]
     assert (await relay.post(session, sms("+12025550123")))[0] == 200
     await eventually(lambda: len(sent(tmp_path)) == 1, what="the allowed one delivered")
     assert sent(tmp_path)[0]["to"] == "+12025550123"

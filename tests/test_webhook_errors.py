@@ -89,6 +89,9 @@ CASES = [
          _sms(Mobiles=["+86 138 0013 8014 ext. 123"])),
     Case("tel: URI", 400, "invalid_number", _sms(Mobiles=["tel:+8613800138014"])),
     Case("emoji in a number", 400, "invalid_number", _voice(Mobile="\U0001f4f113800138014")),
+    # a number is named as sent up to 40 printable characters; longer, its first 40 quoted
+    Case("40-character number", 400, "invalid_number", _sms(Mobiles=["n" * 40])),
+    Case("41-character number", 400, "invalid_number", _sms(Mobiles=["n" * 41])),
     Case("Message missing", 400, "invalid_body", _body({"Mobiles": ["13800138000"]})),
     Case("Message empty", 400, "invalid_body", _sms(Message="  ")),
     Case("Message a number", 400, "invalid_body", _sms(Message=42)),
@@ -134,12 +137,92 @@ CASES = [
          headers={"X-Api-Key": "nope", "Content-Type": "application/json"},
          server={"token_header": "X-Api-Key"}),
     Case("retired token", 401, "unauthorized", headers=JSON_AUTH, server={"tokens": [TOKEN2]}),
+    Case("X-Api-Key mode, no header", 401, "unauthorized",
+         headers={"Content-Type": "application/json"},
+         server={"token_header": "X-Api-Key", "tokens": [TOKEN, "XXXX"]}),
     Case("unknown path", 404, "not_found", path="/sms/webhook/"),
     Case("root path", 404, "not_found", path="/", method="GET"),
     Case("GET on the webhook", 405, "method_not_allowed", method="GET", body=b""),
     Case("PUT on the webhook", 405, "method_not_allowed", method="PUT"),
     Case("POST on /healthz", 405, "method_not_allowed", path="/healthz"),
 ]
+
+
+# What each case's detail starts with: the fault, in words a person fixing HAP's side reads
+# (the field, the number, the limit), JSON errors followed by the parser's own words.
+DETAILS = {
+    "not json": "the body is not valid UTF-8 JSON: ",
+    "empty body": "the body is not valid UTF-8 JSON: ",
+    "invalid utf-8": "the body is not valid UTF-8 JSON: ",
+    "truncated json": "the body is not valid UTF-8 JSON: ",
+    "raw NUL byte": "the body is not valid UTF-8 JSON: ",
+    "escaped NUL in message": "Data.Message and Data.Signature cannot contain NUL",
+    "escaped NUL in signature": "Data.Message and Data.Signature cannot contain NUL",
+    "escaped NUL in number": "Data.Mobiles: '13800\\x00138000' is not a valid phone number",
+    "deeply nested": "the body is not valid UTF-8 JSON: ",
+    "top level list": "expected a JSON object with Type and Data",
+    "top level string": "expected a JSON object with Type and Data",
+    "no Type": "Type must be the number 1 (SMS) or 2 (voice code)",
+    "Type as string": "Type must be the number 1 (SMS) or 2 (voice code)",
+    "Type as true": "Type must be the number 1 (SMS) or 2 (voice code)",
+    "Type as float": "Type must be the number 1 (SMS) or 2 (voice code)",
+    "Type null": "Type must be the number 1 (SMS) or 2 (voice code)",
+    "unknown Type": "Type 3 is not 1 (SMS) or 2 (voice code)",
+    "Type 0": "Type 0 is not 1 (SMS) or 2 (voice code)",
+    "Data missing": "Data must be a JSON object",
+    "Data a list": "Data must be a JSON object",
+    "Mobiles missing": "Data.Mobiles must be a non-empty list of strings",
+    "Mobiles a string": "Data.Mobiles must be a non-empty list of strings",
+    "Mobiles with a number": "Data.Mobiles[0] must be a string",
+    "Mobiles with null": "Data.Mobiles[1] must be a string",
+    "empty Mobiles": "Data.Mobiles must be a non-empty list of strings",
+    "10000 recipients": "Data.Mobiles has 10000 numbers; at most 1000",
+    "bad number": "Data.Mobiles: 12345 is not a valid phone number",
+    "letters for a number": "Data.Mobiles: call me is not a valid phone number",
+    "number with an extension": "Data.Mobiles: +86 138 0013 8014 ext. 123 is not a valid phone number",
+    "tel: URI": "Data.Mobiles: tel:+8613800138014 is not a valid phone number",
+    "emoji in a number": "Data.Mobile: 📱13800138014 is not a valid phone number",
+    "40-character number": f"Data.Mobiles: {'n' * 40} is not a valid phone number",
+    "41-character number": f"Data.Mobiles: '{'n' * 40}' is not a valid phone number",
+    "Message missing": "Data.Message must be a non-empty string",
+    "Message empty": "Data.Message must be a non-empty string",
+    "Message a number": "Data.Message must be a non-empty string",
+    "Message too long": "Data.Message has 2001 characters; at most 2000",
+    "Signature a list": "Data.Signature must be a string",
+    "voice Mobile a list": "Data.Mobile must be a string",
+    "voice bad number": "Data.Mobile: 000 is not a valid phone number",
+    "Code not digits": "Data.Code must be a string of 4 to 10 digits",
+    "Code too short": "Data.Code must be a string of 4 to 10 digits",
+    "Code too long": "Data.Code must be a string of 4 to 10 digits",
+    "Code a number": "Data.Code must be a string of 4 to 10 digits",
+    "Code non-ASCII digits": "Data.Code must be a string of 4 to 10 digits",
+    "Code missing": "Data.Code must be a string of 4 to 10 digits",
+    "10 MB body": "the body exceeds 1048576 bytes",
+    "10 MB chunked body": "the body exceeds 1048576 bytes",
+    "over max_body_bytes": "the body exceeds 512 bytes",
+    "no content type": "send Content-Type: application/json (UTF-8)",
+    "text/plain": "send Content-Type: application/json (UTF-8)",
+    "form content type": "send Content-Type: application/json (UTF-8)",
+    "latin-1 charset": "send Content-Type: application/json (UTF-8)",
+    "gzip on a plain body": "send the body uncompressed (no Content-Encoding)",
+    "deflate on a plain body": "send the body uncompressed (no Content-Encoding)",
+    "brotli": "send the body uncompressed (no Content-Encoding)",
+    "unknown expectation": "the only expectation the relay meets is Expect: 100-continue",
+    "no token": "missing or wrong token; send Authorization: Bearer <token>",
+    "wrong token": "missing or wrong token; send Authorization: Bearer <token>",
+    "token without Bearer": "missing or wrong token; send Authorization: Bearer <token>",
+    "Basic scheme": "missing or wrong token; send Authorization: Bearer <token>",
+    "token prefix": "missing or wrong token; send Authorization: Bearer <token>",
+    "X-Api-Key mode, Bearer sent": "missing or wrong token; send X-Api-Key: <token>",
+    "X-Api-Key mode, wrong key": "missing or wrong token; send X-Api-Key: <token>",
+    "retired token": "missing or wrong token; send Authorization: Bearer <token>",
+    "X-Api-Key mode, no header": "missing or wrong token; send X-Api-Key: <token>",
+    "unknown path": "no endpoint at /sms/webhook/; HAP's webhook is POST /sms/webhook",
+    "root path": "no endpoint at /; HAP's webhook is POST /sms/webhook",
+    "GET on the webhook": "use POST for /sms/webhook",
+    "PUT on the webhook": "use POST for /sms/webhook",
+    "POST on /healthz": "use GET for /healthz",
+}
 
 
 async def _request(session: aiohttp.ClientSession, url: str, case: Case) -> tuple[int, Any, str]:
@@ -172,7 +255,7 @@ async def test_bad_request_is_refused_cleanly(
     url = relay.url + (case.path if case.path is not None else relay.relay.config.server.path)
     status, body, content_type = await _request(session, url, case)
     assert (status, body.get("error")) == (case.status, case.error), body
-    assert body["ok"] is False and isinstance(body["detail"], str) and body["detail"]
+    assert body["ok"] is False and body["detail"].startswith(DETAILS[case.id]), body
     assert set(body) == {"ok", "error", "detail"}
     assert content_type == "application/json"
     stats = await relay.relay.outbox.stats()
