@@ -347,7 +347,7 @@ async def test_slow_body_gets_408(tmp_path: Path, relay_factory) -> None:
     answer = await reader.read()  # the relay answers and closes
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408 ")
-    assert b'"error":"request_timeout"' in answer
+    assert b'"error":"request_timeout","detail":"the body did not arrive within 0.3s"' in answer
     assert relay.relay.outbox.undelivered == 0
 
 

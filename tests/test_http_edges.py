@@ -246,3 +246,18 @@ async def test_a_body_of_exactly_max_body_bytes_is_accepted(
                                 headers=headers) as r:
             assert r.status == status, await r.text()
     assert relay.relay.outbox.undelivered == 1
+
+
+async def test_non_utf8_token_bytes_are_a_wrong_token(tmp_path: Path, relay_factory: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A token header with bytes that are not UTF-8 is compared like any wrong token: 401,
+    logged as auth_failed with the client and the header's name, and no internal error."""
+    relay = await relay_factory(base_config(tmp_path), paused=True)
+    request = head(auth="Authorization: Bearer \xff\xfe", extra="Connection: close\r\n")
+    answer = await exchange(port_of(relay), request.replace("\xff\xfe".encode(), b"\xff\xfe")
+                            + BODY)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split(b" ")[1] == b"401", answer
+    assert orjson.loads(rest.split(b"\r\n\r\n", 1)[1])["error"] == "unauthorized"
+    assert "auth_failed client=127.0.0.1 header=Authorization" in caplog.text
+    assert relay.relay.outbox.undelivered == 0

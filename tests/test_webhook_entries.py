@@ -63,3 +63,25 @@ async def test_voice_code_is_stored_as_its_code(tmp_path: Path, relay_factory: A
 def test_signature_loses_only_a_pair_of_brackets(sent: str, kept: str) -> None:
     """HAP's 【Acme】 or [Acme] is kept as Acme; a bracket without its pair stays."""
     assert strip_signature(sent) == kept
+
+
+async def test_the_largest_body_the_limits_allow_is_stored(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession
+) -> None:
+    """max_recipients numbers and a message of max_message_chars characters are accepted,
+    one more of either is not; a null Signature is no signature."""
+    relay = await relay_factory(base_config(tmp_path, server={"max_recipients": 2,
+                                                              "max_message_chars": 5}),
+                                paused=True)
+
+    def body(mobiles: list[str], message: str) -> dict[str, Any]:
+        return {"Type": 1, "Data": {"Mobiles": mobiles, "Message": message, "Signature": None}}
+
+    two = ["13800138000", "13800138001"]
+    status, answer = await relay.post(session, body(two, "12345"))
+    assert status == 200 and len(answer["ids"]) == 2
+    assert {(e.text, e.signature) for e in await _stored(relay, answer["ids"])} == {("12345", "")}
+    status, answer = await relay.post(session, body([*two, "13800138002"], "12345"))
+    assert (status, answer["error"]) == (400, "too_many_recipients")
+    status, answer = await relay.post(session, body(two, "123456"))
+    assert (status, answer["error"]) == (400, "message_too_long")

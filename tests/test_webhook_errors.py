@@ -305,6 +305,31 @@ async def test_rotation_accepts_every_configured_token(
     assert stats.pending + stats.inflight + stats.sent == 2
 
 
+async def test_unauthorized_says_how_to_authenticate(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession
+) -> None:
+    """A 401 of the Bearer mode carries ``WWW-Authenticate: Bearer``; one of a header of
+    its own (X-Api-Key), no challenge (there is no scheme to name)."""
+    relay = await relay_factory(base_config(tmp_path))
+    async with session.post(relay.webhook_url, json=SMS_BODY) as r:
+        assert r.status == 401 and r.headers.getall("WWW-Authenticate") == ["Bearer"]
+    await relay.stop()
+    relay = await relay_factory(base_config(tmp_path, server={"token_header": "X-Api-Key"}))
+    async with session.post(relay.webhook_url, json=SMS_BODY) as r:
+        assert r.status == 401 and "WWW-Authenticate" not in r.headers
+
+
+async def test_bearer_token_is_all_after_the_scheme(
+    tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession
+) -> None:
+    """What follows ``Bearer `` is the token, spaces and all; its last word alone is not."""
+    relay = await relay_factory(base_config(tmp_path, server={"tokens": ["two words"]}))
+    status, _ = await relay.post(session, SMS_BODY, {"Authorization": "Bearer two words"})
+    assert status == 200
+    status, body = await relay.post(session, SMS_BODY, {"Authorization": "Bearer words"})
+    assert (status, body["error"]) == (401, "unauthorized")
+
+
 async def test_token_header_mode_accepts_the_raw_token(
     tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession
 ) -> None:
