@@ -308,13 +308,12 @@ async def test_sent_keeps_ids_segments_and_history(box: Outbox, clock: ManualClo
     await box.claim(A, 10, clock.time(), 30)
     clock.advance(2)
     failed = Event(clock.time(), "attempt", "a", "http_500", "down", 0.5)
-    await box.sent("b", [Sending(i, ("SM1",), 2, 0.125, (failed,))])
+    await box.sent("b", [Sending(i, ("SM1", "SM2"), 2, 0.125, (failed,))])
     d = await box.show(i)
     assert d is not None
     assert (d.row.state, d.row.provider, d.refs, d.segments, d.sent_at) == (
-        State.SENT, "b", ("SM1",), 2, clock.time())
-    assert [(e.kind, e.provider, e.code, e.latency) for e in d.events] == [
-        ("attempt", "a", "http_500", 0.5), ("sent", "b", "", 0.125)]
+        State.SENT, "b", ("SM1", "SM2"), 2, clock.time())
+    assert d.events == [failed, Event(clock.time(), "sent", "b", "", "SM1 SM2", 0.125)]
     assert await box.show(i + 100) is None
 
 
@@ -322,14 +321,16 @@ async def test_retry_and_dead_append_to_the_history(box: Outbox, clock: ManualCl
     """retry and dead write their step (and the round's attempts) to the history."""
     (i,) = await box.enqueue([sms(1)], DAY)
     await box.claim(A, 10, clock.time(), 30)
-    await box.retry(A, i, clock.time(), "p", "p http_503", [Event(clock.time(), "attempt", "p",
-                                                                  "http_503", "", 0.1)])
+    failed = Event(clock.time(), "attempt", "p", "http_503", "", 0.1)
+    await box.retry(A, i, clock.time(), "p", "p http_503", [failed])
+    retried = clock.time()
+    clock.advance(1)
     await box.claim(A, 10, clock.time(), 30)
     await box.dead(A, i, "p", "p 21211: invalid number")
     d = await box.show(i)
     assert d is not None and d.row.state == State.DEAD
-    assert [(e.kind, e.text) for e in d.events] == [
-        ("attempt", ""), ("retry", "p http_503"), ("dead", "p 21211: invalid number")]
+    assert d.events == [failed, Event(retried, "retry", "p", "", "p http_503"),
+                        Event(clock.time(), "dead", "p", "", "p 21211: invalid number")]
 
 
 async def test_receipt_moves_sent_forward_only(box: Outbox, clock: ManualClock) -> None:
