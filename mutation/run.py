@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,11 @@ REPORT = WORK / "report.txt"
 SURVIVORS = WORK / "survivors.txt"
 # What mutmut copies into mutants/ besides the package (tests read docs and configs).
 ALSO_COPY = ("tests", "README.md", "docs", "systemd", "examples", "pyproject.toml")
+
+# accepted.toml's key for its ``[[sql_case]]`` explanations, and what looks like SQL (written
+# in capitals here)
+SQL_CASE = "only the letter case of SQL"
+_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|WHERE|FROM|SET)\b")
 
 # What counts as a kill: a test failed, a test hung past mutmut's timeout (the suite did not
 # pass), or mypy --strict (part of `make test`) refused the mutant.
@@ -98,6 +104,17 @@ class Mutant:
         return tail.removeprefix("x_").removeprefix("xǁ").replace("ǁ", ".")
 
     @property
+    def sql_case_only(self) -> bool:
+        """Whether the mutant only changes the letter case of SQL (``UPDATE messages`` to
+        ``update messages``): SQL's keywords and SQLite's and PostgreSQL's unquoted names
+        are case-insensitive, so it is the same statement."""
+        lines = self.diff.splitlines()
+        old = [x[1:] for x in lines if x.startswith("-") and not x.startswith("---")]
+        new = [x[1:] for x in lines if x.startswith("+") and not x.startswith("+++")]
+        return (old != new and [x.lower() for x in old] == [x.lower() for x in new]
+                and any(_SQL.search(x) for x in old))
+
+    @property
     def change(self) -> str:
         """The mutated line(s), stripped: what ``accepted.toml`` matches on; a mutant that
         only deletes says ``removed:`` and the deleted line(s)."""
@@ -126,17 +143,24 @@ def load_scope() -> tuple[list[Module], float]:
     return modules, target
 
 
-def needs_postgres(module: Module, quick: bool) -> bool:
-    """Whether the module's tests take a database of the suite's PostgreSQL server."""
-    return any("pg_url" in (ROOT / t).read_text(encoding="utf-8")
-               or "postgres_backend" in (ROOT / t).read_text(encoding="utf-8")
-               for t in (module.quick_tests if quick else module.tests))
-
-
 def load_accepted() -> dict[tuple[str, str, str], str]:
-    """(module, function, mutated line) -> why that survivor is harmless."""
+    """(module, function, mutated line) -> why that survivor is harmless; a module's
+    ``[[sql_case]]`` stands for all its mutants that only change the case of SQL, under
+    (module, "*", SQL_CASE)."""
     doc = tomllib.loads((HERE / "accepted.toml").read_text(encoding="utf-8"))
-    return {(a["module"], a["function"], a["change"]): a["reason"] for a in doc.get("survivor", [])}
+    accepted = {(a["module"], a["function"], a["change"]): a["reason"]
+                for a in doc.get("survivor", [])}
+    accepted.update({(a["module"], "*", SQL_CASE): a["reason"] for a in doc.get("sql_case", [])})
+    return accepted
+
+
+def explanation(module: Module, m: Mutant,
+                accepted: dict[tuple[str, str, str], str]) -> tuple[str, str, str] | None:
+    """The key of ``accepted`` that explains ``m``, if one does."""
+    for key in ((module.name, m.function, m.change), (module.name, "*", SQL_CASE)):
+        if key in accepted and (key[1] != "*" or m.sql_case_only):
+            return key
+    return None
 
 
 def scratch(group: list[Module], quick: bool) -> Path:
@@ -236,7 +260,7 @@ def judge(module: Module, mutants: list[Mutant], accepted: dict[tuple[str, str, 
         # a mutant explained as equivalent that timed out met a busy machine, not a test: it
         # counts as the survivor it is (a score that does not depend on the load)
         return m.status in KILLED and not (
-            m.status == "timeout" and (module.name, m.function, m.change) in accepted)
+            m.status == "timeout" and explanation(module, m, accepted) is not None)
 
     killed = sum(map(caught, mutants))
     total = len(mutants)
@@ -245,11 +269,12 @@ def judge(module: Module, mutants: list[Mutant], accepted: dict[tuple[str, str, 
     for m in mutants:
         if caught(m):
             continue
-        reason = accepted.get((module.name, m.function, m.change))
-        if reason is None:
+        key = explanation(module, m, accepted)
+        reason = accepted[key] if key is not None else None
+        if key is None:
             unexplained += 1
         else:
-            matched.add((module.name, m.function, m.change))
+            matched.add(key)
         survivors.append(f"{module.name} {m.function} [{m.status}] "
                          f"{reason or 'UNEXPLAINED: kill it with a test, or list it in accepted.toml'}\n"
                          f"    {m.name}\n    change: {m.change}\n")
@@ -279,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     survivors: list[str] = []
     failed: list[str] = []
     matched: set[tuple[str, str, str]] = set()
-    with contextlib.ExitStack() as stack:
-        extra_env = (stack.enter_context(shared_postgres())
-                     if any(needs_postgres(mod, args.quick) for mod in chosen) else {})
+    # started whichever modules run: a test file may take a database through another
+    # fixture than pg_url (the contract suite's backend), and a server is seconds
+    with shared_postgres() as extra_env:
         for batch in dict.fromkeys(mod.batch for mod in chosen):
             group = [mod for mod in chosen if mod.batch == batch]
             started = time.monotonic()
