@@ -111,6 +111,22 @@ async def test_lease_runs_out_unless_renewed(box: Outbox, clock: ManualClock) ->
     assert [e.id for e in await box.claim(B, 10, now + 100, 30)] == [kept]
 
 
+async def test_a_claim_of_stranded_and_due_entries_keeps_its_limit(
+    box: Outbox, clock: ManualClock
+) -> None:
+    """Entries whose lease ran out come first, then due ones, and together no more than the
+    claim's limit: the rest waits for the next claim."""
+    stranded = await box.enqueue([sms(i) for i in range(2)], 600)
+    now = clock.time()
+    assert len(await box.claim(A, 10, now, 30)) == 2
+    due = await box.enqueue([sms(i) for i in range(2, 6)], 600)
+    taken = await box.claim(B, 3, now + 30, 30)
+    assert len(taken) == 3 and set(stranded) <= {e.id for e in taken}
+    rest = await box.claim(B, 10, now + 30, 30)
+    assert {e.id for e in taken} | {e.id for e in rest} == set(stranded) | set(due)
+    assert len(rest) == 3
+
+
 async def test_outcomes_of_a_lost_claim_are_ignored(box: Outbox, clock: ManualClock) -> None:
     """Once another owner holds an entry, the old owner's retry, dead or release leaves it
     alone; a delivery is recorded whoever reports it."""

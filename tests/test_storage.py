@@ -274,6 +274,24 @@ async def test_corrupt_or_foreign_outbox_refused(tmp_path: Path, make: Any, says
     assert path.read_bytes() == before
 
 
+async def test_a_tool_never_creates_an_outbox(tmp_path: Path) -> None:
+    """A queue command opening an outbox that is not there yet says so, and creates no file
+    the relay would then find owned by another user."""
+    path = tmp_path / "outbox.db"
+    with pytest.raises(StorageError) as info:
+        await SQLiteOutbox(str(path), exclusive=False).open()
+    assert str(info.value) == (f"there is no outbox at {path} (queue.path) yet; the relay "
+                               "creates it when it starts")
+    assert not path.exists()
+
+
+async def test_an_outbox_path_sqlite_cannot_open_is_named(tmp_path: Path) -> None:
+    """A queue.path SQLite cannot open at all (a directory) is refused naming the path."""
+    (tmp_path / "outbox.db").mkdir()
+    with pytest.raises(StorageError, match=r"^cannot open outbox .*outbox\.db: "):
+        await SQLiteOutbox(str(tmp_path / "outbox.db")).open()
+
+
 def test_corrupt_outbox_stops_serve(tmp_path: Path) -> None:
     """`hapsms-relay serve` on a corrupt outbox exits 1 with start_failed and the remedy."""
     _garbage(tmp_path / "outbox.db")
