@@ -255,13 +255,15 @@ def _foreign(path: Path) -> None:
         conn.commit()
 
 
-@pytest.mark.parametrize(("make", "says", "remedy"), [
-    (_garbage, "is not a SQLite database", "restore the outbox from a backup"),
-    (_truncated, "is damaged", "keep the file"),
-    (_foreign, "is not a hapsms-relay outbox", "point queue.path at a new file"),
+@pytest.mark.parametrize(("make", "says", "remedy", "last"), [
+    (_garbage, "is not a SQLite database", "restore the outbox from a backup",
+     "point queue.path at a new file"),
+    (_truncated, "is damaged", "keep the file", "point queue.path at a new file"),
+    (_foreign, "is not a hapsms-relay outbox", "point queue.path at a new file",
+     "or move this one away"),
 ])
 async def test_corrupt_or_foreign_outbox_refused(tmp_path: Path, make: Any, says: str,
-                                                 remedy: str) -> None:
+                                                 remedy: str, last: str) -> None:
     """A corrupt or foreign outbox file is refused with what to do, and left as it was."""
     path = tmp_path / "outbox.db"
     make(path)
@@ -269,7 +271,7 @@ async def test_corrupt_or_foreign_outbox_refused(tmp_path: Path, make: Any, says
     outbox = SQLiteOutbox(str(path))
     with pytest.raises(StorageError, match=says) as info:
         await outbox.open()
-    assert remedy in str(info.value)  # says what to do
+    assert remedy in str(info.value) and str(info.value).endswith(last)  # says what to do
     assert "delete" not in str(info.value) and "move it away" not in str(info.value)
     assert path.read_bytes() == before
 
