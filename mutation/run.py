@@ -43,7 +43,7 @@ ALSO_COPY = ("tests", "README.md", "docs", "systemd", "examples", "pyproject.tom
 # accepted.toml's key for its ``[[sql_case]]`` explanations, and what looks like SQL (written
 # in capitals here)
 SQL_CASE = "only the letter case of SQL"
-_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|WHERE|FROM|SET|PRAGMA)\b")
+_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|WHERE|FROM|SET|PRAGMA|BEGIN|COMMIT)\b")
 
 # What counts as a kill: a test failed, a test hung past mutmut's timeout (the suite did not
 # pass), or mypy --strict (part of `make test`) refused the mutant.
