@@ -69,7 +69,7 @@ async def test_the_largest_body_the_limits_allow_is_stored(
     tmp_path: Path, relay_factory: Any, session: aiohttp.ClientSession
 ) -> None:
     """max_recipients numbers and a message of max_message_chars characters are accepted,
-    one more of either is not; a null Signature is no signature."""
+    one more of either is not; a null or missing Signature is no signature."""
     relay = await relay_factory(base_config(tmp_path, server={"max_recipients": 2,
                                                               "max_message_chars": 5}),
                                 paused=True)
@@ -81,6 +81,10 @@ async def test_the_largest_body_the_limits_allow_is_stored(
     status, answer = await relay.post(session, body(two, "12345"))
     assert status == 200 and len(answer["ids"]) == 2
     assert {(e.text, e.signature) for e in await _stored(relay, answer["ids"])} == {("12345", "")}
+    unsigned = {"Type": 1, "Data": {"Mobiles": ["13800138003"], "Message": "hi"}}
+    status, answer = await relay.post(session, unsigned)
+    assert status == 200
+    assert [e.signature for e in await _stored(relay, answer["ids"])] == [""]
     status, answer = await relay.post(session, body([*two, "13800138002"], "12345"))
     assert (status, answer["error"]) == (400, "too_many_recipients")
     status, answer = await relay.post(session, body(two, "123456"))
