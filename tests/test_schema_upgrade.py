@@ -19,24 +19,24 @@ from hapsms_relay.receipts import Receipt
 from tests.helpers import sending
 
 
+async def _claimed_one(path: str, clock: ManualClock) -> tuple[SQLiteOutbox, int]:
+    """A new outbox at ``path``, open, with one entry claimed by "a"; and its id."""
+    box = SQLiteOutbox(path, clock=clock)
+    await box.open()
+    (i,) = await box.enqueue([NewEntry(KIND_SMS, "+8613900000001", "CN", "13900000001", "hi")], 60)
+    await box.claim("a", 10, clock.time(), 30)
+    return box, i
+
+
 async def test_schema_2_is_upgraded(tmp_path: Path) -> None:
     """A schema-2 file (no receipt columns, no history) opens as schema 3, its sent entry
     counted by sent_since and able to take a receipt."""
     path = str(tmp_path / "outbox.db")
     clock = ManualClock()
-    box = SQLiteOutbox(path, clock=clock)
-    await box.open()
-    (i,) = await box.enqueue([NewEntry(KIND_SMS, "+8613900000001", "CN", "13900000001", "hi")], 60)
-    await box.claim("a", 10, clock.time(), 30)
+    box, i = await _claimed_one(path, clock)
     await box.sent("p", sending([i]))
     await box.close()
-    with contextlib.closing(sqlite3.connect(path)) as conn:  # back to what schema 2 was
-        for column in ("refs", "parts", "segments", "sent_at", "receipt", "receipt_at"):
-            conn.execute(f"ALTER TABLE messages DROP COLUMN {column}")
-        conn.execute("DROP TABLE events")
-        conn.execute("DROP TABLE refs")
-        conn.execute("PRAGMA user_version = 2")
-        conn.commit()
+    _back_to(path, 2)
     clock.advance(10)
     box = SQLiteOutbox(path, clock=clock)
     await box.open()
@@ -69,10 +69,7 @@ async def test_schema_1_is_upgraded_and_its_claims_are_free(tmp_path: Path) -> N
     flight claimable at once."""
     path = str(tmp_path / "outbox.db")
     clock = ManualClock()
-    box = SQLiteOutbox(path, clock=clock)
-    await box.open()
-    (i,) = await box.enqueue([NewEntry(KIND_SMS, "+8613900000001", "CN", "13900000001", "hi")], 60)
-    await box.claim("a", 10, clock.time(), 30)
+    box, i = await _claimed_one(path, clock)
     await box.close()
     _back_to(path, 1)
     box = SQLiteOutbox(path, clock=clock)
