@@ -189,15 +189,12 @@ _SEED_BUDGET = (
     "ON CONFLICT DO NOTHING"
 )
 
-_INSERT_EVENT = (
-    "INSERT INTO hapsms_events (entry, at, kind, provider, code, text, latency, status, part) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-)
+_EVENT_INTO = "INSERT INTO hapsms_events (entry, at, kind, provider, code, text, latency, status, part) "
+_INSERT_EVENT = _EVENT_INTO + "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 # Any number of events in one statement, a column an array (``_columns``): psycopg's work
 # and a statement's are per statement, and a batch's events cost about one row's.
 _INSERT_EVENTS = (
-    "INSERT INTO hapsms_events (entry, at, kind, provider, code, text, latency, status, part) "
-    "SELECT * FROM unnest(%s::bigint[], %s::float8[], %s::text[], %s::text[], %s::text[], "
+    _EVENT_INTO + "SELECT * FROM unnest(%s::bigint[], %s::float8[], %s::text[], %s::text[], %s::text[], "
     "%s::text[], %s::float8[], %s::text[], %s::text[])"
 )
 _EVENT_FLOATS = (1, 6)  # at, latency
@@ -296,9 +293,10 @@ class _Op:
 
     def __init__(self, fn: _Fn | None, sql: str | None, args: Any,
                  fut: asyncio.Future[Any], piped: _Piped | None = None) -> None:
-        self.fn = fn  # a function of the connection, or None for an enqueue or a merged write
+        self.fn = fn  # a function of the connection; None for an enqueue, a sent call or a
+        # merged write
         self.piped = piped  # or one that runs in the pipeline
-        self.sql = sql  # a write merged with its like (executemany); None: an enqueue
+        self.sql = sql  # a write merged with its like (executemany); None: an enqueue or a sent call
         self.args = args  # an enqueue's (_Enqueue), a sent call's (_Sends)
         self.fut = fut
 
