@@ -195,9 +195,11 @@ class Backlog:
 
     def removed(self, n: int) -> None:
         """``n`` entries sent or dead. Which entry is the oldest now is known only once none
-        is left; until then it stays as it was, older than it is, until ``counted``."""
-        self.count -= n
-        if self.count <= 0:
+        is left; until then it stays as it was, older than it is, until ``counted``. Never
+        below zero: a relay of a cluster sends what other relays accepted after it last
+        counted (what it knows of those is the count as of then)."""
+        self.count = max(self.count - n, 0)
+        if not self.count:
             self.oldest = None
 
 
