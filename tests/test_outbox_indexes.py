@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 
 from hapsms_relay import outbox_postgres, outbox_sqlite
 from hapsms_relay.clock import ManualClock
 from hapsms_relay.kinds import KIND_SMS
-from hapsms_relay.outbox import NewEntry, Sending
+from hapsms_relay.outbox import History, NewEntry, Sending
 from hapsms_relay.outbox_postgres import PostgresOutbox
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from hapsms_relay.secret import Secret
 from tests.helpers import eventually
 from tests.pg_server import PostgresServer
+
+# what the relay reads on its hot path, and that grows with every message
+TABLES = ("hapsms_messages", "hapsms_replies")
 
 
 async def test_sqlite_finds_the_oldest_undelivered_by_index(tmp_path: Path) -> None:
@@ -66,31 +70,54 @@ async def test_postgres_upgrade_adds_the_index_of_the_oldest(pg_server: Postgres
 
 
 
-async def test_postgres_delivery_never_scans_every_entry(pg_server: PostgresServer,
+
+class _Book:
+    """A ``History`` that keeps what admission loaded."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, str, float]] = []
+
+    def load(self, rows: Iterable[tuple[int, int, str, float]]) -> None:
+        self.rows.extend(rows)
+
+
+async def test_postgres_hot_path_never_scans_every_entry(pg_server: PostgresServer,
                                                          pg_url: str) -> None:
-    """A relay's claims, lease renewals and sends find the entries they change by index,
-    also once its statements' plans were settled on a small table (a new cluster's first
-    minutes, no statistics yet) and the table grew: a plan kept from then would read every
-    entry at every batch."""
+    """A relay's admission (the numbers' history, the dedup keys), claims, lease renewals
+    and sends find the rows they read and change by index, also once their statements'
+    plans were settled on small tables (a new cluster's first minutes, no statistics yet)
+    and the tables grew: a plan kept from then would read every row at every batch."""
     clock = ManualClock(1_000_000.0)
     name = PostgresServer.name(pg_url)
     box = PostgresOutbox(Secret(pg_url), clock=clock)
     await box.open()
     await box.close()
     # no ANALYZE behind the test's back (it would replace a stale plan by chance)
-    pg_server.sql("ALTER TABLE hapsms_messages SET (autovacuum_enabled = off)", name)
-    scans = "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'hapsms_messages'"
+    for table in TABLES:
+        pg_server.sql(f"ALTER TABLE {table} SET (autovacuum_enabled = off)", name)
+    scans = ("SELECT sum(seq_scan) FROM pg_stat_user_tables WHERE relname IN "
+             f"({', '.join(repr(t) for t in TABLES)})")
 
     def ended() -> bool:  # a session's statistics reach the server when it ends
         return pg_server.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                              f"'{name}' AND application_name LIKE 'hapsms-relay%'", name) == "0"
 
+    entries: list[NewEntry] = []  # the body being admitted
+
+    def decide(book: History) -> tuple[list[NewEntry], bytes]:
+        return list(entries), b""
+
     async def rounds(n: int) -> None:
         for _ in range(n):
-            number = f"139{round(clock.time()) % 100_000_000:08d}"
-            await box.enqueue([NewEntry(KIND_SMS, "+86" + number, "CN", number, "hi")], 3600)
-            claimed = await box.claim("node-a", 10, clock.time(), 60)
-            await box.renew("node-a", [e.id for e in claimed], clock.time() + 60)
+            now = clock.time()
+            number = f"139{round(now) % 100_000_000:08d}"
+            entries[:] = [NewEntry(KIND_SMS, "+86" + number, "CN", number, "hi")]
+            done = await box.enqueue_checked(
+                entries, 3600, keys=[(f"key-{now}".encode(), now + 600)], since=now - 3600,
+                history=_Book, decide=decide, max_pending=1_000_000)
+            claimed = await box.claim("node-a", 10, now, 60)
+            assert [e.id for e in claimed] == list(done.ids)
+            await box.renew("node-a", done.ids, now + 60)
             await box.sent("fake", [Sending(e.id, (f"ref-{e.id}",), 1, 0.01) for e in claimed])
             clock.advance(1)
 
@@ -99,19 +126,21 @@ async def test_postgres_delivery_never_scans_every_entry(pg_server: PostgresServ
     box = PostgresOutbox(Secret(pg_url), clock=clock)
     await box.open()
     # more rounds than psycopg (5 runs) and the server (5 custom plans) take to keep a
-    # generic plan for a statement; on a table this small a scan is the right plan
-    small = 20
-    await rounds(small)
-    # a busy day later: 50,000 entries sent (ids far above the relay's own)
+    # generic plan for a statement; on tables this small a scan is the right plan
+    await rounds(20)
+    # a busy day later: 50,000 entries sent and as many dedup keys live (ids far above the
+    # relay's own)
     pg_server.sql(
         "INSERT INTO hapsms_messages (id, batch, kind, recipient, region, national, text, "
         "signature, code, created, due, expires, updated, state) SELECT i, i, 1, "
-        "'+8613900000001', 'CN', '13900000001', 'hi', '', '', 0, 0, 86400, 0, 2 "
-        "FROM generate_series(10000000000, 10000049999) i", name)
+        "'+86' || (13900000000 + i % 1000)::text, 'CN', (13900000000 + i % 1000)::text, "
+        "'hi', '', '', 0, 0, 86400, 0, 2 FROM generate_series(10000000000, 10000049999) i; "
+        "INSERT INTO hapsms_replies (key, ids, note, expires) SELECT ('k' || i)::bytea, "
+        "ARRAY[i], '', 1e12 FROM generate_series(1, 50000) i", name)
     big = 100
     await rounds(big)
     await box.close()
     await eventually(ended, what="the second session to end")
-    # each round on the small table may scan it (a few times at most); a plan that scans
-    # the grown table does so at every one of the last rounds
+    # each round on the small tables may scan them (a few times at most); a plan that
+    # scans a grown table does so at every one of the last rounds
     assert int(pg_server.sql(scans, name)) - before < big
