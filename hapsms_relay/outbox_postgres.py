@@ -436,6 +436,17 @@ class PostgresOutbox:
             raise StorageError(_describe(exc)) from None
 
     async def _upgrade(self, conn: Conn) -> bool:
+        cur = await conn.execute("SELECT current_setting('server_encoding')")
+        row = await cur.fetchone()
+        encoding = row[0] if row else "?"
+        if encoding != "UTF8":
+            # SQL_ASCII hands text back as bytes (this name too), LATIN1 and the like garble
+            # what they can store and refuse the rest (Chinese): messages' text would be lost
+            if isinstance(encoding, bytes):
+                encoding = encoding.decode("ascii", "replace")
+            raise StorageError(
+                f"the database (queue.url) has encoding {encoding}; the outbox needs UTF8: "
+                "CREATE DATABASE ... ENCODING 'UTF8' LOCALE 'C.UTF-8' TEMPLATE template0")
         version = await self._version(conn)
         if not version and self._admin:
             # as with SQLite: a queue command does not create the outbox a relay would own
