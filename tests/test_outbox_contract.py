@@ -450,6 +450,38 @@ async def test_sends_recorded_together_keep_each_entrys_outcome(
     assert await box.refresh() == 0
 
 
+async def test_outcomes_take_ints_and_floats_alike(backend: Backend) -> None:
+    """Times and latencies may come as ints or floats (a clock, a provider's timing): sent,
+    retry and dead record them mixed in one call, as given; a sent call with no entries
+    records nothing."""
+    clock = ManualClock(1_800_000_000)
+    box = backend.make(clock)
+    await box.open()
+    try:
+        a, b, c, d = await box.enqueue([sms(n) for n in range(4)], DAY)
+        await box.claim(A, 10, clock.time(), 30)
+        tried = Event(1_800_000_000, "attempt", "q", "http_500", "down", 2)
+        clock.advance(0.5)
+        now = clock.time()
+        await box.sent("p", [Sending(a, ("ra",), 1, 1, (tried,)), Sending(b, ("rb",), 1, 0.25)])
+        await box.retry(A, c, now + 60, "p", "p http_503: busy", (tried,))
+        await box.dead(A, d, "p", "p http_400: no", (tried,))
+        await box.sent("p", [])
+        histories: dict[int, tuple[State, list[Event]]] = {}
+        for i in (a, b, c, d):
+            detail = await box.show(i)
+            assert detail is not None
+            histories[i] = (detail.row.state, detail.events)
+        assert histories == {
+            a: (State.SENT, [tried, Event(now, "sent", "p", "", "ra", 1)]),
+            b: (State.SENT, [Event(now, "sent", "p", "", "rb", 0.25)]),
+            c: (State.PENDING, [tried, Event(now, "retry", "p", "", "p http_503: busy")]),
+            d: (State.DEAD, [tried, Event(now, "dead", "p", "", "p http_400: no")])}
+        assert await box.refresh() == 1 == box.undelivered
+    finally:
+        await box.close()
+
+
 async def test_find_by_number(box: Outbox, clock: ManualClock) -> None:
     """find gives one number's entries since a time, newest first."""
     first = await box.enqueue([sms(1), sms(2)], DAY)
