@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 
+import psycopg
 import pytest
 
 from hapsms_relay.clock import ManualClock
 from hapsms_relay.kinds import KIND_SMS
 from hapsms_relay.outbox import Checked, Event, History, NewEntry, Sending
-from hapsms_relay.outbox_postgres import ID_BLOCK, PostgresOutbox
+from hapsms_relay.outbox_postgres import _PENDING_LOCK, ID_BLOCK, PostgresOutbox
 from hapsms_relay.secret import Secret
+from tests.helpers import eventually
 from tests.pg_server import PostgresServer
 
 OWNER = "relay-a/1"
@@ -63,6 +65,13 @@ async def box(pg_url: str, clock: ManualClock) -> AsyncIterator[PostgresOutbox]:
     await outbox.open()
     yield outbox
     await outbox.close()
+
+
+def writers(pg_server: PostgresServer, pg_url: str, ids: Iterable[int]) -> int:
+    """How many transactions wrote the entries ``ids`` last (their rows' xmin)."""
+    return int(pg_server.sql(
+        "SELECT count(DISTINCT xmin::text) FROM hapsms_messages WHERE id IN "
+        f"({', '.join(str(i) for i in ids)})", PostgresServer.name(pg_url)))
 
 
 async def first_id_of_another_relay(pg_url: str) -> int:
@@ -139,6 +148,24 @@ async def test_keys_of_bodies_that_stored_nothing_in_one_batch_are_all_free(
     assert await admit(box, [sms(3)], b"old") == Checked([old], b"", True)
 
 
+async def test_every_body_of_a_batch_is_decided_after_duplicates(
+    box: PostgresOutbox, pg_server: PostgresServer, pg_url: str,
+) -> None:
+    """In one batch, bodies after a duplicate (answered by an earlier key, or a copy of an
+    earlier body of the batch) are each still decided, refused or stored as their own
+    decision says, and what is stored is written by the batch's one transaction."""
+    (old,) = (await admit(box, [sms(9)], b"old")).ids
+    answered, first, copy, refused, stored = await asyncio.gather(
+        admit(box, [sms(1)], b"old"), admit(box, [sms(2)], b"k"), admit(box, [sms(2)], b"k"),
+        admit(box, [sms(3)], b"r", store=False, note=b"no"), admit(box, [sms(4)], b"s"))
+    assert answered == Checked([old], b"", True)
+    assert len(first.ids) == 1 and copy == Checked(first.ids, b"", True)
+    assert refused == Checked([], b"no", False)
+    assert len(stored.ids) == 1 and not stored.duplicate
+    assert (await box.stats()).pending == 3
+    assert writers(pg_server, pg_url, [*first.ids, *stored.ids]) == 1
+
+
 async def test_an_expired_key_is_claimed_again(box: PostgresOutbox, clock: ManualClock) -> None:
     """A key whose answer has expired (not yet cleaned up) answers for the next body with
     it, which is stored, not taken for a duplicate."""
@@ -186,18 +213,24 @@ async def test_max_pending_counts_the_bodies_of_one_batch(box: PostgresOutbox) -
     assert (await box.stats()).pending == 4 == box.undelivered
 
 
-async def test_a_retried_entry_still_counts_towards_max_pending(
+async def test_max_pending_follows_retry_sent_and_dead(
     box: PostgresOutbox, clock: ManualClock,
 ) -> None:
     """An entry put back to wait by retry is still undelivered: the bound stays reached;
-    once it is dead there is room."""
+    once it is sent, or dead, there is room."""
+    full = Checked([], b"", False, True)
     (i,) = (await admit(box, [sms(1)], max_pending=1)).ids
     await box.claim(OWNER, 10, clock.time(), 30)
     await box.retry(OWNER, i, clock.time() + 60, "p", "p http_503: busy")
-    assert await admit(box, [sms(2)], max_pending=1) == Checked([], b"", False, True)
-    await box.claim(OWNER, 10, clock.time() + 60, 30)
-    await box.dead(OWNER, i, "p", "p http_400: no")
-    assert len((await admit(box, [sms(2)], max_pending=1)).ids) == 1
+    assert await admit(box, [sms(2)], max_pending=1) == full
+    clock.advance(60)
+    assert [e.id for e in await box.claim(OWNER, 10, clock.time(), 30)] == [i]
+    await box.sent("p", [Sending(i, ("r",), 1, 0.1)])
+    (j,) = (await admit(box, [sms(2)], max_pending=1)).ids
+    assert await admit(box, [sms(3)], max_pending=1) == full
+    await box.claim(OWNER, 10, clock.time(), 30)
+    await box.dead(OWNER, j, "p", "p http_400: no")
+    assert len((await admit(box, [sms(3)], max_pending=1)).ids) == 1
 
 
 async def test_ids_come_from_the_sequence_a_block_at_a_time(
@@ -230,9 +263,7 @@ async def test_the_bodies_of_one_batch_are_written_in_one_transaction(
         for n, size in enumerate(sizes)))
     assert [len(c.ids) for c in got] == sizes
     assert len({i for c in got for i in c.ids}) == sum(sizes)
-    writers = pg_server.sql("SELECT count(DISTINCT xmin::text) FROM hapsms_messages",
-                            PostgresServer.name(pg_url))
-    assert writers == "1"
+    assert writers(pg_server, pg_url, [i for c in got for i in c.ids]) == 1
     for n, c in enumerate(got):
         assert await admit(box, [sms(10 * n)], f"k{n}".encode()) == Checked(c.ids, b"", True)
 
@@ -252,7 +283,43 @@ async def test_sends_at_an_int_and_a_float_time_are_written_in_one_transaction(
         await box.sent("p", [Sending(b, ("rb",), 1, 0.25, (failed,))])
 
     await asyncio.gather(box.sent("p", [Sending(a, ("ra",), 1, 1)]), later())
-    name = PostgresServer.name(pg_url)
-    assert pg_server.sql("SELECT count(DISTINCT xmin::text) FROM hapsms_messages", name) == "1"
-    assert pg_server.sql("SELECT string_agg(sent_at::text, ' ' ORDER BY id) "
-                         "FROM hapsms_messages", name) == f"{NOW} {NOW}.5"
+    assert writers(pg_server, pg_url, [a, b]) == 1
+    assert pg_server.sql("SELECT string_agg(sent_at::text, ' ' ORDER BY id) FROM hapsms_messages",
+                         PostgresServer.name(pg_url)) == f"{NOW} {NOW}.5"
+
+
+async def test_relays_admitting_one_number_take_turns(pg_url: str, clock: ManualClock) -> None:
+    """Two relays admitting one number at once take turns on its lock: the second reads its
+    history only once the first has committed, so a window of one admits one of them (the
+    count's lock held meanwhile, which both would otherwise wait on)."""
+    boxes = [PostgresOutbox(Secret(pg_url), clock=clock, node=f"n{i}") for i in range(2)]
+    for b in boxes:
+        await b.open()
+    holder = await psycopg.AsyncConnection.connect(pg_url, autocommit=True)
+    try:
+        await holder.execute("SELECT pg_advisory_lock(%s, %s)", _PENDING_LOCK)
+
+        def once(book: History) -> tuple[list[NewEntry], bytes]:
+            assert isinstance(book, Book)
+            return ([], b"limited") if book.rows else ([sms(1)], b"")
+
+        tasks = [asyncio.create_task(b.enqueue_checked(
+            [sms(1)], 600, keys=[], since=0, history=Book, decide=once, max_pending=1000))
+            for b in boxes]
+
+        async def both_wait() -> bool:
+            cur = await holder.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND wait_event = 'advisory'")
+            row = await cur.fetchone()
+            return row is not None and row[0] == 2
+
+        await eventually(both_wait, what="both relays waiting on a lock")
+        await holder.execute("SELECT pg_advisory_unlock(%s, %s)", _PENDING_LOCK)
+        got = sorted(await asyncio.gather(*tasks), key=lambda c: len(c.ids))
+        assert got[0] == Checked([], b"limited", False)
+        assert len(got[1].ids) == 1 and not got[1].duplicate
+    finally:
+        await holder.close()
+        for b in boxes:
+            await b.close()
