@@ -532,13 +532,20 @@ async def test_failed_claim_and_look_are_retried_after_a_poll(
 # -- leases ------------------------------------------------------------------------------------
 
 
-async def test_leases_renewed_while_delivering_and_held(rig: Make) -> None:
+async def test_leases_renewed_while_delivering_and_held(
+    rig: Make, capsys: pytest.CaptureFixture[str],
+) -> None:
     """Every third of the lease the entries being delivered and those held are renewed for
-    a lease from then, so no other relay claims them; with none in flight the renewer
-    keeps going."""
+    a lease from then (all of them: none noted as lost), so no other relay claims them;
+    with none in flight the renewer keeps going."""
     r = await rig(workers=1, batching=True)
-    r.clock.advance(10.0)  # nothing in flight: nothing to renew, and it looks again later
     await r.asleep()
+    r.clock.advance(9.99)
+    assert r.clock.waiting == 1  # the loop's poll ended, not the renewer's wait
+    await r.asleep()
+    r.clock.advance(0.01)
+    assert r.clock.waiting == 1  # now the renewer's: a third of the lease
+    await r.asleep()  # nothing in flight: nothing renewed, and it waits again
     assert r.outbox.renewals == 0 and r.dispatcher.renewed_at == 0.0
     r.a.gate = asyncio.Event()
     held = await r.post("+8613800138001", "+8613800138002", "+8613800138003")
@@ -548,6 +555,7 @@ async def test_leases_renewed_while_delivering_and_held(rig: Make) -> None:
     assert r.dispatcher.renewed_at == T0 + 20.0
     # the claim's lease ran to T0 + 40, the renewal's to T0 + 50
     assert await r.outbox.claim("other", 10, T0 + 45.0, 30.0) == []
+    assert not [x for x in logged(capsys) if x.startswith("leases_not_renewed")]  # all held
     r.a.gate.set()
     for i in held:
         await r.reached(i, State.SENT)
@@ -577,9 +585,10 @@ async def test_lease_lost_to_another_relay_is_noted(
     debug log says how many."""
     r = await rig()
     r.a.gate = asyncio.Event()
-    (i,) = await r.post()
-    await eventually(lambda: r.a.holding == 1, what="a call at the gate")
-    assert [e.id for e in await r.outbox.claim("other", 10, T0 + 30.0, 30.0)] == [i]
+    ids = await r.post("+8613800138001", "+8613800138002")
+    await eventually(lambda: r.a.holding == 2, what="two calls at the gate")
+    (taken,) = await r.outbox.claim("other", 1, T0 + 30.0, 30.0)  # one of them
+    assert taken.id in ids
     r.clock.advance(10.0)
     await eventually(lambda: r.outbox.renewals == 1, what="a renewal")
     assert r.dispatcher.renewed_at == T0 + 10.0
