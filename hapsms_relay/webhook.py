@@ -138,27 +138,8 @@ class Webhook:
     # -- POST {path} -----------------------------------------------------------------------
 
     async def webhook(self, request: web.BaseRequest, _: str = "") -> web.Response:
-        if request.method != "POST":
-            raise BadRequest(405, "method_not_allowed", f"use POST for {self.path}",
-                             {"Allow": "POST"})
-        if self.token_digests:
-            self.authenticate(request)
-        if request.content_type != JSON or (request.charset or "utf-8").lower() not in (
-            "utf-8", "utf8"
-        ):
-            raise BadRequest(415, "unsupported_media_type",
-                             "send Content-Type: application/json (UTF-8)")
-        headers = request.headers
-        encoding = headers.get("Content-Encoding")
-        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
-            # HAP posts plain JSON; a decoder would be one more thing to bound (gzip bombs)
-            raise BadRequest(415, "unsupported_encoding", "send the body uncompressed (no "
-                             "Content-Encoding)", {"Accept-Encoding": "identity"})
-        key = headers.get(IDEMPOTENCY_KEY)
-        if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
-            raise BadRequest(400, "invalid_idempotency_key",
-                             "Idempotency-Key must be 1 to 255 printable ASCII characters")
-        body = await self.read_body(request, headers.get("Expect"))
+        key = self.check_request(request)
+        body = await self.read_body(request, request.headers.get("Expect"))
         parsed = self.parse(body)
         # limits and duplicates (guard.py): only admitted recipients are stored
         adm = self.guard.admit(parsed, key)
@@ -218,6 +199,32 @@ class Webhook:
             log.debug("accepted", ids=",".join(map(str, ids)), type=kind, count=len(ids),
                       client=request.remote)
         return self.answer(ids, note)
+
+    def check_request(self, request: web.BaseRequest) -> str | None:
+        """What HAP's webhook checks before it reads the body: the method, the token, the
+        content type and encoding, the Idempotency-Key (returned, None if not sent); a
+        failed check raises its ``BadRequest``."""
+        if request.method != "POST":
+            raise BadRequest(405, "method_not_allowed", f"use POST for {self.path}",
+                             {"Allow": "POST"})
+        if self.token_digests:
+            self.authenticate(request)
+        if request.content_type != JSON or (request.charset or "utf-8").lower() not in (
+            "utf-8", "utf8"
+        ):
+            raise BadRequest(415, "unsupported_media_type",
+                             "send Content-Type: application/json (UTF-8)")
+        headers = request.headers
+        encoding = headers.get("Content-Encoding")
+        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+            # HAP posts plain JSON; a decoder would be one more thing to bound (gzip bombs)
+            raise BadRequest(415, "unsupported_encoding", "send the body uncompressed (no "
+                             "Content-Encoding)", {"Accept-Encoding": "identity"})
+        key = headers.get(IDEMPOTENCY_KEY)
+        if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
+            raise BadRequest(400, "invalid_idempotency_key",
+                             "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        return key
 
     def answer(self, ids: Sequence[int], refused: bytes, duplicate: bool = False) -> web.Response:
         """200 ``{"ok": true, "ids": [...]}``, with ``"duplicate": true`` for an answer given
