@@ -159,6 +159,23 @@ class Rig:
         await eventually(lambda: (delivering or not d.inflight) and not d._wakeup.is_set()
                          and self.clock.waiting == 2, what="the claim loop asleep")
 
+    def hold(self) -> None:
+        """Provider a's calls wait at a gate from now on, until ``release``."""
+        self.a.gate = asyncio.Event()
+
+    def release(self) -> None:
+        assert self.a.gate is not None
+        self.a.gate.set()
+
+    async def next_renewal(self) -> None:
+        """The clock moved a third of the lease (30 s) on, and the renewal it brings made."""
+        done = self.outbox.renewals
+        self.clock.advance(10.0)
+        await eventually(lambda: self.outbox.renewals > done, what="a renewal")
+
+    async def at_gate(self, n: int) -> None:
+        await eventually(lambda: self.a.holding == n, what=f"{n} messages at the gate")
+
     def count(self, metric: str, **labels: str) -> float:
         self.metrics.flush()
         value = self.metrics.registry.get_sample_value(f"hapsms_relay_{metric}_total", labels)
@@ -466,16 +483,16 @@ async def test_claims_again_while_a_quarter_of_the_workers_is_free(rig: Make) ->
     """With 4 workers, 3 busy still leave room to claim one more; 4 busy do not, and the
     rest wait pending (not claimed) until workers free up."""
     r = await rig(workers=4)
-    r.a.gate = asyncio.Event()
+    r.hold()
     first = await r.post("+8613800138001", "+8613800138002", "+8613800138003")
-    await eventually(lambda: r.a.holding == 3, what="three calls at the gate")
+    await r.at_gate(3)
     fourth, fifth = await r.post("+8613800138004"), await r.post("+8613800138005")
-    await eventually(lambda: r.a.holding == 4, what="a fourth call")
+    await r.at_gate(4)
     await r.asleep(delivering=True)
     states = [(await r.row(i)).state for i in (*first, *fourth, *fifth)]
     assert states[:3] == [State.INFLIGHT] * 3
     assert sorted(states[3:]) == [State.PENDING, State.INFLIGHT]  # whichever was claimed
-    r.a.gate.set()
+    r.release()
     for i in (*first, *fourth, *fifth):
         await r.reached(i, State.SENT)
 
@@ -485,24 +502,24 @@ async def test_one_worker_claims_one_and_holds_a_batch_remainder(rig: Make) -> N
     claims a batch's worth, starts what the worker can carry and holds the rest (claimed),
     then delivers the held ones first, one at a time."""
     r = await rig(workers=1)
-    r.a.gate = asyncio.Event()
+    r.hold()
     ids = [(await r.post(f"+861380013800{n}"))[0] for n in range(3)]
-    await eventually(lambda: r.a.holding == 1, what="one call at the gate")
+    await r.at_gate(1)
     await r.asleep(delivering=True)
     assert sorted([(await r.row(i)).state for i in ids]) == [
         State.PENDING, State.PENDING, State.INFLIGHT]
-    r.a.gate.set()
+    r.release()
     for i in ids:
         await r.reached(i, State.SENT)
 
     r = await rig(workers=1, batching=True)
-    r.a.gate = asyncio.Event()
+    r.hold()
     held = await r.post("+8613800138001", "+8613800138002", "+8613800138003")
-    await eventually(lambda: r.a.holding == 1, what="one call at the gate")
+    await r.at_gate(1)
     await r.asleep(delivering=True)
     assert [(await r.row(i)).state for i in held] == [State.INFLIGHT] * 3
     assert len(r.a.calls) == 1
-    r.a.gate.set()
+    r.release()
     for i in held:
         await r.reached(i, State.SENT)
     assert [m.id for m in r.a.calls] == held
@@ -547,16 +564,15 @@ async def test_leases_renewed_while_delivering_and_held(
     assert r.clock.waiting == 1  # now the renewer's: a third of the lease
     await r.asleep()  # nothing in flight: nothing renewed, and it waits again
     assert r.outbox.renewals == 0 and r.dispatcher.renewed_at == 0.0
-    r.a.gate = asyncio.Event()
+    r.hold()
     held = await r.post("+8613800138001", "+8613800138002", "+8613800138003")
-    await eventually(lambda: r.a.holding == 1, what="one call at the gate")
-    r.clock.advance(10.0)
-    await eventually(lambda: r.outbox.renewals == 1, what="a renewal")
+    await r.at_gate(1)
+    await r.next_renewal()
     assert r.dispatcher.renewed_at == T0 + 20.0
     # the claim's lease ran to T0 + 40, the renewal's to T0 + 50
     assert await r.outbox.claim("other", 10, T0 + 45.0, 30.0) == []
     assert not [x for x in logged(capsys) if x.startswith("leases_not_renewed")]  # all held
-    r.a.gate.set()
+    r.release()
     for i in held:
         await r.reached(i, State.SENT)
 
@@ -566,14 +582,13 @@ async def test_renewal_failure_is_logged_and_renewal_goes_on(
 ) -> None:
     """A renewal that fails is logged with its count; the next one is made."""
     r = await rig()
-    r.a.gate = asyncio.Event()
+    r.hold()
     r.outbox.fail["renew"] = 1
     await r.post()
-    await eventually(lambda: r.a.holding == 1, what="a call at the gate")
+    await r.at_gate(1)
     r.clock.advance(10.0)
     await eventually(lambda: r.outbox.fail["renew"] == 0, what="the failed renewal")
-    r.clock.advance(10.0)
-    await eventually(lambda: r.outbox.renewals == 1, what="the next renewal")
+    await r.next_renewal()
     assert r.dispatcher.renewed_at == T0 + 20.0
     assert 'lease_renewal_failed error="outbox: database or disk is full" count=1' in logged(capsys)
 
@@ -584,13 +599,12 @@ async def test_lease_lost_to_another_relay_is_noted(
     """Entries another relay claimed after their lease ran out are not renewed, and the
     debug log says how many."""
     r = await rig()
-    r.a.gate = asyncio.Event()
+    r.hold()
     ids = await r.post("+8613800138001", "+8613800138002")
-    await eventually(lambda: r.a.holding == 2, what="two calls at the gate")
+    await r.at_gate(2)
     (taken,) = await r.outbox.claim("other", 1, T0 + 30.0, 30.0)  # one of them
     assert taken.id in ids
-    r.clock.advance(10.0)
-    await eventually(lambda: r.outbox.renewals == 1, what="a renewal")
+    await r.next_renewal()
     assert r.dispatcher.renewed_at == T0 + 10.0
     assert "leases_not_renewed count=1" in logged(capsys)
 
@@ -604,9 +618,9 @@ async def test_deliveries_cut_at_shutdown_are_released(
     """Deliveries still running when stop's timeout ends are cancelled and their entries
     pending again, due now, the attempt not counted; the log says how many."""
     r = await rig()
-    r.a.gate = asyncio.Event()
+    r.hold()
     ids = [*await r.post("+8613800138001", "+8613800138002"), *await r.post("+8613800138003")]
-    await eventually(lambda: r.a.holding == 3, what="three calls at the gate")
+    await r.at_gate(3)
     await r.dispatcher.stop(0)
     rows = [await r.row(i) for i in ids]
     assert [(x.state, x.due, x.attempts) for x in rows] == [(State.PENDING, T0, 0)] * 3
@@ -618,11 +632,11 @@ async def test_shutdown_waits_for_deliveries_within_its_timeout(rig: Make) -> No
     """Deliveries that finish within stop's timeout finish (their outcome recorded) before
     stop returns, and nothing is released."""
     r = await rig()
-    r.a.gate = asyncio.Event()
+    r.hold()
     (i,) = await r.post()
-    await eventually(lambda: r.a.holding == 1, what="a call at the gate")
+    await r.at_gate(1)
     stopping = asyncio.create_task(r.dispatcher.stop(60.0))
-    r.a.gate.set()
+    r.release()
     await stopping
     assert (await r.row(i)).state == State.SENT
 
@@ -630,9 +644,9 @@ async def test_shutdown_waits_for_deliveries_within_its_timeout(rig: Make) -> No
 async def test_release_failing_at_shutdown_still_stops(rig: Make) -> None:
     """A release that fails at shutdown leaves the entries to their leases; stop returns."""
     r = await rig()
-    r.a.gate = asyncio.Event()
+    r.hold()
     r.outbox.fail["release"] = 1
     (i,) = await r.post()
-    await eventually(lambda: r.a.holding == 1, what="a call at the gate")
+    await r.at_gate(1)
     await r.dispatcher.stop(0)
     assert (await r.row(i)).state == State.INFLIGHT
