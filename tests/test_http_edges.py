@@ -249,6 +249,31 @@ async def test_a_body_of_exactly_max_body_bytes_is_accepted(
     assert relay.relay.outbox.undelivered == 1
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_whole_small_body_of_exactly_max_body_bytes_is_accepted(
+    tmp_path: Path, relay_factory: Any, chunked: bool
+) -> None:
+    """A body that arrives whole with its headers (read at once, not as it arrives) is
+    accepted at exactly max_body_bytes, with a Content-Length or chunked; one byte more,
+    chunked (no length to refuse it early), is 413."""
+    limit = 512
+    relay = await relay_factory(base_config(tmp_path, server={"max_body_bytes": limit}),
+                                paused=True)
+    for size, status in ((limit, b"200"), (limit + 1, b"413")):
+        body = BODY + b" " * (size - len(BODY))  # JSON allows trailing white space
+        if chunked:
+            request = head(extra="Connection: close\r\n").replace(
+                f"Content-Length: {len(BODY)}\r\n".encode(), b"Transfer-Encoding: chunked\r\n")
+            request += f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        elif size > limit:
+            continue  # its Content-Length is refused before the body (the test above)
+        else:
+            request = head(length=len(body), extra="Connection: close\r\n") + body
+        answer = await exchange(port_of(relay), request)  # one write: headers and body
+        assert answer.split(b" ")[1] == status, answer
+    assert relay.relay.outbox.undelivered == 1
+
+
 async def test_non_utf8_token_bytes_are_a_wrong_token(tmp_path: Path, relay_factory: Any,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     """A token header with bytes that are not UTF-8 is compared like any wrong token: 401,
