@@ -634,8 +634,9 @@ class PostgresOutbox:
                 results[n] = Checked(ids, note, bool(ids), full)
         if total:  # answers name ids: there are none without entries
             keys = _columns(answers, 4)
+            # not prepared (planned with the tables as they are): see _admit_reads
             await conn.execute(_INSERT, (Jsonb(rows, dumps=orjson.dumps), fresh, *keys, keys[0],
-                                         self.node))
+                                         self.node), prepare=False)
         if replies:
             async with conn.cursor() as c:
                 await c.executemany(_INSERT_REPLY, replies)
@@ -647,11 +648,11 @@ class PostgresOutbox:
         locked, in order, and those still undelivered (not those another relay had recorded
         sent already) out of the count, in one statement (in the pipeline no row count
         comes back before the COMMIT); their history, the provider's ids and their state
-        in the other (``_SENT``). Both planned each time (not prepared): a generic plan
-        kept from a new cluster's first minutes, when hapsms_messages was small and had
-        no statistics, read every entry to find a batch's ids (measured: 1 ms a batch at
-        4,000 entries, growing with the table) until the next ANALYZE (see
-        ``_admit_reads``)."""
+        in the other (``_SENT``). Both planned each time (not prepared), as the enqueue's
+        reads (``_admit_reads``): a generic plan kept from a new cluster's first minutes,
+        when hapsms_messages was small and had no statistics, read every entry to find a
+        batch's ids (measured: 1 ms a batch at 4,000 entries, growing with the table) until
+        the next ANALYZE."""
         ids = sorted(i for s in sends for i in s.ids)
         await conn.execute(
             "WITH e AS (SELECT id, state FROM hapsms_messages WHERE id = ANY(%s) ORDER BY id "
@@ -696,23 +697,26 @@ class PostgresOutbox:
             # after the claims: a key this transaction holds reads as its placeholder
             a.answers = conn.cursor()
             await a.answers.execute(
-                "SELECT key, ids, note, expires FROM hapsms_replies WHERE key = ANY(%s)", (keys,))
+                "SELECT key, ids, note, expires FROM hapsms_replies WHERE key = ANY(%s)", (keys,),
+                prepare=False)
         a.history = conn.cursor()
         # Each number looked up on its own in hapsms_recipient (OFFSET 0: not flattened
-        # into one join). ``recipient = ANY(...)`` was planned, on tables without
-        # statistics yet (a new database, its first minute), as a scan of every entry (4 ms
-        # a batch with 10,000 entries, most of the server's time per message): psycopg
-        # prepares a statement run five times, and the server then keeps one generic plan
-        # for it, made while the tables were small, until the next ANALYZE. A look-up per
-        # number has no such plan, prepared or not (test_outbox_indexes.py grows the tables
-        # under settled plans), and is prepared: planning it each time cost the server
-        # more than running it.
+        # into one join), planned each time (not prepared). ``recipient = ANY(...)`` was
+        # planned, on tables without statistics yet (a new database, its first minute), as
+        # a scan of every entry (4 ms a batch with 10,000 entries, most of the server's time
+        # per message). Not prepared, as every statement of an enqueue that reads a table
+        # that grows with each message: psycopg prepares a statement run five times, and
+        # the server then keeps one generic plan for it, made while the tables were small
+        # (scans of all of hapsms_replies, measured at 3 ms a batch), until the next ANALYZE.
+        # (These three look up by number and by key and scan nothing prepared either, as
+        # test_outbox_indexes.py shows; but prepared, make bench-cluster's relay ingested
+        # 1,103 and 1,255 posts/s against 2,270 planned each time, in one quiet hour.)
         await a.history.execute(
             "SELECT m.id, m.kind, m.recipient, m.created FROM unnest(%s::text[]) AS r(n) "
             "CROSS JOIN LATERAL (SELECT id, kind, recipient, created FROM hapsms_messages "
             "WHERE recipient = r.n AND created >= %s OFFSET 0) m ORDER BY m.created, m.id",
             (sorted({e.recipient for n in checked for e in reqs[n].entries}),
-             min(reqs[n].since for n in checked)))
+             min(reqs[n].since for n in checked)), prepare=False)
         # last, held to the commit: what another relay stores meanwhile is not visible to
         # this transaction, so checking without it lets several relays pass the bound at once
         await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _PENDING_LOCK)
