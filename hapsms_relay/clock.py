@@ -92,6 +92,11 @@ class ManualClock:
         """How many waits are pending (a test advances once the code under test waits)."""
         return sum(1 for _, _, f in self._sleepers if not f.done())
 
+    @property
+    def deadlines(self) -> list[float]:
+        """When the pending waits end, soonest first (a test knows which loop waits)."""
+        return sorted(when for when, _, f in self._sleepers if not f.done())
+
     def _timer(self, seconds: float) -> asyncio.Future[None]:
         """A future woken once the clock reaches now + ``seconds``, "now" being this call's:
         a deadline taken later (when a task first runs) could miss an advance in between

@@ -165,17 +165,20 @@ async def test_housekeeping_loop_runs_every_interval(
     clock = ManualClock(time.time())
     doc = base_config(tmp_path, providers=[http_provider("api", fake_api.url)],
                       routes={"sms": ["api"]}, queue={"housekeeping": "45s", "keep_delivered": "1m"})
+    started = clock.time()
     relay = await start_relay(doc, clock=clock)
     try:
         status, answer = await relay.post(session, SMS_BODY)
         assert status == 200
         await settled(relay, answer["ids"])
         await relay.caught_up()
-        # the dispatcher, the prune loop and the housekeeping loop, each waiting on the clock
-        await eventually(lambda: clock.waiting >= 3, what="the relay's loops asleep")
-        asleep = clock.waiting
-        clock.advance(45)  # a round: 45 s old, within keep_delivered
-        await eventually(lambda: clock.waiting >= asleep, what="the round over, the loops asleep")
+        # the housekeeping loop waits for its first round, 45 s after the start
+        first = started + 45
+        await eventually(lambda: first in clock.deadlines, what="housekeeping asleep")
+        clock.advance(first - clock.time())  # a round: 45 s old, within keep_delivered
+        # its next wait taken, the round is over (the other loops' waits tell nothing)
+        nxt = clock.time() + 45
+        await eventually(lambda: nxt in clock.deadlines, what="the round over")
         assert await outbox_states(tmp_path / "outbox.db") == [State.SENT]
         clock.advance(44.9)  # past keep_delivered, but no round yet
         assert await outbox_states(tmp_path / "outbox.db") == [State.SENT]
