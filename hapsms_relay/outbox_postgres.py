@@ -436,14 +436,11 @@ class PostgresOutbox:
             raise StorageError(_describe(exc)) from None
 
     async def _upgrade(self, conn: Conn) -> bool:
-        cur = await conn.execute("SELECT current_setting('server_encoding')")
-        row = await cur.fetchone()
-        encoding = row[0] if row else "?"
+        # (libpq has it from the connection's start: no query)
+        encoding = conn.info.parameter_status("server_encoding")
         if encoding != "UTF8":
-            # SQL_ASCII hands text back as bytes (this name too), LATIN1 and the like garble
-            # what they can store and refuse the rest (Chinese): messages' text would be lost
-            if isinstance(encoding, bytes):
-                encoding = encoding.decode("ascii", "replace")
+            # SQL_ASCII hands text back as bytes, LATIN1 and the like garble what they can
+            # store and refuse the rest (Chinese): messages' text would be lost
             raise StorageError(
                 f"the database (queue.url) has encoding {encoding}; the outbox needs UTF8: "
                 "CREATE DATABASE ... ENCODING 'UTF8' LOCALE 'C.UTF-8' TEMPLATE template0")
