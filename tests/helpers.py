@@ -7,7 +7,7 @@ import re
 import socket
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,16 @@ def write_config(tmp_path: Path, doc: Mapping[str, Any], name: str = "config.tom
     path = tmp_path / name
     path.write_text(to_toml(doc), encoding="utf-8")
     return path
+
+
+class Book:
+    """A ``History`` (what ``enqueue_checked``'s admission loads) that keeps the rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, str, float]] = []
+
+    def load(self, rows: Iterable[tuple[int, int, str, float]]) -> None:
+        self.rows.extend(rows)
 
 
 def sending(ids: Sequence[int]) -> list[Sending]:

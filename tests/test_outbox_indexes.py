@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable
 from pathlib import Path
 
 from hapsms_relay import outbox_postgres, outbox_sqlite
@@ -15,7 +14,7 @@ from hapsms_relay.outbox import History, NewEntry, Sending
 from hapsms_relay.outbox_postgres import PostgresOutbox
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
 from hapsms_relay.secret import Secret
-from tests.helpers import eventually
+from tests.helpers import Book, eventually
 from tests.pg_server import PostgresServer
 
 # what the relay reads on its hot path, and that grows with every message
@@ -71,16 +70,6 @@ async def test_postgres_upgrade_adds_the_index_of_the_oldest(pg_server: Postgres
 
 
 
-class _Book:
-    """A ``History`` that keeps what admission loaded."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, int, str, float]] = []
-
-    def load(self, rows: Iterable[tuple[int, int, str, float]]) -> None:
-        self.rows.extend(rows)
-
-
 async def test_postgres_hot_path_never_scans_every_entry(pg_server: PostgresServer,
                                                          pg_url: str) -> None:
     """A relay's admission (the numbers' history, the dedup keys), claims, lease renewals
@@ -114,7 +103,7 @@ async def test_postgres_hot_path_never_scans_every_entry(pg_server: PostgresServ
             entries[:] = [NewEntry(KIND_SMS, "+86" + number, "CN", number, "hi")]
             done = await box.enqueue_checked(
                 entries, 3600, keys=[(f"key-{now}".encode(), now + 600)], since=now - 3600,
-                history=_Book, decide=decide, max_pending=1_000_000)
+                history=Book, decide=decide, max_pending=1_000_000)
             claimed = await box.claim("node-a", 10, now, 60)
             assert [e.id for e in claimed] == list(done.ids)
             await box.renew("node-a", done.ids, now + 60)

@@ -17,7 +17,7 @@ from hapsms_relay.kinds import KIND_SMS
 from hapsms_relay.outbox import Checked, Event, History, NewEntry, Sending
 from hapsms_relay.outbox_postgres import _PENDING_LOCK, ID_BLOCK, PostgresOutbox
 from hapsms_relay.secret import Secret
-from tests.helpers import eventually
+from tests.helpers import Book, eventually
 from tests.pg_server import PostgresServer
 
 OWNER = "relay-a/1"
@@ -27,16 +27,6 @@ NOW = 1_800_000_000  # an int: a clock may give either an int or a float
 def sms(n: int) -> NewEntry:
     national = f"139{n:08d}"
     return NewEntry(KIND_SMS, "+86" + national, "CN", national, "hi", "Acme")
-
-
-class Book:
-    """A ``History`` that keeps what the transaction loaded into it."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, int, str, float]] = []
-
-    def load(self, rows: Iterable[tuple[int, int, str, float]]) -> None:
-        self.rows.extend(rows)
 
 
 async def admit(box: PostgresOutbox, entries: Sequence[NewEntry], *keys: bytes,
