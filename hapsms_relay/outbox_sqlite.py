@@ -436,7 +436,7 @@ class SQLiteOutbox:
             else:
                 conn.executemany(sql, [p for _, args, _ in ops for p in args[-1]])
             conn.execute("RELEASE merged")
-        except sqlite3.Error:
+        except BaseException:  # (not only SQLite's: a value it cannot bind, a bug's TypeError)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK TO merged")
                 conn.execute("RELEASE merged")

@@ -81,3 +81,22 @@ async def test_one_failing_write_fails_alone(outbox: SQLiteOutbox) -> None:
     ids = [i for r in results if isinstance(r, list) for i in r]
     assert len(ids) == 20 and set(ids) <= set(_states(path))
     assert len(_states(path)) == 20
+
+
+async def test_a_bug_in_a_grouped_write_fails_it_alone(outbox: SQLiteOutbox) -> None:
+    """A write that fails outside SQLite (here a number too large for it: the kind of bug a
+    caller could bring) fails alone with its own error; the writes grouped with it commit
+    and the writer thread goes on serving (it had died, and every later write hung)."""
+    path = Path(outbox.path)
+    bad = NewEntry(KIND_SMS, "+8613900000000", "CN", "13900000000", 2**64)  # type: ignore[arg-type]
+    results = await asyncio.gather(
+        *(outbox.enqueue([_entry(i)], 60) for i in range(10)),
+        outbox.enqueue([bad], 60),
+        *(outbox.enqueue([_entry(i)], 60) for i in range(10, 20)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[10], OverflowError)
+    ids = [i for r in results if isinstance(r, list) for i in r]
+    assert len(ids) == 20 and set(ids) <= set(_states(path))
+    assert len(await outbox.enqueue([_entry(20)], 60)) == 1
+    assert len(_states(path)) == 21
