@@ -291,6 +291,13 @@ def parse_limits(**table: object) -> LimitsConfig:
     ({"idempotency_ttl": "1h"}, "idempotency_ttl", 3600.0),
     ({"max_numbers": 1}, "max_numbers", 1),
     ({"dedup_window": "0s"}, "dedup_window", 0.0),
+    ({"sms": ["1/1m", "2/1h"]}, "sms", (Window(1, 60.0, "1/1m"), Window(2, 3600.0, "2/1h"))),
+    ({"allow_countries": ["cn", "HK"]}, "allow_countries", frozenset({"CN", "HK"})),
+    ({"deny_countries": ["us"]}, "deny_countries", frozenset({"US"})),
+    ({"deny_number_types": ["mobile"]}, "deny_number_types", frozenset({"mobile"})),
+    ({"deny_number_types": []}, "deny_number_types", frozenset()),
+    ({"over_budget": "refuse"}, "over_budget", "refuse"),
+    ({"over_budget": "hold"}, "over_budget", "hold"),
 ])
 def test_limits_settings_are_read(table: dict[str, object], field: str, value: object) -> None:
     """Each [limits] setting is read under its own name, at the edge of what it allows."""
@@ -317,3 +324,24 @@ def test_limits_settings_refused(table: dict[str, object], key: str, says: str) 
     with pytest.raises(ConfigError) as err:
         parse_limits(**table)
     assert err.value.key == key and says in err.value.problem
+
+
+def test_limits_defaults() -> None:
+    """An empty [limits] table is the documented defaults, every one of them."""
+    assert parse_limits() == LimitsConfig()
+
+
+@pytest.mark.parametrize(("table", "key", "problem"), [
+    ({"sms": ["5"]}, "limits.sms", "expected COUNT/DURATION such as \"5/10m\"; got '5'"),
+    ({"allow_countries": ["CN"], "deny_countries": ["US"]}, "limits.deny_countries",
+     "set allow_countries or deny_countries, not both"),
+    ({"budget_warning": 2}, "limits.budget_warning",
+     "expected a share between 0 and 1, such as 0.9"),
+    ({"over_budget": "drop"}, "limits.over_budget", "must be one of 'hold', 'refuse'; got 'drop'"),
+])
+def test_limits_refusals_say_exactly_what_is_wrong(table: dict[str, object], key: str,
+                                                   problem: str) -> None:
+    """The whole message of a refused [limits] setting, as the operator reads it."""
+    with pytest.raises(ConfigError) as err:
+        parse_limits(**table)
+    assert (err.value.key, err.value.problem) == (key, problem)
