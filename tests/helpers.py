@@ -18,6 +18,7 @@ from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import QueueConfig
 from hapsms_relay.outbox import SENT_STATES, Outbox, Row, Sending, State
 from hapsms_relay.relay import Relay
+from hapsms_relay.webhook import Webhook
 
 TOKEN = "test-token-5f2c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -194,6 +195,12 @@ class RunningRelay:
 
     async def stop(self) -> None:
         await self.relay.stop()
+
+
+def webhook_of(doc: Mapping[str, Any]) -> Webhook:
+    """The webhook of a relay built from ``doc`` and not started (nothing opened), for
+    tests of its checks behind a server of their own."""
+    return Relay(config.parse(tomllib.loads(to_toml(doc)))).webhook
 
 
 async def start_relay(doc: Mapping[str, Any], *, paused: bool = False,

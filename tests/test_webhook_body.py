@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from hapsms_relay import config
 from hapsms_relay.errors import BadRequest
-from hapsms_relay.relay import Relay
 from hapsms_relay.webhook import Webhook, error_response
-from tests.helpers import SMS_BODY, TOKEN, base_config, to_toml
+from tests.helpers import SMS_BODY, TOKEN, base_config, webhook_of
 
 BODY = orjson.dumps(SMS_BODY)
 LIMIT = 512  # max_body_bytes of the app below
@@ -31,9 +28,9 @@ LIMIT = 512  # max_body_bytes of the app below
 Serve = Callable[..., Awaitable[int]]
 
 
-def webhook_of(tmp_path: Path, **server: Any) -> Webhook:
-    doc = base_config(tmp_path, server={"path": "/hap", "max_body_bytes": LIMIT, **server})
-    return Relay(config.parse(tomllib.loads(to_toml(doc)))).webhook
+def webhook(tmp_path: Path, **server: Any) -> Webhook:
+    return webhook_of(base_config(tmp_path, server={"path": "/hap", "max_body_bytes": LIMIT,
+                                                    **server}))
 
 
 @pytest.fixture
@@ -42,13 +39,13 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
     runners: list[web.ServerRunner] = []
 
     async def start(**server: Any) -> int:
-        webhook = webhook_of(tmp_path, **server)
+        hook = webhook(tmp_path, **server)
 
         async def handle(request: web.BaseRequest) -> web.Response:
             try:
-                webhook.check_request(request)
-                body = await webhook.read_body(request, request.headers.get("Expect"))
-                return web.json_response({"entries": len(webhook.parse(body))})
+                hook.check_request(request)
+                body = await hook.read_body(request, request.headers.get("Expect"))
+                return web.json_response({"entries": len(hook.parse(body))})
             except BadRequest as exc:
                 return error_response(exc)
 
@@ -164,11 +161,11 @@ async def test_body_that_stops_arriving_is_408(serve: Serve) -> None:
 def test_voice_codes_of_4_to_10_digits(tmp_path: Path, code: str, entries: int) -> None:
     """A voice code is 4 to 10 digits: 3 and 11 are 400 invalid_code."""
     body = orjson.dumps({"Type": 2, "Data": {"Mobile": "13800138000", "Code": code}})
-    webhook = webhook_of(tmp_path)
+    hook = webhook(tmp_path)
     if entries:
-        (entry,) = webhook.parse(body)
+        (entry,) = hook.parse(body)
         assert entry.code == code
     else:
         with pytest.raises(BadRequest) as refused:
-            webhook.parse(body)
+            hook.parse(body)
         assert (refused.value.status, refused.value.code) == (400, "invalid_code")

@@ -6,7 +6,6 @@ its charset, the content encoding and the Idempotency-Key's bounds, each on both
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from hapsms_relay import config
 from hapsms_relay.errors import BadRequest
-from hapsms_relay.relay import Relay
 from hapsms_relay.webhook import error_response
-from tests.helpers import AUTH, base_config, to_toml
+from tests.helpers import AUTH, base_config, webhook_of
 
 JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
 
@@ -38,7 +35,7 @@ async def check(tmp_path: Path, session: aiohttp.ClientSession) -> AsyncIterator
         server = {"path": "/hap"} if tokens else {
             "path": "/hap", "tokens": [], "allow_unauthenticated": True}
         doc = base_config(tmp_path, server=server)
-        webhook = Relay(config.parse(tomllib.loads(to_toml(doc)))).webhook
+        webhook = webhook_of(doc)
 
         async def handle(request: web.Request) -> web.Response:
             try:
