@@ -1,5 +1,5 @@
 """The outbox backends the contract suite runs against, each a fixture that makes fresh,
-empty storage for one test: SQLite in a temp dir, a new database on the session's
+empty storage for one test: SQLite in a temp dir, an empty database on the session's
 throwaway PostgreSQL server."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def sqlite_backend(tmp_path: Path) -> Backend:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the whole session; each test takes a database of its own.
+    """One PostgreSQL server for the whole session; each test takes an empty database.
     With ``HAPSMS_TEST_PG_DIR`` set (mutation/run.py: one server for every mutant's run), the
     server already running in that directory, left running."""
     if shared := os.environ.get("HAPSMS_TEST_PG_DIR"):
@@ -51,13 +51,10 @@ def pg_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def pg_url(pg_server: PostgresServer) -> Iterator[str]:
-    """A new, empty database on the session's server (dropped after the test when the server
-    outlives the session)."""
-    url = pg_server.database()
-    yield url
-    if os.environ.get("HAPSMS_TEST_PG_DIR"):
-        pg_server.sql(f"DROP DATABASE {pg_server.name(url)} WITH (FORCE)")
+def pg_url(pg_server: PostgresServer) -> str:
+    """An empty database on the session's server, this test's alone (this process's own,
+    emptied: ``PostgresServer.empty_database``)."""
+    return pg_server.empty_database()
 
 
 @pytest.fixture

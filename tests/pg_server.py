@@ -8,6 +8,7 @@ PostgreSQL refuses to run as root, and the tests run as root in CI: the server t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import itertools
 import os
@@ -18,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import psycopg
 
 _BINDIRS = "/usr/lib/postgresql/*/bin"
 _counter = itertools.count()
@@ -38,7 +41,8 @@ def bindir() -> Path:
 
 class PostgresServer:
     """``start``, ``stop``, ``restart`` (``-m immediate``: a crash as far as clients see),
-    and a fresh database per test from ``database()``."""
+    a new database from ``database()``, an emptied one of this process's from
+    ``empty_database()``."""
 
     def __init__(self, directory: Path | None = None) -> None:
         """A new server in a temp dir, or (``directory``) the one already running there."""
@@ -48,6 +52,7 @@ class PostgresServer:
         self.socket_dir = self.dir
         self.user = "hapsms"
         self._as: dict[str, Any] = {}
+        self._own: tuple[int, int, str] | None = None  # (pid, its lock, database)
         if os.geteuid() == 0:
             nobody = pwd.getpwnam("nobody")
             os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
@@ -96,6 +101,41 @@ class PostgresServer:
         name = f"t{os.getpid()}_{next(_counter)}"
         self.sql(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def empty_database(self) -> str:
+        """A database as empty as a new one, its libpq URL: this process's own, emptied.
+
+        ``CREATE DATABASE`` and its ``DROP`` cost about 0.6 s a test here (both fsync); a
+        process instead keeps one database (``poolN``, held by a lock on a file beside the
+        server that the kernel lets go when the process ends, however it ends, so a child of
+        a fork or a killed run's database is taken again rather than leaked), and empties it
+        for each test in about 30 ms: its settings reset, its sessions ended, its ``public``
+        schema dropped with everything in it and created again."""
+        if self._own is None or self._own[0] != os.getpid():
+            self._own = self._claim()
+        name = self._own[2]
+        with psycopg.connect(self.url("postgres"), autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} RESET ALL")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        with psycopg.connect(self.url(name), autocommit=True) as db:
+            db.execute("DROP SCHEMA public CASCADE")
+            db.execute("CREATE SCHEMA public")
+        return self.url(name)
+
+    def _claim(self) -> tuple[int, int, str]:
+        for n in itertools.count():
+            lock = os.open(self.dir / f"pool{n}.lock", os.O_RDWR | os.O_CREAT)  # (held for life)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock)
+                continue
+            name = f"pool{n}"
+            if self.sql(f"SELECT count(*) FROM pg_database WHERE datname = '{name}'") == "0":
+                self.sql(f"CREATE DATABASE {name}")
+            return os.getpid(), lock, name
+        raise AssertionError("unreachable")
 
     @staticmethod
     def name(url: str) -> str:
