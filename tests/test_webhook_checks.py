@@ -1,8 +1,9 @@
 """The webhook's checks before the body is read (``Webhook.check_request``), fast: a real
 request on a real loopback socket, through a tiny aiohttp app whose handler is the check
 alone and answers what it returned or the error the relay would answer (the relay's own
-``error_response``). The method, the token (only when tokens are set), the content type and
-its charset, the content encoding and the Idempotency-Key's bounds, each on both sides."""
+``error_response``). The method, the token (only when tokens are set; each of several, in the
+``Authorization: Bearer`` mode or a header of its own, and what a 401 says), the content type
+and its charset, the content encoding and the Idempotency-Key's bounds, each on both sides."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from hapsms_relay.errors import BadRequest
 from hapsms_relay.webhook import error_response
-from tests.helpers import AUTH, base_config, webhook_of
+from tests.helpers import AUTH, TOKEN, TOKEN2, base_config, webhook_of
 
 JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
 
@@ -27,14 +28,17 @@ Check = Callable[..., Awaitable[tuple[int, Any, Any]]]
 @pytest.fixture
 async def check(tmp_path: Path, session: aiohttp.ClientSession) -> AsyncIterator[Check]:
     """Sends a request to the check of a relay's webhook (built, not started); its status,
-    JSON body and headers. ``tokens=False``: a relay without tokens."""
+    JSON body and headers. ``tokens``: False for a relay without tokens, a list for these
+    tokens; ``settings``: more of its [server] settings."""
     runners: list[web.AppRunner] = []
 
     async def send(headers: Any = JSON_AUTH, method: str = "POST", *,
-                   tokens: bool = True) -> tuple[int, Any, Any]:
-        server = {"path": "/hap"} if tokens else {
+                   tokens: bool | list[str] = True, **settings: Any) -> tuple[int, Any, Any]:
+        server: dict[str, Any] = {"path": "/hap"} if tokens else {
             "path": "/hap", "tokens": [], "allow_unauthenticated": True}
-        doc = base_config(tmp_path, server=server)
+        if isinstance(tokens, list):
+            server["tokens"] = tokens
+        doc = base_config(tmp_path, server={**server, **settings})
         webhook = webhook_of(doc)
 
         async def handle(request: web.Request) -> web.Response:
@@ -134,3 +138,65 @@ async def test_method_checked_first(check: Check) -> None:
     """A GET without token or content type is 405, not 401 or 415."""
     status, body, _ = await check({}, method="GET")
     assert (status, body["error"]) == (405, "method_not_allowed")
+
+
+UNAUTHORIZED = {"ok": False, "error": "unauthorized"}
+
+
+async def test_a_401_says_how_to_send_the_token(check: Check) -> None:
+    """A 401 names what to send: in the Bearer mode ``Authorization: Bearer <token>`` with a
+    ``WWW-Authenticate: Bearer`` challenge; with a header of its own (X-Api-Key) that header,
+    and no challenge (there is no scheme to name)."""
+    status, body, headers = await check({"Content-Type": "application/json"})
+    assert (status, body) == (401, {**UNAUTHORIZED, "detail": "missing or wrong token; send "
+                                    "Authorization: Bearer <token>"})
+    assert headers.getall("WWW-Authenticate") == ["Bearer"]
+    status, body, headers = await check({"Content-Type": "application/json"},
+                                        token_header="X-Api-Key")
+    assert (status, body) == (401, {**UNAUTHORIZED, "detail": "missing or wrong token; send "
+                                    "X-Api-Key: <token>"})
+    assert "WWW-Authenticate" not in headers
+
+
+@pytest.mark.parametrize("token", [TOKEN, TOKEN2])
+async def test_each_of_several_tokens_passes(check: Check, token: str) -> None:
+    """With two tokens (a rotation), the first passes as the second does."""
+    status, body, _ = await check({"Authorization": f"Bearer {token}",
+                                   "Content-Type": "application/json"}, tokens=[TOKEN, TOKEN2])
+    assert (status, body) == (200, {"key": None})
+
+
+@pytest.mark.parametrize("authorization", [
+    "Bearer two words", "bearer two words", "Bearer  two words", "BEARER two words ",
+])
+async def test_the_bearer_token_is_all_after_the_scheme(check: Check, authorization: str) -> None:
+    """After ``Bearer`` (any case) and one or more spaces (RFC 9110's ``1*SP``), the rest is
+    the token, spaces and all."""
+    status, body, _ = await check({"Authorization": authorization,
+                                   "Content-Type": "application/json"}, tokens=["two words"])
+    assert (status, body) == (200, {"key": None})
+
+
+@pytest.mark.parametrize(("headers", "server"), [
+    ({"Authorization": "Bearer words"}, {"tokens": ["two words"]}),  # the last word alone
+    ({"Authorization": "Basic XXXX"}, {"tokens": [TOKEN, "XXXX"]}),  # a token, another scheme
+    ({"Authorization": "XXXX"}, {"tokens": [TOKEN, "XXXX"]}),  # a token, no scheme
+    ({"Authorization": "Bearer "}, {}),
+    ({}, {"token_header": "X-Api-Key", "tokens": [TOKEN, "XXXX"]}),  # no header at all
+    ({"X-Api-Key": ""}, {"token_header": "X-Api-Key"}),
+    ({"X-Api-Key": f"Bearer {TOKEN}"}, {"token_header": "X-Api-Key"}),
+    (AUTH, {"token_header": "X-Api-Key"}),  # the Bearer header in the X-Api-Key mode
+])
+async def test_anything_but_a_token_is_401(check: Check, headers: dict[str, str],
+                                           server: dict[str, Any]) -> None:
+    """A token's last word, a token under another scheme or none, an empty token, no header:
+    each is 401."""
+    status, body, _ = await check({**headers, "Content-Type": "application/json"}, **server)
+    assert (status, body["error"]) == (401, "unauthorized")
+
+
+async def test_a_header_of_its_own_takes_the_raw_token(check: Check) -> None:
+    """With ``token_header = "X-Api-Key"``, the token as sent in that header passes."""
+    status, body, _ = await check({"X-Api-Key": TOKEN, "Content-Type": "application/json"},
+                                  token_header="X-Api-Key")
+    assert (status, body) == (200, {"key": None})
