@@ -124,18 +124,19 @@ class PostgresServer:
         return self.url(name)
 
     def _claim(self) -> tuple[int, int, str]:
-        for n in itertools.count():
+        n = 0
+        while True:
             lock = os.open(self.dir / f"pool{n}.lock", os.O_RDWR | os.O_CREAT)  # (held for life)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(lock)
+                n += 1
                 continue
             name = f"pool{n}"
             if self.sql(f"SELECT count(*) FROM pg_database WHERE datname = '{name}'") == "0":
                 self.sql(f"CREATE DATABASE {name}")
             return os.getpid(), lock, name
-        raise AssertionError("unreachable")
 
     @staticmethod
     def name(url: str) -> str:

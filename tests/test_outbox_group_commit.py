@@ -102,11 +102,12 @@ async def test_a_bug_in_a_grouped_write_fails_it_alone(outbox: SQLiteOutbox) -> 
     assert len(_states(path)) == 21
 
 
-async def test_a_write_waits_for_another_process_lock(outbox: SQLiteOutbox, tmp_path: Path) -> None:
+async def test_a_write_waits_for_another_process_lock(outbox: SQLiteOutbox) -> None:
     """A queue command (another process) holding the outbox's write lock for a moment makes
     the relay's write wait for it (busy_timeout, 5 s), not fail: the write commits once the
     lock is let go half a second later, and the relay answers its 200."""
-    other = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+    path = Path(outbox.path)
+    other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
         write = asyncio.ensure_future(outbox.enqueue([_entry(1)], 60))
@@ -118,4 +119,4 @@ async def test_a_write_waits_for_another_process_lock(outbox: SQLiteOutbox, tmp_
         other.execute("ROLLBACK")
         other.close()
     (n,) = await write
-    assert _states(tmp_path / "outbox.db") == {n: State.PENDING}
+    assert _states(path) == {n: State.PENDING}
