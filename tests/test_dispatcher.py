@@ -33,6 +33,7 @@ from tests.helpers import base_config, eventually, leaked, to_toml
 
 T0 = 1_800_000_000.0  # the ManualClock's start
 NUMBER, MASKED = "+8613800138000", "+86*******8000"
+SPINNING = 1000  # claims and looks for the next due entry in one test (see Rig.alive)
 
 
 def ok(m: Message) -> Outcome:
@@ -79,6 +80,7 @@ class Faulty(SQLiteOutbox):
         super().__init__(path, clock=clock)
         self.fail: dict[str, int] = {}
         self.renewals = 0
+        self.looks = 0  # claims and looks for the next due entry
 
     def _check(self, op: str) -> None:
         if self.fail.get(op, 0) > 0:
@@ -86,10 +88,12 @@ class Faulty(SQLiteOutbox):
             raise StorageError("outbox: database or disk is full")
 
     async def claim(self, owner: str, limit: int, now: float, lease: float) -> list[Entry]:
+        self.looks += 1
         self._check("claim")
         return await super().claim(owner, limit, now, lease)
 
     async def next_due(self) -> float | None:
+        self.looks += 1
         self._check("next_due")
         return await super().next_due()
 
@@ -148,7 +152,7 @@ class Rig:
         async def there() -> bool:
             return (await self.row(id)).state == state
 
-        await eventually(there, what=f"entry {id} {state.name}")
+        await self.until(there, f"entry {id} {state.name}")
         return await self.row(id)
 
     async def asleep(self, *, delivering: bool = False) -> None:
@@ -156,8 +160,47 @@ class Rig:
         entry stored and every delivery done so far), beside the lease renewer's wait;
         unless ``delivering``, no delivery is running (one that ended wakes the loop)."""
         d = self.dispatcher
-        await eventually(lambda: (delivering or not d.inflight) and not d._wakeup.is_set()
-                         and self.clock.waiting == 2, what="the claim loop asleep")
+
+        def asleep() -> bool:
+            self.alive()
+            return ((delivering or not d.inflight) and not d._wakeup.is_set()
+                    and self.clock.waiting == 2)
+
+        await eventually(asleep, what="the claim loop asleep")
+
+    def alive(self) -> None:
+        """A dispatcher that can no longer do what a test waits for fails the wait at once,
+        not at its deadline: the claim loop or the lease renewer has ended (both run until
+        stop), or the claim loop spins (it looks at the outbox once per wake-up: 15 times at
+        most in any test here, so a thousand is a loop that no longer waits)."""
+        running = {t.get_name() for t in asyncio.all_tasks()}
+        for name in ("dispatcher", "lease_renewal"):
+            assert name in running, f"the dispatcher's {name} task ended"
+        assert self.outbox.looks < SPINNING, f"the claim loop spins: {self.outbox.looks} looks"
+
+    def settled(self) -> bool:
+        """Nothing can move until the test acts (the clock is the test's): the claim loop
+        asleep on the clock with its wake-up consumed, the renewer waiting too, and every
+        delivery in flight held at a closed gate."""
+        d = self.dispatcher
+        held = sum(p.holding for p in (self.a, self.b)
+                   if p.gate is not None and not p.gate.is_set())
+        return not d._wakeup.is_set() and self.clock.waiting == 2 and d.inflight == held
+
+    async def until(self, predicate: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+        """Poll ``predicate`` until it holds; fail as soon as it cannot: the dispatcher
+        settled without it, or one of its loops ended (``eventually``'s deadline stays as
+        the backstop for a wait that neither settles nor ends)."""
+        async def check() -> bool:
+            self.alive()
+            settled = self.settled()  # first: if nothing could move, what is read next is final
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            assert result or not settled, f"the dispatcher settled without {what}"
+            return result
+
+        await eventually(check, what=what)
 
     def hold(self) -> None:
         """Provider a's calls wait at a gate from now on, until ``release``."""
@@ -171,10 +214,10 @@ class Rig:
         """The clock moved a third of the lease (30 s) on, and the renewal it brings made."""
         done = self.outbox.renewals
         self.clock.advance(10.0)
-        await eventually(lambda: self.outbox.renewals > done, what="a renewal")
+        await self.until(lambda: self.outbox.renewals > done, "a renewal")
 
     async def at_gate(self, n: int) -> None:
-        await eventually(lambda: self.a.holding == n, what=f"{n} messages at the gate")
+        await self.until(lambda: self.a.holding == n, f"{n} messages at the gate")
 
     def count(self, metric: str, **labels: str) -> float:
         self.metrics.flush()
@@ -281,7 +324,7 @@ async def test_sent_but_not_recorded_is_still_counted_and_logged(
     r = await rig()
     r.outbox.fail["sent"] = 1
     (i,) = await r.post()
-    await eventually(lambda: r.dispatcher.activity.sent == 1, what="the send counted")
+    await r.until(lambda: r.dispatcher.activity.sent == 1, "the send counted")
     await r.asleep()
     assert (await r.row(i)).state == State.INFLIGHT
     lines = logged(capsys)
@@ -332,7 +375,7 @@ async def test_retry_grows_and_is_sent_when_due(rig: Make) -> None:
     assert r.clock.waiting == 2  # neither the loop's wait (0.5 s) nor the renewer's ended
     r.clock.advance(0.01)
     assert r.clock.waiting == 1  # the loop's did
-    await eventually(lambda: len(r.a.calls) == 2, what="the second attempt")
+    await r.until(lambda: len(r.a.calls) == 2, "the second attempt")
     row = await r.reached(i, State.PENDING)
     assert row.attempts == 2 and T0 + 0.5 + 0.5 <= row.due <= T0 + 0.5 + 1.0
 
@@ -377,7 +420,7 @@ async def test_retry_not_recorded_is_logged_not_scheduled(
     r.outbox.fail["retry"] = 1
     r.a.answer = r.b.answer = lambda m: TransientError("b", "http_503", "busy")
     (i,) = await r.post()
-    await eventually(lambda: len(r.b.calls) == 1, what="the attempt")
+    await r.until(lambda: len(r.b.calls) == 1, "the attempt")
     await r.asleep()
     assert (await r.row(i)).state == State.INFLIGHT
     lines = logged(capsys)
@@ -413,7 +456,7 @@ async def test_dead_not_recorded_is_not_counted(rig: Make, capsys: pytest.Captur
     r.outbox.fail["dead"] = 1
     r.a.answer = lambda m: PermanentError("a", "http_400", "bad number")
     (i,) = await r.post()
-    await eventually(lambda: len(r.a.calls) == 1, what="the attempt")
+    await r.until(lambda: len(r.a.calls) == 1, "the attempt")
     await r.asleep()
     assert (await r.row(i)).state == State.INFLIGHT
     assert r.dispatcher.activity.dead == 0
@@ -534,11 +577,11 @@ async def test_failed_claim_and_look_are_retried_after_a_poll(
     await r.asleep()
     r.outbox.fail["next_due"] = 1
     r.clock.advance(1.0)  # the next look: nothing to claim, and the look for what is due fails
-    await eventually(lambda: r.outbox.fail["next_due"] == 0, what="the failed look")
+    await r.until(lambda: r.outbox.fail["next_due"] == 0, "the failed look")
     await r.asleep()
     r.outbox.fail["claim"] = 1
     (i,) = await r.post()
-    await eventually(lambda: r.outbox.fail["claim"] == 0, what="the failed claim")
+    await r.until(lambda: r.outbox.fail["claim"] == 0, "the failed claim")
     await r.asleep()
     assert (await r.row(i)).state == State.PENDING
     r.clock.advance(1.0)
@@ -587,7 +630,7 @@ async def test_renewal_failure_is_logged_and_renewal_goes_on(
     await r.post()
     await r.at_gate(1)
     r.clock.advance(10.0)
-    await eventually(lambda: r.outbox.fail["renew"] == 0, what="the failed renewal")
+    await r.until(lambda: r.outbox.fail["renew"] == 0, "the failed renewal")
     await r.next_renewal()
     assert r.dispatcher.renewed_at == T0 + 20.0
     assert 'lease_renewal_failed error="outbox: database or disk is full" count=1' in logged(capsys)
