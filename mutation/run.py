@@ -241,8 +241,9 @@ def scratch(group: list[Module], quick: bool) -> Path:
         "only_mutate =", *(f"    {m.path}" for m in group),
         "pytest_add_cli_args_test_selection =",
         *(f"    {t}" for t in (module.quick_tests if quick else module.tests)),
-        # -p no:cacheprovider: mutants must not write a shared .pytest_cache
-        "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
+        # -p no:cacheprovider: mutants must not write a shared .pytest_cache; -p gc_freeze
+        # (mutation/gc_freeze.py): the fork server's warm-up out of each child's collections
+        "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -p", "    gc_freeze", "    -q",
         # a mutant that slows a test down (a loop bound, a wait never woken) is cut at
         # 5 x (the tests' own time + timeout_constant), and counts as caught (the suite did not
         # pass). The tests' time leaves out their fixtures (a database each, a relay started):
@@ -318,7 +319,8 @@ def run_batch(group: list[Module], mutmut: Path, python: Path, children: int,
     name = group[0].batch
     # mutmut looks the type checker up on PATH by the name "mypy"
     env = {**os.environ, **extra_env, "PYTHONDONTWRITEBYTECODE": "1",
-           "PATH": f"{mutmut.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{mutmut.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     log = work / "mutmut.log"
     with log.open("w") as out:
         done = subprocess.run([str(mutmut), "run", "--max-children", str(children),
