@@ -90,7 +90,7 @@ fuzz: $(VENV)/.test-extras
 	FUZZ_EXAMPLES=10000 $(BIN)/pytest tests/test_fuzz.py tests/test_numbers_fuzz.py $(PYTEST_ARGS)
 
 # Mutation testing (mutation/run.py): mutmut over the modules of mutation/scope.toml, each
-# with the tests that pin it; ~26 minutes on two cores (quick: ~10). Scores per module go to
+# with the tests that pin it; ~20 minutes on two cores (quick: ~9). Scores per module go to
 # var/mutation/report.txt, survivors to var/mutation/survivors.txt; the run fails under 85 %
 # killed in a module or on a survivor mutation/accepted.toml does not explain.
 # MUTATION_ARGS: module names to run only those. mutation-quick: the pure-logic modules (CI).
