@@ -141,16 +141,25 @@ def sending(ids: Sequence[int]) -> list[Sending]:
 
 
 async def eventually(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 15.0,
+    what: str = "condition",
+    settled: Callable[[], bool] | None = None,
 ) -> None:
-    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds, or at
+    once when ``settled`` said, just before ``predicate`` was read, that nothing can move
+    until the test acts (everything under test waits on the test's ManualClock or a gate):
+    what was read then is final. ``settled`` may raise to fail the wait itself."""
     deadline = time.monotonic() + timeout
     while True:
+        still = settled is not None and settled()
         result = predicate()
         if not isinstance(result, bool):
             result = await result
         if result:
             return
+        if still:
+            raise AssertionError(f"settled without {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)

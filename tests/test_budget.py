@@ -357,28 +357,24 @@ async def test_watch_refreshes_every_second_and_survives_failures(pg_url: str, c
                        for box in boxes)
         watching = asyncio.create_task(mine.watch())
 
-        async def until(predicate: Callable[[], bool], what: str) -> None:
-            """``predicate`` true; fails at once if watch() has ended, or waits on the clock
-            again without it (the clock is the test's: nothing moves until it does)."""
-            def check() -> bool:
-                assert not watching.done(), "watch() ended"
-                waiting = clock.waiting > 0  # first: if asleep, what is read next is final
-                assert predicate() or not waiting, f"watch() waits again without {what}"
-                return predicate()
-
-            await eventually(check, what=what)
+        def asleep() -> bool:
+            """watch() waits on the test's clock: nothing moves until the test does."""
+            assert not watching.done(), "watch() ended"
+            return clock.waiting > 0
 
         await other.settle("a", await other.reserve("a", 3), 3)
         assert mine.left(ALL) == 10  # not seen yet
-        await until(lambda: clock.waiting > 0, "watch waiting")
+        await eventually(asleep, what="watch waiting")
         clock.advance(1)
-        await until(lambda: mine.left(ALL) == 7, "the other relay's sends seen")
+        await eventually(lambda: mine.left(ALL) == 7, what="the other relay's sends seen",
+                         settled=asleep)
         await boxes[0].close()
         failed = 'budget_refresh_failed error="the outbox is not open"'
         for times in (1, 2):  # fails, and is tried again a second later
-            await until(lambda: clock.waiting > 0, "watch waiting")
+            await eventually(asleep, what="watch waiting")
             clock.advance(1)
-            await until(lambda t=times: caplog.text.count(failed) == t, f"failure {times}")
+            await eventually(lambda t=times: caplog.text.count(failed) == t,
+                             what=f"failure {times}", settled=asleep)
         assert not watching.done()
     finally:
         if watching is not None:

@@ -181,26 +181,18 @@ class Rig:
     def settled(self) -> bool:
         """Nothing can move until the test acts (the clock is the test's): the claim loop
         asleep on the clock with its wake-up consumed, the renewer waiting too, and every
-        delivery in flight held at a closed gate."""
+        delivery in flight held at a closed gate. Fails at once if it can never move again
+        (``alive``)."""
+        self.alive()
         d = self.dispatcher
         held = sum(p.holding for p in (self.a, self.b)
                    if p.gate is not None and not p.gate.is_set())
         return not d._wakeup.is_set() and self.clock.waiting == 2 and d.inflight == held
 
     async def until(self, predicate: Callable[[], bool | Awaitable[bool]], what: str) -> None:
-        """Poll ``predicate`` until it holds; fail as soon as it cannot: the dispatcher
-        settled without it, or one of its loops ended (``eventually``'s deadline stays as
-        the backstop for a wait that neither settles nor ends)."""
-        async def check() -> bool:
-            self.alive()
-            settled = self.settled()  # first: if nothing could move, what is read next is final
-            result = predicate()
-            if not isinstance(result, bool):
-                result = await result
-            assert result or not settled, f"the dispatcher settled without {what}"
-            return result
-
-        await eventually(check, what=what)
+        """``predicate`` true; fails as soon as it cannot be (``settled``), not at the
+        deadline."""
+        await eventually(predicate, what=what, settled=self.settled)
 
     def hold(self) -> None:
         """Provider a's calls wait at a gate from now on, until ``release``."""
