@@ -96,9 +96,14 @@ class PostgresServer:
                          env={"PGOPTIONS": "-c default_transaction_read_only=off"})
         return done.stdout.strip()
 
+    @staticmethod
+    def new_name() -> str:
+        """A database name no other database of this server has (the process, a count)."""
+        return f"t{os.getpid()}_{next(_counter)}"
+
     def database(self) -> str:
         """A new, empty database; its libpq URL."""
-        name = f"t{os.getpid()}_{next(_counter)}"
+        name = self.new_name()
         self.sql(f"CREATE DATABASE {name}")
         return self.url(name)
 

@@ -17,8 +17,7 @@ async def test_a_database_not_in_utf8_is_refused(pg_server: PostgresServer,
                                                  encoding: str) -> None:
     """A relay opening a SQL_ASCII or LATIN1 database stops with its encoding named and
     creates nothing in it; a queue command (admin) is refused alike."""
-    url = pg_server.database()
-    name = f"{PostgresServer.name(url)}_{encoding.lower()}"
+    name = f"{pg_server.new_name()}_{encoding.lower()}"
     pg_server.sql(f"CREATE DATABASE {name} ENCODING '{encoding}' LOCALE 'C' TEMPLATE template0")
     try:
         for admin in (False, True):
