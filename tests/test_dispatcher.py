@@ -160,13 +160,14 @@ class Rig:
         entry stored and every delivery done so far), beside the lease renewer's wait;
         unless ``delivering``, no delivery is running (one that ended wakes the loop)."""
         d = self.dispatcher
+        await eventually(lambda: self.waiting() and (delivering or not d.inflight),
+                         what="the claim loop asleep")
 
-        def asleep() -> bool:
-            self.alive()
-            return ((delivering or not d.inflight) and not d._wakeup.is_set()
-                    and self.clock.waiting == 2)
-
-        await eventually(asleep, what="the claim loop asleep")
+    def waiting(self) -> bool:
+        """The claim loop and the lease renewer both wait on the clock, the loop's wake-up
+        consumed; fails at once if they never will again (``alive``)."""
+        self.alive()
+        return not self.dispatcher._wakeup.is_set() and self.clock.waiting == 2
 
     def alive(self) -> None:
         """A dispatcher that can no longer do what a test waits for fails the wait at once,
@@ -179,15 +180,12 @@ class Rig:
         assert self.outbox.looks < SPINNING, f"the claim loop spins: {self.outbox.looks} looks"
 
     def settled(self) -> bool:
-        """Nothing can move until the test acts (the clock is the test's): the claim loop
-        asleep on the clock with its wake-up consumed, the renewer waiting too, and every
-        delivery in flight held at a closed gate. Fails at once if it can never move again
-        (``alive``)."""
-        self.alive()
-        d = self.dispatcher
+        """Nothing can move until the test acts (the clock is the test's): the claim loop and
+        the renewer waiting on the clock (``waiting``), and every delivery in flight held at
+        a closed gate."""
         held = sum(p.holding for p in (self.a, self.b)
                    if p.gate is not None and not p.gate.is_set())
-        return not d._wakeup.is_set() and self.clock.waiting == 2 and d.inflight == held
+        return self.waiting() and self.dispatcher.inflight == held
 
     async def until(self, predicate: Callable[[], bool | Awaitable[bool]], what: str) -> None:
         """``predicate`` true; fails as soon as it cannot be (``settled``), not at the
