@@ -17,7 +17,7 @@ STAGED  := $(DESTDIR)$(PREFIX)
 SYSTEMD_RUNNING = $(if $(DESTDIR),,$(wildcard /run/systemd/system))
 
 .PHONY: run test lint typecheck pytest fuzz mutation mutation-quick bench bench-smoke wrk bench-smtp \
-	bench-cluster postgresql clean install uninstall test-systemd guest-tools
+	bench-cluster postgresql strace clean install uninstall test-systemd guest-tools
 
 # The venv is rebuilt when the packaging metadata changes.
 $(BIN)/hapsms-relay: setup.cfg pyproject.toml
@@ -45,7 +45,12 @@ postgresql:
 		|| (apt-get update -q && apt-get install -y -q postgresql) \
 		|| { echo "make test needs PostgreSQL: apt-get install postgresql (Debian's package)" >&2; exit 1; }
 
-pytest: $(VENV)/.test-extras postgresql
+# tests/test_outbox_fsync.py counts the outbox's fsyncs with strace (Debian's package).
+strace:
+	@command -v strace >/dev/null || (apt-get update -q && apt-get install -y -q strace) \
+		|| { echo "make test needs strace: apt-get install strace (Debian's package)" >&2; exit 1; }
+
+pytest: $(VENV)/.test-extras postgresql strace
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

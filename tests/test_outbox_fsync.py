@@ -1,0 +1,109 @@
+"""What the SQLite outbox makes the disk do, counted on its real system calls: strace
+attached to this very process (and its writer thread) while the outbox works. Every commit
+that holds an accepted entry or an outcome is fsynced before its caller resumes; a commit
+of claims alone is not (``SQLiteOutbox._sync_for`` says why that loses nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hapsms_relay.kinds import KIND_SMS
+from hapsms_relay.outbox import NewEntry
+from hapsms_relay.outbox_sqlite import SQLiteOutbox
+from tests.helpers import sending
+
+
+def _entry(n: int) -> NewEntry:
+    return NewEntry(KIND_SMS, f"+86139{n:08d}", "CN", f"139{n:08d}", "text", "Acme")
+
+
+class Syncs:
+    """fsyncs (SQLite on Linux calls fdatasync; fsync counted too) between steps, a step
+    being marked by a getppid() that strace shows in between."""
+
+    def __init__(self, trace: Path) -> None:
+        self.trace = trace
+        self.marks = 0
+
+    def step(self) -> None:
+        os.getppid()
+        self.marks += 1
+
+    def counts(self) -> list[int]:
+        """Per step marked, the fsyncs from its mark to the next one."""
+        counts: list[int] = []
+        for line in self.trace.read_text().splitlines():
+            if "getppid(" in line:
+                counts.append(0)
+            elif counts and ("fdatasync(" in line or "fsync(" in line):
+                counts[-1] += 1
+        return counts[-self.marks:-1]
+
+
+@contextmanager
+def traced(tmp_path: Path) -> Iterator[Syncs]:
+    strace = shutil.which("strace")
+    assert strace, "make test installs strace (Debian's package)"
+    syncs = Syncs(tmp_path / "trace")
+    proc = subprocess.Popen(
+        [strace, "-f", "-qq", "-o", str(syncs.trace), "-e", "trace=getppid,fdatasync,fsync",
+         "-p", str(os.getpid())])
+    try:
+        deadline = time.monotonic() + 15
+        while not (syncs.trace.exists() and "getppid(" in syncs.trace.read_text()):
+            assert proc.poll() is None, "strace could not attach"
+            assert time.monotonic() < deadline, "strace did not attach within 15 s"
+            os.getppid()
+            time.sleep(0.01)
+        yield syncs
+    finally:
+        syncs.step()  # the end of the last step
+        proc.terminate()  # strace detaches and writes out what it traced
+        proc.wait(15)
+
+
+async def test_only_claims_alone_commit_without_an_fsync(tmp_path: Path) -> None:
+    """Claims in a transaction of their own are not fsynced, the first ones after a start
+    included; an enqueue, an outcome, and a claim that shares its transaction with an
+    enqueue each are, once per transaction."""
+    path = str(tmp_path / "outbox.db")
+    before = SQLiteOutbox(path)  # a relay that accepted messages and stopped
+    await before.open()
+    await before.enqueue([_entry(i) for i in range(6)], 60)
+    await before.close()
+    outbox = SQLiteOutbox(path)
+    await outbox.open()
+    try:
+        with traced(tmp_path) as syncs:
+            syncs.step()  # the first claims after a start, a transaction each, and a look
+            for _ in range(3):  # for the next due
+                assert len(await outbox.claim("t", 1, 1e12, 30)) == 1
+            assert await outbox.next_due() is not None
+            syncs.step()  # an enqueue
+            await outbox.enqueue([_entry(6)], 60)
+            syncs.step()  # a claim and an enqueue in one transaction
+            claimed, _ = await asyncio.gather(outbox.claim("t", 1, 1e12, 30),
+                                              outbox.enqueue([_entry(7)], 60))
+            syncs.step()  # an outcome
+            await outbox.sent("p", sending([claimed[0].id]))
+            syncs.step()  # claims alone again, after synced commits
+            assert len(await outbox.claim("t", 2, 1e12, 30)) == 2
+            syncs.step()  # a retry (the claim before it commits on its own)
+            (e,) = await outbox.claim("t", 1, 1e12, 30)
+            await outbox.retry("t", e.id, 1e12, "p", "later")
+    finally:
+        await outbox.close()
+    claims, enqueue, claim_and_enqueue, outcome, claims_again, claim_then_retry = syncs.counts()
+    assert claims == 0
+    assert enqueue == 1
+    assert claim_and_enqueue == 1
+    assert outcome == 1
+    assert claims_again == 0
+    assert claim_then_retry == 1
