@@ -25,42 +25,42 @@ def _entry(n: int) -> NewEntry:
 
 
 class Syncs:
-    """fsyncs (SQLite on Linux calls fdatasync; fsync counted too) between steps, a step
-    being marked by a getppid() that strace shows in between."""
+    """The fsyncs of files under ``where`` (SQLite on Linux calls fdatasync; fsync counted
+    too) between steps, a step being marked by a getppid() that strace shows in between."""
 
-    def __init__(self, trace: Path) -> None:
+    def __init__(self, trace: Path, where: Path) -> None:
         self.trace = trace
-        self.marks = 0
+        self.where = str(where)
 
     def step(self) -> None:
         os.getppid()
-        self.marks += 1
 
     def counts(self) -> list[int]:
-        """Per step marked, the fsyncs from its mark to the next one."""
+        """Per step marked, the fsyncs from its mark to the next one (or to the end)."""
         counts: list[int] = []
         for line in self.trace.read_text().splitlines():
             if "getppid(" in line:
                 counts.append(0)
-            elif counts and ("fdatasync(" in line or "fsync(" in line):
+            elif counts and ("fdatasync(" in line or "fsync(" in line) and self.where in line:
                 counts[-1] += 1
-        return counts[-self.marks:-1]
+        return counts
 
 
 @contextmanager
-def traced(tmp_path: Path) -> Iterator[Syncs]:
+def traced(where: Path, trace: Path) -> Iterator[Syncs]:
+    """strace attached to this process and its threads; a getpgrp() it shows says so."""
     strace = shutil.which("strace")
     assert strace, "make test installs strace (Debian's package)"
-    syncs = Syncs(tmp_path / "trace")
+    syncs = Syncs(trace, where)
     proc = subprocess.Popen(
-        [strace, "-f", "-qq", "-o", str(syncs.trace), "-e", "trace=getppid,fdatasync,fsync",
-         "-p", str(os.getpid())])
+        [strace, "-f", "-qq", "-y", "-o", str(trace),
+         "-e", "trace=getpgrp,getppid,fdatasync,fsync", "-p", str(os.getpid())])
     try:
         deadline = time.monotonic() + 15
-        while not (syncs.trace.exists() and "getppid(" in syncs.trace.read_text()):
+        while not (trace.exists() and "getpgrp(" in trace.read_text()):
             assert proc.poll() is None, "strace could not attach"
             assert time.monotonic() < deadline, "strace did not attach within 15 s"
-            os.getppid()
+            os.getpgrp()
             time.sleep(0.01)
         yield syncs
     finally:
@@ -73,7 +73,8 @@ async def test_only_claims_alone_commit_without_an_fsync(tmp_path: Path) -> None
     """Claims in a transaction of their own are not fsynced, the first ones after a start
     included; an enqueue, an outcome, and a claim that shares its transaction with an
     enqueue each are, once per transaction."""
-    path = str(tmp_path / "outbox.db")
+    (tmp_path / "db").mkdir()
+    path = str(tmp_path / "db" / "outbox.db")
     before = SQLiteOutbox(path)  # a relay that accepted messages and stopped
     await before.open()
     await before.enqueue([_entry(i) for i in range(6)], 60)
@@ -81,7 +82,7 @@ async def test_only_claims_alone_commit_without_an_fsync(tmp_path: Path) -> None
     outbox = SQLiteOutbox(path)
     await outbox.open()
     try:
-        with traced(tmp_path) as syncs:
+        with traced(tmp_path / "db", tmp_path / "trace") as syncs:
             syncs.step()  # the first claims after a start, a transaction each, and a look
             for _ in range(3):  # for the next due
                 assert len(await outbox.claim("t", 1, 1e12, 30)) == 1
@@ -100,7 +101,9 @@ async def test_only_claims_alone_commit_without_an_fsync(tmp_path: Path) -> None
             await outbox.retry("t", e.id, 1e12, "p", "later")
     finally:
         await outbox.close()
-    claims, enqueue, claim_and_enqueue, outcome, claims_again, claim_then_retry = syncs.counts()
+    counts = syncs.counts()
+    assert len(counts) == 7, counts  # six steps and the end
+    claims, enqueue, claim_and_enqueue, outcome, claims_again, claim_then_retry, _ = counts
     assert claims == 0
     assert enqueue == 1
     assert claim_and_enqueue == 1
