@@ -403,7 +403,7 @@ class SQLiteOutbox:
         up to its end.
 
         At a few messages a second a claim commits alone, and its fsync came between a
-        message's 200 and its provider call: about 1 ms of the 2 ms from the 200 to the
+        message's 200 and its provider call: about 1 ms of the 2-3 ms from the 200 to the
         sink here (bench/README.md, eighth round)."""
         sync = not self._unsynced.issuperset(fn for fn, _, _ in batch)
         if sync != self._synced:
