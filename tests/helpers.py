@@ -16,7 +16,8 @@ import aiohttp
 from hapsms_relay import config, storage
 from hapsms_relay.clock import SYSTEM, Clock
 from hapsms_relay.config import QueueConfig
-from hapsms_relay.outbox import SENT_STATES, Outbox, Row, Sending, State
+from hapsms_relay.kinds import KIND_SMS
+from hapsms_relay.outbox import SENT_STATES, NewEntry, Outbox, Row, Sending, State
 from hapsms_relay.relay import Relay
 from hapsms_relay.webhook import Webhook
 
@@ -133,6 +134,12 @@ class Book:
 
     def load(self, rows: Iterable[tuple[int, int, str, float]]) -> None:
         self.rows.extend(rows)
+
+
+def sms_entry(n: int, text: str = "hi") -> NewEntry:
+    """Entry ``n`` of an SMS body, as the webhook makes it: a number of its own (139 and n)."""
+    national = f"139{n:08d}"
+    return NewEntry(KIND_SMS, "+86" + national, "CN", national, text, "Acme")
 
 
 def sending(ids: Sequence[int]) -> list[Sending]:

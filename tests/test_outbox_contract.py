@@ -15,14 +15,10 @@ from hapsms_relay.outbox import Event, NewEntry, Outbox, Sending, State
 from hapsms_relay.receipts import Receipt
 from tests.backends import BACKEND_PARAMS, Backend
 from tests.helpers import sending
+from tests.helpers import sms_entry as sms
 
 DAY = 86400.0
 A, B = "relay-a/1", "relay-b/2"
-
-
-def sms(n: int, text: str = "hi") -> NewEntry:
-    national = f"139{n:08d}"
-    return NewEntry(KIND_SMS, "+86" + national, "CN", national, text, "Acme")
 
 
 Open = Callable[[], Awaitable[Outbox]]

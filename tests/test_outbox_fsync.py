@@ -8,20 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-from hapsms_relay.kinds import KIND_SMS
-from hapsms_relay.outbox import NewEntry
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
-from tests.helpers import sending
-
-
-def _entry(n: int) -> NewEntry:
-    return NewEntry(KIND_SMS, f"+86139{n:08d}", "CN", f"139{n:08d}", "text", "Acme")
+from tests.helpers import eventually, sending, sms_entry
 
 
 class Syncs:
@@ -46,27 +38,28 @@ class Syncs:
         return counts
 
 
-@contextmanager
-def traced(where: Path, trace: Path) -> Iterator[Syncs]:
+@asynccontextmanager
+async def traced(where: Path, trace: Path) -> AsyncIterator[Syncs]:
     """strace attached to this process and its threads; a getpgrp() it shows says so."""
     strace = shutil.which("strace")
     assert strace, "make test installs strace (Debian's package)"
     syncs = Syncs(trace, where)
-    proc = subprocess.Popen(
-        [strace, "-f", "-qq", "-y", "-o", str(trace),
-         "-e", "trace=getpgrp,getppid,fdatasync,fsync", "-p", str(os.getpid())])
+    proc = await asyncio.create_subprocess_exec(
+        strace, "-f", "-qq", "-y", "-o", str(trace),
+        "-e", "trace=getpgrp,getppid,fdatasync,fsync", "-p", str(os.getpid()))
+
+    def attached() -> bool:
+        assert proc.returncode is None, "strace could not attach"
+        os.getpgrp()
+        return trace.exists() and "getpgrp(" in trace.read_text()
+
     try:
-        deadline = time.monotonic() + 15
-        while not (trace.exists() and "getpgrp(" in trace.read_text()):
-            assert proc.poll() is None, "strace could not attach"
-            assert time.monotonic() < deadline, "strace did not attach within 15 s"
-            os.getpgrp()
-            time.sleep(0.01)
+        await eventually(attached, what="strace attached")
         yield syncs
     finally:
         syncs.step()  # the end of the last step
         proc.terminate()  # strace detaches and writes out what it traced
-        proc.wait(15)
+        await asyncio.wait_for(proc.wait(), 15)
 
 
 async def test_only_claims_alone_commit_without_an_fsync(tmp_path: Path) -> None:
@@ -77,21 +70,21 @@ async def test_only_claims_alone_commit_without_an_fsync(tmp_path: Path) -> None
     path = str(tmp_path / "db" / "outbox.db")
     before = SQLiteOutbox(path)  # a relay that accepted messages and stopped
     await before.open()
-    await before.enqueue([_entry(i) for i in range(6)], 60)
+    await before.enqueue([sms_entry(i) for i in range(6)], 60)
     await before.close()
     outbox = SQLiteOutbox(path)
     await outbox.open()
     try:
-        with traced(tmp_path / "db", tmp_path / "trace") as syncs:
+        async with traced(tmp_path / "db", tmp_path / "trace") as syncs:
             syncs.step()  # the first claims after a start, a transaction each, and a look
             for _ in range(3):  # for the next due
                 assert len(await outbox.claim("t", 1, 1e12, 30)) == 1
             assert await outbox.next_due() is not None
             syncs.step()  # an enqueue
-            await outbox.enqueue([_entry(6)], 60)
+            await outbox.enqueue([sms_entry(6)], 60)
             syncs.step()  # a claim and an enqueue in one transaction
             claimed, _ = await asyncio.gather(outbox.claim("t", 1, 1e12, 30),
-                                              outbox.enqueue([_entry(7)], 60))
+                                              outbox.enqueue([sms_entry(7)], 60))
             syncs.step()  # an outcome
             await outbox.sent("p", sending([claimed[0].id]))
             syncs.step()  # claims alone again, after synced commits

@@ -14,12 +14,7 @@ from hapsms_relay.errors import StorageError
 from hapsms_relay.kinds import KIND_SMS
 from hapsms_relay.outbox import NewEntry, State
 from hapsms_relay.outbox_sqlite import SQLiteOutbox
-from tests.helpers import sending
-
-
-def _entry(n: int) -> NewEntry:
-    national = f"139{n:08d}"
-    return NewEntry(KIND_SMS, "+86" + national, "CN", national, f"text {n}", "Acme")
+from tests.helpers import sending, sms_entry
 
 
 def _states(path: Path) -> dict[int, int]:
@@ -39,7 +34,7 @@ async def test_concurrent_enqueues_are_all_on_disk(outbox: SQLiteOutbox) -> None
     """Two hundred concurrent enqueues of one to three entries: every id returned is committed."""
     path = Path(outbox.path)
     results = await asyncio.gather(*(
-        outbox.enqueue([_entry(i * 3 + k) for k in range(1 + i % 3)], 60) for i in range(200)
+        outbox.enqueue([sms_entry(i * 3 + k) for k in range(1 + i % 3)], 60) for i in range(200)
     ))
     ids = [i for batch in results for i in batch]
     assert len(set(ids)) == len(ids) == sum(1 + i % 3 for i in range(200))
@@ -51,7 +46,7 @@ async def test_concurrent_enqueues_are_all_on_disk(outbox: SQLiteOutbox) -> None
 async def test_concurrent_status_updates_all_apply(outbox: SQLiteOutbox) -> None:
     """Concurrent delivered/dead updates of claimed entries each land on their own entry."""
     path = Path(outbox.path)
-    await asyncio.gather(*(outbox.enqueue([_entry(i)], 60) for i in range(100)))
+    await asyncio.gather(*(outbox.enqueue([sms_entry(i)], 60) for i in range(100)))
     claimed = await outbox.claim("test", 100, 1e12, 30)
     assert len(claimed) == 100
     delivered = [e.id for e in claimed[:70]]
@@ -71,9 +66,9 @@ async def test_one_failing_write_fails_alone(outbox: SQLiteOutbox) -> None:
     path = Path(outbox.path)
     bad = NewEntry(KIND_SMS, "+8613900000000", "CN", "13900000000", None)  # type: ignore[arg-type]
     results = await asyncio.gather(
-        *(outbox.enqueue([_entry(i)], 60) for i in range(10)),
+        *(outbox.enqueue([sms_entry(i)], 60) for i in range(10)),
         outbox.enqueue([bad], 60),
-        *(outbox.enqueue([_entry(i)], 60) for i in range(10, 20)),
+        *(outbox.enqueue([sms_entry(i)], 60) for i in range(10, 20)),
         return_exceptions=True,
     )
     assert [type(r).__name__ for r in results].count("StorageError") == 1
@@ -90,15 +85,15 @@ async def test_a_bug_in_a_grouped_write_fails_it_alone(outbox: SQLiteOutbox) -> 
     path = Path(outbox.path)
     bad = NewEntry(KIND_SMS, "+8613900000000", "CN", "13900000000", 2**64)  # type: ignore[arg-type]
     results = await asyncio.gather(
-        *(outbox.enqueue([_entry(i)], 60) for i in range(10)),
+        *(outbox.enqueue([sms_entry(i)], 60) for i in range(10)),
         outbox.enqueue([bad], 60),
-        *(outbox.enqueue([_entry(i)], 60) for i in range(10, 20)),
+        *(outbox.enqueue([sms_entry(i)], 60) for i in range(10, 20)),
         return_exceptions=True,
     )
     assert isinstance(results[10], OverflowError)
     ids = [i for r in results if isinstance(r, list) for i in r]
     assert len(ids) == 20 and set(ids) <= set(_states(path))
-    assert len(await outbox.enqueue([_entry(20)], 60)) == 1
+    assert len(await outbox.enqueue([sms_entry(20)], 60)) == 1
     assert len(_states(path)) == 21
 
 
@@ -110,7 +105,7 @@ async def test_a_write_waits_for_another_process_lock(outbox: SQLiteOutbox) -> N
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
-        write = asyncio.ensure_future(outbox.enqueue([_entry(1)], 60))
+        write = asyncio.ensure_future(outbox.enqueue([sms_entry(1)], 60))
         # (how long the lock is held: a tenth of the relay's patience, many times what a
         # busy_timeout in milliseconds instead of seconds would wait)
         done, _ = await asyncio.wait([write], timeout=0.5)

@@ -18,15 +18,11 @@ from hapsms_relay.outbox import Checked, Event, History, NewEntry, Sending
 from hapsms_relay.outbox_postgres import _PENDING_LOCK, ID_BLOCK, PostgresOutbox
 from hapsms_relay.secret import Secret
 from tests.helpers import Book, eventually
+from tests.helpers import sms_entry as sms
 from tests.pg_server import PostgresServer
 
 OWNER = "relay-a/1"
 NOW = 1_800_000_000  # an int: a clock may give either an int or a float
-
-
-def sms(n: int) -> NewEntry:
-    national = f"139{n:08d}"
-    return NewEntry(KIND_SMS, "+86" + national, "CN", national, "hi", "Acme")
 
 
 async def admit(box: PostgresOutbox, entries: Sequence[NewEntry], *keys: bytes,
